@@ -1,0 +1,223 @@
+"""The `ebr` command: a thin layer over the stage packages. Every command takes --workspace."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+from ebr.workspace import Workspace
+
+FLOW = """\
+data flow (each stage writes under the workspace, with a manifest.json):
+  ebr data     import | synth | split | sql | stats   validated Parquet tables (+ quarantine)
+  ebr corpus   serving corpus (dedup by image signature, time-decayed)      [planned]
+  ebr train    two-tower model: logQ sampled softmax, checkpoints, resume    [planned]
+  ebr index    bundle: user tower + pin embeddings + ANN index               [planned]
+  ebr serve    POST /v1/retrieve over a bundle                               [planned]
+  ebr eval     offline metrics against peers through the serving Retriever   [planned]
+  ebr demo     every built stage on the synthetic world
+"""
+
+
+class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _ws_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workspace", "-w", default="./workspace", help="workspace folder (created if missing)")
+    return p
+
+
+def _add(sub, name: str, help: str, description: str, fn: Callable, parents=()) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=textwrap.dedent(description), formatter_class=_Fmt,
+                       parents=[_ws_parent(), *parents])
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _ts(value: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO-8601 time, e.g. 2026-04-01T00:00:00Z")
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def cmd_import_movielens(a) -> int:
+    from ebr.data.importers import import_movielens
+
+    import_movielens(Workspace.at(a.workspace), Path(a.path), source=a.source, strict=a.strict)
+    return 0
+
+
+def cmd_import_interactions(a) -> int:
+    from ebr.data.importers import import_adjacency, import_interactions
+    from ebr.data.validate import DataError
+
+    ws = Workspace.at(a.workspace)
+    if a.format == "adjacency":
+        if not (a.train and a.test):
+            raise DataError("--format adjacency needs --train FILE and --test FILE (lines: 'user item item ...')")
+        e = import_adjacency(ws, Path(a.train), Path(a.test), source=a.source or "adjacency", split=a.split, strict=a.strict)
+        print(f"split {e['split']['name']!r}: {e['split']['train']:,} train pairs, {e['split']['test']:,} test pairs",
+              file=sys.stderr)
+    else:
+        if not a.file:
+            raise DataError("give the interactions FILE (CSV or Parquet with user_id, item_id[, ts][, weight])")
+        import_interactions(ws, Path(a.file), source=a.source or "interactions", strict=a.strict)
+    return 0
+
+
+def cmd_synth(a) -> int:
+    from ebr.data.synth import generate
+
+    e = generate(Workspace.at(a.workspace), a.preset, seed=a.seed)
+    n = e["tables"]["engagements"]["accepted"]
+    print(f"synth {a.preset} seed={a.seed}: {n:,} engagements in {e['wall_seconds']:.1f}s "
+          f"({n / max(e['wall_seconds'], 1e-9):,.0f}/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_sql(a) -> int:
+    from ebr.data.tables import connect
+
+    rel = connect(Workspace.at(a.workspace)).sql(a.query)
+    if rel is None:
+        return 0
+    if a.json:
+        cols = rel.columns
+        rows = [dict(zip(cols, r)) for r in rel.fetchall()]
+        print(json.dumps(rows, default=str))
+    else:
+        rel.show(max_rows=a.max_rows)
+    return 0
+
+
+def cmd_stats(a) -> int:
+    from ebr.data.tables import stats
+
+    print(json.dumps(stats(Workspace.at(a.workspace)), indent=2, default=str))
+    return 0
+
+
+def cmd_split(a) -> int:
+    from ebr.data.splits import make_leave_last_out, make_temporal
+
+    ws = Workspace.at(a.workspace)
+    if a.kind == "temporal":
+        s = make_temporal(ws, a.name or "temporal", cut=a.cut, test_fraction=a.test_fraction, val_fraction=a.val_fraction)
+    else:
+        s = make_leave_last_out(ws, a.name or "leave_last_out")
+    print(json.dumps(s.manifest, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="ebr",
+        description="ebr: embedding-based retrieval for recommendation feeds (Pinterest-style two towers).",
+        epilog=FLOW + "\nRun `ebr COMMAND --help` for each command's options and examples.",
+        formatter_class=_Fmt,
+    )
+    stages = root.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    data = stages.add_parser("data", help="import, generate, split and query the tables",
+                             description="Validated Parquet tables: engagements, pins, users, interests.",
+                             formatter_class=_Fmt)
+    dsub = data.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    imp = dsub.add_parser("import", help="import a real dataset", formatter_class=_Fmt,
+                          description="Import a dataset. Every row is validated: rows in = accepted + quarantined.")
+    isub = imp.add_subparsers(dest="kind", metavar="KIND", required=True)
+    strict = argparse.ArgumentParser(add_help=False)
+    strict.add_argument("--strict", action="store_true", help="fail (and write nothing) on any bad row")
+    p = _add(isub, "movielens", "MovieLens 100K or 1M folder", """\
+        Import MovieLens: ML-100K (u.data, u.item, u.user) or ML-1M (ratings.dat, movies.dat, users.dat).
+        Ratings become engagements: 5 -> save, 4 -> click, 3 -> closeup, 1-2 -> hide.
+        Genres become interests, demographics user features (age bucket, gender, occupation, zip3).
+
+        example:  ebr data import movielens ../shared/data/ml-100k
+        """, cmd_import_movielens, parents=[strict])
+    p.add_argument("path", help="folder holding the MovieLens files")
+    p.add_argument("--source", default="movielens", help="source name; importing a source again replaces its rows")
+
+    p = _add(isub, "interactions", "generic interactions (CSV/Parquet) or adjacency-list splits", """\
+        Import interactions.
+          csv/parquet: columns user_id, item_id, optional ts (unix seconds or ISO-8601), weight, action.
+          adjacency:   --train F --test F, lines 'user item item ...' (no time); records a given split.
+
+        examples:
+          ebr data import interactions clicks.csv
+          ebr data import interactions --format adjacency --train train.txt --test test.txt
+        """, cmd_import_interactions, parents=[strict])
+    p.add_argument("file", nargs="?", help="CSV or Parquet file (not used with --format adjacency)")
+    p.add_argument("--format", choices=["table", "adjacency"], default="table")
+    p.add_argument("--train", help="adjacency training file")
+    p.add_argument("--test", help="adjacency test file")
+    p.add_argument("--split", default="given", help="name of the split recorded by an adjacency import")
+    p.add_argument("--source", default=None, help="source name (default: interactions / adjacency)")
+
+    p = _add(dsub, "synth", "generate the synthetic homefeed world", """\
+        Generate the synthetic homefeed world (SYNTH.md) as source 'synth', streamed to Parquet
+        chunk by chunk (memory bounded by the chunk). Latent variables go to truth/ (diagnostics).
+        Presets: tiny (tests, ~13k engagements), small (demo, ~1M), large (benchmarks, ~100M).
+
+        example:  ebr data synth --preset small --seed 0
+        """, cmd_synth)
+    p.add_argument("--preset", choices=["tiny", "small", "large"], default="small")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = _add(dsub, "sql", "run DuckDB SQL over the tables", """\
+        Run a DuckDB query over views named engagements, pins, users, interests.
+
+        example:  ebr data sql "SELECT action, count(*) FROM engagements GROUP BY 1" --json
+        """, cmd_sql)
+    p.add_argument("query")
+    p.add_argument("--json", action="store_true", help="print rows as a JSON list of objects")
+    p.add_argument("--max-rows", type=int, default=40)
+
+    _add(dsub, "stats", "row counts and the shape of the data", "Print table statistics as JSON.", cmd_stats)
+
+    p = _add(dsub, "split", "create an evaluation split", """\
+        Create a split under splits/NAME/.
+          temporal:       train before the cut; default cut = last --test-fraction of the time range;
+                          validation = the last --val-fraction of the training period.
+          leave-last-out: each user's last positive engagement is the target.
+
+        example:  ebr data split temporal --test-fraction 0.2
+        """, cmd_split)
+    p.add_argument("kind", choices=["temporal", "leave-last-out"])
+    p.add_argument("--name", help="split name (default: the kind)")
+    p.add_argument("--cut", type=_ts, help="ISO-8601 cut time (temporal)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+
+    from ebr import demo as _demo
+
+    _add(stages, "demo", "run every built stage on the synthetic world", """\
+        The end-to-end demo (what `make demo` runs): generate the small synthetic world and print its
+        statistics; later stages (train, bundle, eval) join it as they land.
+        """, _demo.cmd_demo).add_argument("--preset", choices=["tiny", "small"], default="small")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ebr.data.validate import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Evaluation splits (EVALUATION.md "Protocols"), written to ``splits/NAME/manifest.json``.
+
+- temporal: train before the cut T (default: the last `test_fraction` of the time range is
+  held out); validation = [val_cut, T) inside the training period, for early stopping;
+- given: train/test sets as imported from adjacency files (``assignment.parquet``);
+- leave_last_out: each user's last positive engagement is the target (``targets.parquet``),
+  the one before it the validation target.
+
+Every split exposes the same three parts as SQL over the engagements view: ``part_sql(split)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ebr.data.schema import POSITIVE_ACTIONS
+from ebr.data.tables import connect
+from ebr.data.validate import DataError
+from ebr.workspace import Workspace, now_utc, read_json, write_json
+
+POS_SQL = "(" + ", ".join(f"'{a}'" for a in POSITIVE_ACTIONS) + ")"
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    kind: str
+    manifest: dict[str, Any]
+    path: str
+
+    @property
+    def cut(self) -> dt.datetime | None:
+        c = self.manifest.get("cut")
+        return dt.datetime.fromisoformat(c) if c else None
+
+    @property
+    def val_cut(self) -> dt.datetime | None:
+        c = self.manifest.get("val_cut")
+        return dt.datetime.fromisoformat(c) if c else None
+
+
+def _range(ws: Workspace) -> tuple[dt.datetime, dt.datetime]:
+    con = connect(ws)
+    lo, hi, n_null = con.execute(
+        "SELECT min(ts), max(ts), count(*) FILTER (WHERE ts IS NULL) FROM engagements"
+    ).fetchone()
+    if lo is None:
+        raise DataError("no timestamped engagements: a temporal split needs ts (use the given split of an adjacency import)")
+    return lo, hi
+
+
+def make_temporal(
+    ws: Workspace,
+    name: str = "temporal",
+    cut: dt.datetime | None = None,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+) -> Split:
+    """Train before `cut` (default: last test_fraction of the time range held out)."""
+    lo, hi = _range(ws)
+    if cut is None:
+        if not 0 < test_fraction < 1:
+            raise DataError("--test-fraction must be in (0, 1)")
+        cut = lo + (hi - lo) * (1 - test_fraction)
+    if cut.tzinfo is None:
+        cut = cut.replace(tzinfo=dt.timezone.utc)
+    if not lo < cut <= hi:
+        raise DataError(f"cut {cut.isoformat()} is outside the data's time range [{lo}, {hi}]")
+    val_cut = cut - (cut - lo) * val_fraction
+    con = connect(ws)
+    c = con.execute(
+        "SELECT count(*) FILTER (WHERE ts < ?), count(*) FILTER (WHERE ts >= ? AND ts < ?), "
+        "count(*) FILTER (WHERE ts >= ?) FROM engagements",
+        [val_cut, val_cut, cut, cut],
+    ).fetchone()
+    m = {"kind": "temporal", "name": name, "cut": cut.isoformat(), "val_cut": val_cut.isoformat(),
+         "test_fraction": test_fraction, "val_fraction": val_fraction, "data_range": [str(lo), str(hi)],
+         "counts": {"train": c[0], "validation": c[1], "test": c[2]}, "created_at": now_utc().isoformat()}
+    write_json(ws.split_dir(name) / "manifest.json", m)
+    return load_split(ws, name)
+
+
+def make_leave_last_out(ws: Workspace, name: str = "leave_last_out") -> Split:
+    """Each user's last positive engagement is the test target, the one before it validation."""
+    con = connect(ws)
+    tbl = con.sql(
+        f"""SELECT user_id, pin_id, ts, rk FROM (
+              SELECT user_id, pin_id, ts,
+                     row_number() OVER (PARTITION BY user_id ORDER BY ts DESC NULLS LAST, pin_id) AS rk
+              FROM engagements WHERE action IN {POS_SQL}) WHERE rk <= 2"""
+    ).to_arrow_table()
+    d = ws.split_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(tbl, d / "targets.parquet")
+    rk = tbl["rk"].to_pylist()
+    m = {"kind": "leave_last_out", "name": name, "counts": {"test": rk.count(1), "validation": rk.count(2)},
+         "created_at": now_utc().isoformat()}
+    write_json(d / "manifest.json", m)
+    return load_split(ws, name)
+
+
+def load_split(ws: Workspace, name: str | None = None) -> Split:
+    """The named split; default: the given split when the import had one, else temporal."""
+    available = ws.splits()
+    if name is None:
+        given = [s for s in available if read_json(ws.split_dir(s) / "manifest.json")["kind"] == "given"]
+        name = given[0] if given else "temporal"
+        if name not in available:
+            return make_temporal(ws)
+    if name not in available:
+        raise DataError(f"no split {name!r} in {ws.root}/splits; have: {', '.join(available) or 'none'}. "
+                        "Create one with `ebr data split temporal|leave-last-out`.")
+    d = ws.split_dir(name)
+    m = read_json(d / "manifest.json")
+    return Split(name=name, kind=m["kind"], manifest=m, path=str(d))

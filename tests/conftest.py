@@ -1,0 +1,50 @@
+"""Shared fixtures: generated worlds are session-scoped (seconds), MovieLens read from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ebr.workspace import Workspace
+
+ML100K = Path(os.environ.get("EBR_ML100K", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"))
+
+
+def require_ml100k() -> Path:
+    """The ML-100K folder; skip with a message when absent, but fail under CI=true."""
+    if (ML100K / "u.data").exists():
+        return ML100K
+    msg = f"MovieLens 100K not found at {ML100K} (set EBR_ML100K or place ../shared/data/ml-100k)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def tiny_ws(tmp_path_factory) -> Workspace:
+    from ebr.data.synth import generate
+
+    ws = Workspace.at(tmp_path_factory.mktemp("tiny"))
+    generate(ws, "tiny", seed=0, progress=False)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def small_ws(tmp_path_factory) -> Workspace:
+    from ebr.data.synth import generate
+
+    ws = Workspace.at(tmp_path_factory.mktemp("small"))
+    generate(ws, "small", seed=0, progress=False)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def ml100k_ws(tmp_path_factory) -> Workspace:
+    from ebr.data.importers import import_movielens
+
+    path = require_ml100k()
+    ws = Workspace.at(tmp_path_factory.mktemp("ml100k"))
+    import_movielens(ws, path)
+    return ws
