@@ -1,0 +1,92 @@
+"""Typed run configuration: one YAML file, parsed into pydantic models (DESIGN.md "Configuration").
+
+Every choice marked [ours] in TECHNIQUES.md is a field with a default here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a YAML key is an error, not a silent default
+
+
+class DataConfig(_Section):
+    split: str | None = None  # default: the given split when the import had one, else temporal
+
+
+class FeaturesConfig(_Section):
+    history_len: int = 50
+    positive_actions: list[str] = ["closeup", "click", "save"]
+    # training weight per positive action [ours]
+    action_weights: dict[str, float] = {"closeup": 1.0, "click": 1.5, "save": 2.0}
+
+
+class ModelConfig(_Section):
+    dim: int = 64  # output embedding width
+    id_dim: int = 32  # pin-ID embedding width
+    cat_dim: int = 16  # per categorical field
+    field_dim: int = 32  # numeric MLP, content projection, history outputs
+    hidden: list[int] = [256]  # MLP crossing widths
+    crossing: Literal["mlp"] = "mlp"
+    use_pin_id: bool = True
+    use_content: bool = True
+    use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default
+    temperature: float = 0.05  # [ours] Yi et al.: 0.05-0.07 with normalised embeddings
+    dropout: float = 0.0
+
+
+class TrainConfig(_Section):
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    logq: bool = True
+    mixed_negatives: int = 0  # extra uniform corpus negatives per batch (0 = in-batch only)
+    estimator_alpha: float = 0.01
+    estimator_hashes: int = 2
+    estimator_buckets: int = 1 << 20
+    patience: int = 2  # epochs without a better validation recall before stopping
+    val_users: int = 2000  # sampled validation users (recall@100 per epoch)
+    max_steps: int | None = None  # stop after this many steps (benchmarks with a fixed budget)
+    threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    checkpoint_every: int = 200  # steps between 'last' checkpoints (resume granularity)
+
+
+class IndexConfig(_Section):
+    backend: Literal["exact"] = "exact"
+
+
+class EvalConfig(_Section):
+    ks: list[int] = [20, 50, 100, 500]
+    peers: list[str] = ["popularity", "interest_popular", "als"]
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict | None = None) -> "RunConfig":
+        raw = yaml.safe_load(Path(path).read_text()) if path else {}
+        raw = raw or {}
+        for dotted, value in (overrides or {}).items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return cls.model_validate(raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Tables -> tensors: vocabularies, numeric statistics, point-in-time histories, batches."""

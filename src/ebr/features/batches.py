@@ -1,0 +1,42 @@
+"""Model inputs as tensors: pin fields by pin code, users as of a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ebr.features.examples import Histories
+from ebr.features.state import PinArrays, UserArrays
+
+
+@dataclass
+class PinInputs:
+    cat: torch.Tensor
+    num: torch.Tensor
+    emb: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, p: PinArrays) -> "PinInputs":
+        return cls(torch.from_numpy(p.cat), torch.from_numpy(p.num), torch.from_numpy(p.emb))
+
+    def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ids, self.cat[ids], self.num[ids], self.emb[ids]
+
+
+@dataclass
+class UserBatch:
+    user: torch.Tensor  # (B,)
+    hist: torch.Tensor  # (B, L) pin codes, 0 = padding
+    actions: torch.Tensor  # (B, L)
+    cat: torch.Tensor  # (B, Cu)
+    condition: torch.Tensor  # (B,) interest code, 0 = none (reserved for conditional retrieval)
+
+
+def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays, L: int,
+               condition: np.ndarray | None = None) -> UserBatch:
+    pins, actions = hist.at(users, t, L)
+    cond = np.zeros(len(users), dtype=np.int64) if condition is None else condition
+    return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
+                     torch.from_numpy(actions), torch.from_numpy(ua.cat[users]), torch.from_numpy(cond))

@@ -1,0 +1,1 @@
+"""nn.Modules only: tensors in, tensors out. No file, network or clock access here."""

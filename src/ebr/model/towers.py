@@ -1,0 +1,127 @@
+"""Two towers. The pin side's ItemEncoder (pin ID, categorical, numeric and pretrained content
+fields) is shared with the user side's history encoder, so a pin means the same thing as a
+candidate and as a past engagement. Outputs are L2-normalised; scores are dot products / tau."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ebr.model.crossing import make_crossing
+
+HIDE_CODE = 5  # features.state.HIDE: kept in the sequence, excluded from pooling
+N_ACTIONS = 6
+
+
+class ItemEncoder(nn.Module):
+    """Pin fields -> one concatenated representation (B, out_dim)."""
+
+    def __init__(self, n_pins: int, pin_cat: list[int], n_num: int, emb_dim: int, id_dim: int, cat_dim: int,
+                 field_dim: int, use_id: bool = True, use_content: bool = True):
+        super().__init__()
+        self.id = nn.Embedding(n_pins, id_dim) if use_id else None
+        self.cats = nn.ModuleList(nn.Embedding(n, cat_dim) for n in pin_cat)
+        self.num = nn.Sequential(nn.Linear(n_num, field_dim), nn.ReLU()) if n_num else None
+        self.content = nn.Linear(emb_dim, field_dim) if (emb_dim and use_content) else None
+        self.out_dim = (id_dim if use_id else 0) + cat_dim * len(pin_cat) + (field_dim if n_num else 0) + (
+            field_dim if self.content is not None else 0)
+        if self.out_dim == 0:
+            raise ValueError("the item encoder has no field: enable the pin ID or give pins features")
+        if self.id is not None:
+            nn.init.normal_(self.id.weight, std=0.05)
+
+    def forward(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """ids (N,), cat (N, C), num (N, Nn), emb (N, E) -> (N, out_dim)"""
+        fields = []
+        if self.id is not None:
+            fields.append(self.id(ids))
+        fields += [e(cat[:, j]) for j, e in enumerate(self.cats)]
+        if self.num is not None:
+            fields.append(self.num(num))
+        if self.content is not None:
+            fields.append(self.content(emb))
+        return torch.cat(fields, dim=-1)
+
+
+class HistoryEncoder(nn.Module):
+    """History item representations + action -> pooled fields (masked mean, attention pooling)."""
+
+    def __init__(self, item_dim: int, field_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(item_dim, field_dim)
+        self.action = nn.Embedding(N_ACTIONS, field_dim)
+        self.query = nn.Parameter(torch.randn(field_dim) * 0.05)
+        self.out_dim = 2 * field_dim
+
+    def forward(self, hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """hist (B, L, item_dim), actions (B, L) -> (B, 2 * field_dim)"""
+        h = F.gelu(self.proj(hist) + self.action(actions))
+        valid = (actions > 0) & (actions != HIDE_CODE)
+        m = valid.unsqueeze(-1).to(h.dtype)
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        att = (h @ self.query).masked_fill(~valid, -1e9)
+        w = torch.softmax(att, dim=1) * valid.any(1, keepdim=True).to(h.dtype)
+        return torch.cat([mean, (w.unsqueeze(-1) * h).sum(1)], dim=-1)
+
+
+class UserTower(nn.Module):
+    """History + user categorical features + condition (interest, 0 = none) [+ user ID] -> (B, dim).
+
+    Takes pre-encoded history items so the serving export needs no pin tables: the bundle ships
+    the ItemEncoder's output per pin."""
+
+    def __init__(self, item_dim: int, user_cat: list[int], n_interests: int, n_users: int, cfg):
+        super().__init__()
+        self.history = HistoryEncoder(item_dim, cfg.field_dim)
+        self.cats = nn.ModuleList(nn.Embedding(n, cfg.cat_dim) for n in user_cat)
+        self.condition = nn.Embedding(n_interests, cfg.cat_dim)
+        self.user_id = nn.Embedding(n_users, cfg.id_dim) if cfg.use_user_id else None
+        in_dim = self.history.out_dim + cfg.cat_dim * (len(user_cat) + 1) + (cfg.id_dim if cfg.use_user_id else 0)
+        self.crossing = make_crossing(cfg.crossing, in_dim, cfg.dim, cfg.hidden, cfg.dropout)
+
+    def forward(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor, condition: torch.Tensor,
+                user: torch.Tensor) -> torch.Tensor:
+        """hist (B, L, item_dim), actions (B, L), user_cat (B, Cu), condition (B,), user (B,) -> (B, dim), unit norm"""
+        fields = [self.history(hist, actions)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
+        fields.append(self.condition(condition))
+        if self.user_id is not None:
+            fields.append(self.user_id(user))
+        return F.normalize(self.crossing(torch.cat(fields, dim=-1)), dim=-1)
+
+
+class PinTower(nn.Module):
+    def __init__(self, item_dim: int, cfg):
+        super().__init__()
+        self.crossing = make_crossing(cfg.crossing, item_dim, cfg.dim, cfg.hidden, cfg.dropout)
+
+    def forward(self, item: torch.Tensor) -> torch.Tensor:
+        """item (N, item_dim) -> (N, dim), unit norm"""
+        return F.normalize(self.crossing(item), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """The retrieval model: score(u, i) = <user(u), pin(i)> / temperature."""
+
+    def __init__(self, sizes: dict, cfg):
+        super().__init__()
+        self.items = ItemEncoder(sizes["n_pins"], sizes["pin_cat"], sizes["n_pin_num"], sizes["emb_dim"],
+                                 cfg.id_dim, cfg.cat_dim, cfg.field_dim, cfg.use_pin_id, cfg.use_content)
+        self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg)
+        self.pin = PinTower(self.items.out_dim, cfg)
+        self.temperature = cfg.temperature
+
+
+    def embed_pins(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """(N,) pins with their fields -> (N, dim)"""
+        return self.pin(self.items(ids, cat, num, emb))
+
+    def embed_users_and_pins(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor,
+                             condition: torch.Tensor, user: torch.Tensor, pins: torch.Tensor, pin_fields) -> tuple[torch.Tensor, torch.Tensor]:
+        """Users (history pin codes (B, L) ...) and pins (N,) in one pass; every distinct pin is
+        encoded once. pin_fields(ids) -> (ids, cat, num, emb). Returns ((B, dim), (N, dim))."""
+        B, L = hist.shape
+        uniq, inv = torch.unique(torch.cat([hist.reshape(-1), pins]), return_inverse=True)
+        rep = self.items(*pin_fields(uniq))
+        h = rep[inv[: B * L]].view(B, L, -1)
+        return self.user(h, actions, user_cat, condition, user), self.pin(rep[inv[B * L:]])

@@ -1,0 +1,1 @@
+"""Training: the loss (sampled softmax + logQ), the loop, checkpoints and resume."""
