@@ -16,10 +16,11 @@ FLOW = """\
 data flow (each stage writes under the workspace, with a manifest.json):
   ebr data     import | synth | split | sql | stats   validated Parquet tables (+ quarantine)
   ebr corpus   serving corpus (dedup by image signature, time-decayed)      [planned]
-  ebr train    two-tower model: logQ sampled softmax, checkpoints, resume    [planned]
-  ebr index    bundle: user tower + pin embeddings + ANN index               [planned]
+  ebr train    two-tower model: logQ sampled softmax, checkpoints, resume
+  ebr index    bundle: exported user tower + pin embeddings + exact index
+  ebr retrieve batch candidate generation through a bundle
   ebr serve    POST /v1/retrieve over a bundle                               [planned]
-  ebr eval     offline metrics against peers through the serving Retriever   [planned]
+  ebr eval     offline metrics against peers through the serving Retriever
   ebr demo     every built stage on the synthetic world
 """
 
@@ -119,6 +120,80 @@ def cmd_split(a) -> int:
     return 0
 
 
+# ---- train / index / retrieve / eval -------------------------------------------------------------
+def _overrides(a) -> dict:
+    out = {}
+    for item in a.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. train.epochs=3), got {item!r}")
+        k, v = item.split("=", 1)
+        import yaml
+
+        out[k] = yaml.safe_load(v)
+    for flag, key in (("epochs", "train.epochs"), ("seed", "train.seed"), ("split", "data.split")):
+        if getattr(a, flag, None) is not None:
+            out[key] = getattr(a, flag)
+    return out
+
+
+def cmd_train(a) -> int:
+    from ebr.config import RunConfig
+    from ebr.train.loop import train
+
+    cfg = RunConfig.load(a.config, _overrides(a))
+    s = train(Workspace.at(a.workspace), cfg, run=a.run, resume=a.resume)
+    print(json.dumps(s, indent=2))
+    return 0
+
+
+def cmd_index_build(a) -> int:
+    from ebr.index.bundle import build_bundle
+
+    path = build_bundle(Workspace.at(a.workspace), a.run, split=a.split, backend=a.backend)
+    print(path)
+    return 0
+
+
+def cmd_retrieve(a) -> int:
+    import numpy as np
+
+    from ebr.serve.retriever import Retriever
+
+    r = Retriever(a.bundle)
+    users = [u.strip() for u in Path(a.users).read_text().splitlines() if u.strip()]
+    out = {}
+    codes = r.user_codes(users)
+    warm = [i for i, c in enumerate(codes) if r.is_warm(int(c))]
+    if warm:
+        scores, top = r.retrieve_codes(codes[warm], a.k)
+        for j, i in enumerate(warm):
+            keep = np.isfinite(scores[j])
+            out[users[i]] = {"items": [{"pin_id": r.pin_ids[c], "score": float(s), "source": "single"}
+                                       for c, s in zip(top[j][keep], scores[j][keep])], "cold_start": False}
+    for i, u in enumerate(users):
+        if u not in out:
+            res = r.retrieve(u, a.k)
+            out[u] = {"items": [{"pin_id": p, "score": s, "source": src} for p, s, src in
+                                zip(res.pin_ids, res.scores, res.sources)], "cold_start": res.cold_start}
+    payload = {"version": r.version, "k": a.k, "users": out}
+    Path(a.json).write_text(json.dumps(payload))
+    print(f"{len(users):,} users -> {a.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from ebr.eval.evaluate import evaluate, write_report
+
+    ws = Workspace.at(a.workspace)
+    res = evaluate(ws, a.run, a.split, peers=tuple(p for p in a.peers.split(",") if p),
+                   candidates=Path(a.candidates) if a.candidates else None)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    d = write_report(ws, res, a.run, a.report)
+    print(f"report: {d / 'report.md'}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="ebr",
@@ -199,12 +274,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--val-fraction", type=float, default=0.1)
 
+    p = _add(stages, "train", "train a two-tower model", """\
+        Train the two-tower retrieval model (sampled softmax over in-batch negatives, logQ
+        correction from a streaming frequency estimator). Writes runs/RUN/: config.yaml,
+        feature_state.json, metrics.jsonl, checkpoints/{best,last}.pt (best = validation recall@100).
+
+        examples:
+          ebr train --run main --epochs 8
+          ebr train --config run.yaml --set model.temperature=0.07 --set train.lr=0.001
+          ebr train --run main --resume        # continue a crashed run from its last checkpoint
+        """, cmd_train)
+    p.add_argument("--config", help="YAML run config (sections data, features, model, train, index, eval)")
+    p.add_argument("--run", default="main")
+    p.add_argument("--resume", action="store_true", help="continue from runs/RUN/checkpoints/last.pt")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+
+    idx = stages.add_parser("index", help="build bundles", formatter_class=_Fmt,
+                            description="Bundles: the exported user tower, pin embeddings, index and user state.")
+    isub2 = idx.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+    p = _add(isub2, "build", "build a bundle from a run's best checkpoint", """\
+        Build bundles/VERSION/ from runs/RUN/checkpoints/best.pt. The user state is taken as of
+        the split's cut (what evaluation uses), or of the latest data with --split latest
+        (what serving uses).
+
+        example:  ebr index build --run main --split latest
+        """, cmd_index_build)
+    p.add_argument("--run", default="main")
+    p.add_argument("--split", default=None, help="split name, or 'latest' for all data (default: the run's split)")
+    p.add_argument("--backend", choices=["exact"], default="exact")
+
+    p = _add(stages, "retrieve", "batch retrieval through a bundle", """\
+        Offline candidate generation: k pins per user through the bundle's Retriever (the same code
+        the service runs). Users without history get the cold-start path (popular pins).
+
+        example:  ebr retrieve --bundle workspace/bundles/VERSION --users users.txt --k 100 --json out.json
+        """, cmd_retrieve)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--users", required=True, help="file with one user id per line")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--json", required=True, help="output file")
+
+    p = _add(stages, "eval", "offline evaluation against peers", """\
+        Evaluate a run through the serving Retriever over its exact bundle (built or reused), with
+        peers counted identically (EVALUATION.md). Writes a report under reports/NAME/.
+
+        examples:
+          ebr eval --run main --json eval.json
+          ebr eval --split given --peers popularity,als --json eval.json
+          ebr eval --candidates cands.txt --json sampled.json   # sampled protocol: 'user target cand ...'
+        """, cmd_eval)
+    p.add_argument("--run", default="main")
+    p.add_argument("--split", default=None)
+    p.add_argument("--peers", default="popularity,interest_popular,als")
+    p.add_argument("--candidates", help="sampled protocol: lines 'user target cand1 cand2 ...'")
+    p.add_argument("--json", help="write the results JSON here")
+    p.add_argument("--report", default="latest", help="report name under reports/")
+
     from ebr import demo as _demo
 
-    _add(stages, "demo", "run every built stage on the synthetic world", """\
-        The end-to-end demo (what `make demo` runs): generate the small synthetic world and print its
-        statistics; later stages (train, bundle, eval) join it as they land.
-        """, _demo.cmd_demo).add_argument("--preset", choices=["tiny", "small"], default="small")
+    p = _add(stages, "demo", "run every built stage on the synthetic world", """\
+        The end-to-end demo (what `make demo` runs): generate the small synthetic world, train the
+        two-tower model, build its bundle, evaluate it against popularity, interest-popular and ALS,
+        print the results table and write a report (Markdown + PNG) under reports/demo/.
+        """, _demo.cmd_demo)
+    p.add_argument("--preset", choices=["tiny", "small"], default="small")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
+    p.add_argument("--config", help="YAML run config")
     return root
 
 

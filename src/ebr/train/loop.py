@@ -163,7 +163,7 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
     while not done and epoch < cfg.train.epochs:
         perm = np.random.default_rng([cfg.train.seed, epoch]).permutation(n)
         bar = tqdm(total=steps_per_epoch, initial=pos_in_epoch // B, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not progress, unit="step", file=sys.stderr)
+                   disable=not progress, unit="step", file=sys.stderr, mininterval=2.0)
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
         while pos_in_epoch < n:
             idx = perm[pos_in_epoch: pos_in_epoch + B]
@@ -190,7 +190,7 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
             opt.step()
             pos_in_epoch += len(idx)
             seen_examples += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             loss_n += len(idx)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", ex_s=f"{seen_examples / (time.time() - t_start):,.0f}")

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics through the serving Retriever, peers in the same harness, reports."""

@@ -1,0 +1,184 @@
+"""`ebr eval`: the protocols and counting rules of EVALUATION.md, with the two-tower model
+scored through the same Retriever the service uses (over the run's exact bundle), and the peers
+counted identically: same users, same targets, same exclusions, same candidates."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ebr.data.splits import load_split
+from ebr.features.examples import eval_spec, load_engagements
+from ebr.features.state import user_arrays
+from ebr.index.bundle import build_bundle, find_bundle
+from ebr.ranking import metrics_at_k, topk_masked
+from ebr.serve.retriever import Retriever
+from ebr.workspace import Workspace, write_json
+
+PEERS = ("popularity", "interest_popular", "als")
+
+
+def _rank_all(score: Callable[[np.ndarray], torch.Tensor], users: np.ndarray, exclude, k: int,
+              allowed: torch.Tensor, batch: int = 256) -> np.ndarray:
+    out = []
+    for lo in range(0, len(users), batch):
+        s = score(users[lo: lo + batch])
+        out.append(topk_masked(s, k, exclude[lo: lo + batch], allowed)[1].numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def _sampled(score: Callable[[np.ndarray], torch.Tensor], cands: list[tuple[int, np.ndarray]], ks: list[int]) -> dict:
+    """Each target ranked among its given candidates (target first in the row): HR@K, NDCG@K."""
+    res: dict[str, list[float]] = {}
+    users = np.array([u for u, _ in cands])
+    for lo in range(0, len(cands), 256):
+        s = score(users[lo: lo + 256])
+        for row, (_, pins) in zip(s, cands[lo: lo + 256]):
+            sc = row[torch.from_numpy(pins)]
+            rank = int((sc[1:] > sc[0]).sum())
+            for k in ks:
+                res.setdefault(f"hr@{k}", []).append(float(rank < k))
+                res.setdefault(f"ndcg@{k}", []).append(1.0 / np.log2(rank + 2) if rank < k else 0.0)
+    return {k: float(np.mean(v)) for k, v in res.items()}
+
+
+def read_candidates(path: Path, r: Retriever) -> list[tuple[int, np.ndarray]]:
+    """Lines 'user target cand cand ...' -> (user code, pin codes with the target first)."""
+    out = []
+    for ln in Path(path).read_text().splitlines():
+        parts = ln.split()
+        if len(parts) < 3:
+            continue
+        out.append((int(r.user_codes([parts[0]])[0]), r.pin_codes(parts[1:])))
+    return out
+
+
+def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: tuple[str, ...] = PEERS,
+             ks: tuple[int, ...] = (20, 50, 100, 500), candidates: Path | None = None, progress: bool = True,
+             max_users: int | None = None) -> dict[str, Any]:
+    """Evaluate a run against peers. Returns the EVALUATION.md JSON object."""
+    t0 = time.time()
+    sp = load_split(ws, split)
+    bundle = find_bundle(ws, run, sp.name) or build_bundle(ws, run, sp.name)
+    r = Retriever(bundle)
+    cfg = r.manifest["config"]
+    e = load_engagements(ws, r.fs, sp, seed=cfg["train"]["seed"])
+    from ebr.config import FeaturesConfig
+
+    fcfg = FeaturesConfig.model_validate(cfg["features"])
+    spec = eval_spec(e, fcfg, target_part=2, train_parts=(0, 1), max_users=max_users)
+    visible = e.part < 2
+    K = max(ks)
+    P = len(r.pin_ids)
+    allowed = r.candidate
+    scorers: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
+    from ebr.eval import peers as pz
+
+    if "popularity" in peers:
+        scorers["popularity"] = pz.popularity(e, visible, P)
+    if "interest_popular" in peers:
+        scorers["interest_popular"] = pz.interest_popular(e, visible, P, r.pin_interests, user_arrays(ws, r.fs),
+                                                          len(r.fs.interests))
+    if "als" in peers:
+        scorers["als"] = pz.als(e, visible, len(r.fs.users), P, fcfg.action_weights, seed=cfg["train"]["seed"])
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(sorted(unknown))}; available: {', '.join(PEERS)}")
+
+    results = []
+    # the two-tower model through the Retriever (the serving path), exclusions as the protocol says
+    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude)
+    results.append({"name": "two_tower", **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
+    for name, fn in scorers.items():
+        top = _rank_all(fn, spec.users, spec.exclude, K, allowed)
+        results.append({"name": name, **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
+    # cold users: the Retriever's cold-start path (no history: popular pins)
+    cold = []
+    if len(spec.cold_users):
+        tops = []
+        for u in spec.cold_users.tolist():
+            res = r.retrieve(r.fs.users.ids[u - 2] if u >= 2 else None, K)
+            codes = r.pin_codes(res.pin_ids)
+            tops.append(np.pad(codes, (0, K - len(codes)), constant_values=-1))
+        cold.append({"name": "two_tower", **metrics_at_k(np.array(tops), spec.cold_targets, ks, r.pin_interests)})
+    out: dict[str, Any] = {
+        "dataset": ws.root.name, "protocol": sp.kind, "split": sp.name, "n_users": int(len(spec.users)),
+        "n_cold_users": int(len(spec.cold_users)), "results": results, "cold_results": cold,
+        "bundle": r.version, "run": run, "candidates": "all pins", "seconds": round(time.time() - t0, 2),
+    }
+    if candidates:
+        cands = read_candidates(candidates, r)
+
+        def tt_score(codes: np.ndarray) -> torch.Tensor:
+            return r.embed(*r.stored_inputs(codes), users=codes) @ r.pin_emb.T
+
+        out["protocol"] = sp.kind + "+sampled"
+        out["n_users"] = len(cands)
+        out["results"] = [{"name": "two_tower", **_sampled(tt_score, cands, list(ks))}] + [
+            {"name": n, **_sampled(fn, cands, list(ks))} for n, fn in scorers.items()]
+    if progress:
+        print(format_table(out), file=sys.stderr)
+    return out
+
+
+def format_table(res: dict[str, Any], cols: tuple[str, ...] = ("recall@20", "recall@100", "recall@500", "ndcg@100",
+                                                                  "hr@100", "coverage@100")) -> str:
+    cols = tuple(c for c in cols if any(c in r for r in res["results"]))
+    lines = [f"{res['dataset']} / {res['protocol']}: {res['n_users']:,} users ({res['n_cold_users']:,} cold)",
+             f"{'model':<18}" + "".join(f"{c:>14}" for c in cols)]
+    for r in res["results"]:
+        lines.append(f"{r['name']:<18}" + "".join(f"{r.get(c, float('nan')):>14.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def write_report(ws: Workspace, res: dict[str, Any], run: str = "main", name: str = "latest") -> Path:
+    """reports/NAME/: report.md, metrics.json, recall_at_k.png, training.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = ws.report_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "metrics.json", res)
+    ks = sorted(int(k.split("@")[1]) for k in res["results"][0] if k.startswith("recall@"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in res["results"]:
+        ax.plot(ks, [r[f"recall@{k}"] for k in ks], marker="o", label=r["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_title(f"{res['dataset']} ({res['protocol']}), {res['n_users']:,} users")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(d / "recall_at_k.png", dpi=110)
+    plt.close(fig)
+    mpath = ws.run_dir(run) / "metrics.jsonl"
+    rows = [__import__("json").loads(x) for x in mpath.read_text().splitlines() if x.strip()] if mpath.exists() else []
+    if rows:
+        fig, ax1 = plt.subplots(figsize=(6, 4))
+        ep = [x["epoch"] for x in rows]
+        ax1.plot(ep, [x["loss"] for x in rows], marker="o", color="tab:blue", label="training loss")
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("loss")
+        ax2 = ax1.twinx()
+        ax2.plot(ep, [x["val_recall@100"] for x in rows], marker="s", color="tab:orange", label="val recall@100")
+        ax2.set_ylabel("validation recall@100")
+        fig.legend(loc="upper center")
+        fig.tight_layout()
+        fig.savefig(d / "training.png", dpi=110)
+        plt.close(fig)
+    md = [f"# ebr report: {res['dataset']}", "",
+          f"Protocol `{res['protocol']}` (split `{res.get('split')}`), {res['n_users']:,} warm users, "
+          f"{res['n_cold_users']:,} cold users; bundle `{res.get('bundle')}`.", "", "```", format_table(res), "```", "",
+          "![recall@K](recall_at_k.png)", ""]
+    if rows:
+        md += ["![training](training.png)", ""]
+    (d / "report.md").write_text("\n".join(md))
+    return d

@@ -1,0 +1,184 @@
+"""Bundles: everything the service (and offline evaluation) needs, nothing from train/.
+
+bundles/VERSION/
+  user_tower.pt2        the user tower, torch.export'ed for CPU (dynamic batch; no code unpickled)
+  item_repr.npy         (P, H) the shared ItemEncoder's output per pin: history inputs of the tower
+  pin_embeddings.npy    (P, D) pin-tower outputs, unit norm
+  index.faiss           the ANN index over the candidate pins (exact: IndexFlatIP)
+  pins.parquet          pin_id, code, interests, candidate flag
+  user_state.npz        per user code: history (U, L), actions (U, L), categorical codes (U, Cu),
+                        engaged pins (CSR), as of the bundle's time
+  popular.npy           pin codes by time-decayed popularity (cold-start path)
+  feature_state.json    vocabularies and numeric statistics
+  manifest.json         model version (for the tower and the index), checksums, inputs, counts
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ebr.config import ModelConfig, RunConfig
+from ebr.data.splits import load_split
+from ebr.features.batches import PinInputs, user_batch
+from ebr.features.examples import T_MAX, Histories, load_engagements
+from ebr.features.state import ACTION_CODE, FeatureState, pin_arrays, user_arrays
+from ebr.model.towers import TwoTower
+from ebr.workspace import Workspace, file_sha256, library_versions, new_version, now_utc, read_json, write_json
+
+BUNDLE_FILES = ("user_tower.pt2", "item_repr.npy", "pin_embeddings.npy", "index.faiss", "pins.parquet",
+                "user_state.npz", "popular.npy", "feature_state.json")
+POPULARITY_HALF_LIFE_DAYS = 14.0
+
+
+def load_checkpoint(path: Path) -> tuple[TwoTower, dict[str, Any]]:
+    """A run checkpoint -> (model in eval mode, checkpoint dict). Plain tensors: weights_only."""
+    ck = torch.load(path, weights_only=True)
+    cfg = ModelConfig.model_validate(ck["config"]["model"])
+    model = TwoTower(ck["sizes"], cfg)
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+def export_user_tower(model: TwoTower, L: int, n_user_cat: int, path: Path) -> None:
+    """torch.export the user tower with a dynamic batch dimension and save it (.pt2)."""
+    B = 4
+    H = model.items.out_dim
+    args = (torch.randn(B, L, H), torch.randint(0, 6, (B, L)), torch.zeros(B, n_user_cat, dtype=torch.long),
+            torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long))
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    ep = torch.export.export(model.user, args, dynamic_shapes=({0: batch},) * 5)
+    torch.export.save(ep, path)
+
+
+def decayed_popularity(e, as_of_t: int, half_life_days: float = POPULARITY_HALF_LIFE_DAYS,
+                       weights: dict[str, float] | None = None, visible: np.ndarray | None = None,
+                       n_pins: int | None = None) -> np.ndarray:
+    """Per-pin score: sum of positive engagements weighted by 2^(-age / half-life) (raw counts
+    when the data has no time). Returns (P,) float64."""
+    weights = weights or {"closeup": 1.0, "click": 1.0, "save": 1.0}
+    w = np.zeros(8)
+    for a, x in weights.items():
+        w[ACTION_CODE[a]] = x
+    m = w[e.action] > 0
+    if visible is not None:
+        m &= visible
+    t = e.t[m].astype(np.float64)
+    if np.all(t < 1e13):  # pseudo-time (file order): no decay
+        decay = np.ones_like(t)
+    else:
+        ref = float(as_of_t) if as_of_t != T_MAX else t.max()
+        decay = np.power(2.0, -(ref - t) / (half_life_days * 86400e6))
+    return np.bincount(e.pin[m], weights=w[e.action[m]] * decay, minlength=n_pins or int(e.pin.max()) + 1)
+
+
+def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, backend: str = "exact",
+                 progress: bool = True) -> Path:
+    """Build a bundle from the run's best checkpoint, with user state as of the split's cut
+    (the end of its training parts), or as of the latest data when split is 'latest'."""
+    t0 = time.time()
+    ck_path = ws.run_dir(run) / "checkpoints" / "best.pt"
+    if not ck_path.exists():
+        raise FileNotFoundError(f"run {run!r} has no best checkpoint at {ck_path}; train it first: ebr train --run {run}")
+    model, ck = load_checkpoint(ck_path)
+    run_cfg = RunConfig.model_validate(ck["config"])
+    fs = FeatureState.from_dict(ck["feature_state"])
+    model_version = file_sha256(ck_path)[:16]
+    L = run_cfg.features.history_len
+    parr = pin_arrays(ws, fs)
+    pins, pin_interests = PinInputs.from_arrays(parr), parr.interests
+    ua = user_arrays(ws, fs)
+    with torch.no_grad():
+        reps, embs = [], []
+        P = pins.cat.shape[0]
+        for lo in range(0, P, 8192):
+            r = model.items(*pins.take(torch.arange(lo, min(lo + 8192, P))))
+            reps.append(r)
+            embs.append(model.pin(r))
+        item_repr, pin_emb = torch.cat(reps).numpy(), torch.cat(embs).numpy()
+    # user state: histories and engaged pins from everything visible at the bundle's time
+    if split == "latest":
+        e = load_engagements(ws, fs, load_split(ws, None), seed=run_cfg.train.seed)
+        visible = np.ones(len(e), dtype=bool)
+        split_name = "latest"
+    else:
+        sp = load_split(ws, split or ck.get("split"))
+        e = load_engagements(ws, fs, sp, seed=run_cfg.train.seed)
+        visible = e.part < 2
+        split_name = sp.name
+    hist = Histories.build(e, len(fs.users), visible=visible)
+    U = len(fs.users)
+    codes = np.arange(U)
+    ub = user_batch(codes, np.full(U, T_MAX), hist, ua, L)
+    engaged = visible & (e.action != ACTION_CODE["impression"])
+    order = np.lexsort((e.pin[engaged], e.user[engaged]))
+    eu, ep = e.user[engaged][order], e.pin[engaged][order]
+    keep = np.r_[True, (eu[1:] != eu[:-1]) | (ep[1:] != ep[:-1])] if len(eu) else np.zeros(0, bool)
+    eu, ep = eu[keep], ep[keep]
+    ptr = np.searchsorted(eu, np.arange(U + 1))
+    as_of = int(e.t[visible].max()) if visible.any() else 0
+    pop = decayed_popularity(e, T_MAX, visible=visible, n_pins=len(fs.pins))
+    pop[:2] = -1  # padding / OOV rows
+    popular = np.argsort(-pop, kind="stable")[: min(10000, len(fs.pins) - 2)]
+
+    content = json.dumps({"run": run, "model": model_version, "split": split_name, "backend": backend})
+    version = new_version(content)
+    out = ws.bundles_dir() / version
+    tmp = ws.bundles_dir() / f".{version}.tmp"
+    tmp.mkdir(parents=True)
+    export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
+    np.save(tmp / "item_repr.npy", item_repr)
+    np.save(tmp / "pin_embeddings.npy", pin_emb)
+    candidate = np.ones(len(fs.pins), dtype=bool)
+    candidate[:2] = False
+    from ebr.index.backends import build_index
+
+    index = build_index(backend, pin_emb, np.flatnonzero(candidate))
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    pin_ids = ["<pad>", "<oov>"] + fs.pins.ids
+    pq.write_table(pa.table({"pin_id": pin_ids, "code": np.arange(len(pin_ids)), "candidate": candidate,
+                             "interests": pa.array(pin_interests, type=pa.list_(pa.int64()))}), tmp / "pins.parquet")
+    np.savez(tmp / "user_state.npz", hist=ub.hist.numpy().astype(np.int32), actions=ub.actions.numpy().astype(np.int8),
+             cat=ua.cat.astype(np.int32), engaged_ptr=ptr.astype(np.int64), engaged=ep.astype(np.int32))
+    np.save(tmp / "popular.npy", popular)
+    (tmp / "feature_state.json").write_text(json.dumps(fs.to_dict()))
+    manifest = {
+        "version": version, "run": run, "split": split_name, "created_at": now_utc().isoformat(),
+        "as_of_us": as_of, "history_len": L, "embedding_dim": int(pin_emb.shape[1]),
+        "user_tower": {"file": "user_tower.pt2", "model_version": model_version},
+        "index": {"file": "index.faiss", "backend": backend, "model_version": model_version, "metric": "inner_product"},
+        "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
+        "counts": {"pins": len(fs.pins) - 2, "candidates": int(candidate.sum()), "users": U - 2},
+        "modes": ["single"],
+        "config": ck["config"],
+        "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},
+        "libraries": library_versions(), "seconds": round(time.time() - t0, 2),
+    }
+    write_json(tmp / "manifest.json", manifest)
+    tmp.rename(out)
+    return out
+
+
+def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> Path | None:
+    """The latest bundle of this run's current best checkpoint for this split, if any."""
+    ck_path = ws.run_dir(run) / "checkpoints" / "best.pt"
+    if not ck_path.exists() or not ws.bundles_dir().exists():
+        return None
+    sha = file_sha256(ck_path)
+    for d in sorted(ws.bundles_dir().iterdir(), reverse=True):
+        m = d / "manifest.json"
+        if not m.exists():
+            continue
+        man = read_json(m)
+        if (man["run"], man["split"], man["index"]["backend"], man["checkpoint"]["sha256"]) == (run, split, backend, sha):
+            return d
+    return None
+

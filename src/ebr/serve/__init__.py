@@ -1,0 +1,1 @@
+"""Serving: the Retriever (used by evaluation too) and the HTTP service."""

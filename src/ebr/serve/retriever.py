@@ -1,0 +1,160 @@
+"""The Retriever: a bundle + a user (stored state, or history/features given) -> k pins with
+scores. Offline evaluation and the HTTP service both call this class, so what is measured is
+what is served."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ebr.features.state import ACTION_CODE, OOV, FeatureState
+from ebr.ranking import topk_masked
+from ebr.workspace import file_sha256, read_json
+
+
+class BundleError(RuntimeError):
+    """A bundle that must not be served (mismatched versions, failed checksums, missing files)."""
+
+
+@dataclass
+class Result:
+    pin_ids: list[str]
+    scores: list[float]
+    sources: list[str]
+    cold_start: bool
+
+
+class Retriever:
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise BundleError(f"{self.path} is not a bundle (no manifest.json); build one with `ebr index build`")
+        m = self.manifest = read_json(mpath)
+        tv, iv = m["user_tower"]["model_version"], m["index"]["model_version"]
+        if tv != iv:
+            raise BundleError(f"bundle {self.path}: user tower model version {tv} != index model version {iv}; "
+                              "rebuild the bundle from one checkpoint")
+        if verify:
+            bad = [f for f, h in m["checksums"].items() if not (self.path / f).exists() or file_sha256(self.path / f) != h]
+            if bad:
+                raise BundleError(f"bundle {self.path}: checksum mismatch for {', '.join(bad)}; the bundle is corrupt "
+                                  "or was modified after it was built")
+        self.version = m["version"]
+        self.L = m["history_len"]
+        self.backend = m["index"]["backend"]
+        self.tower = torch.export.load(self.path / "user_tower.pt2").module()
+        self.item_repr = torch.from_numpy(np.load(self.path / "item_repr.npy"))
+        self.pin_emb = torch.from_numpy(np.load(self.path / "pin_embeddings.npy"))
+        self.index = faiss.read_index(str(self.path / "index.faiss"))
+        pins = pq.read_table(self.path / "pins.parquet")
+        self.pin_ids: list[str] = pins["pin_id"].to_pylist()
+        self.pin_interests: list[list[int]] = pins["interests"].to_pylist()
+        self.candidate = torch.from_numpy(pins["candidate"].to_numpy(zero_copy_only=False).copy())
+        s = np.load(self.path / "user_state.npz")
+        self.hist, self.actions, self.cat = s["hist"].astype(np.int64), s["actions"].astype(np.int64), s["cat"].astype(np.int64)
+        self.engaged_ptr, self.engaged = s["engaged_ptr"], s["engaged"].astype(np.int64)
+        self.popular = np.load(self.path / "popular.npy")
+        self.fs = FeatureState.from_dict(json.loads((self.path / "feature_state.json").read_text()))
+        self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= 2}
+
+    # ---- lookups -------------------------------------------------------------------------
+    def user_codes(self, user_ids: Sequence[str]) -> np.ndarray:
+        return self.fs.users.encode(list(user_ids))
+
+    def pin_codes(self, pin_ids: Sequence[str]) -> np.ndarray:
+        return np.array([self._pin_code.get(str(p), OOV) for p in pin_ids], dtype=np.int64)
+
+    def engaged_pins(self, code: int) -> np.ndarray:
+        return self.engaged[self.engaged_ptr[code]: self.engaged_ptr[code + 1]]
+
+    def is_warm(self, code: int) -> bool:
+        return code >= 2 and bool((self.hist[code] > 0).any())
+
+    # ---- the tower and the search ----------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, hist: np.ndarray, actions: np.ndarray, cat: np.ndarray, condition: np.ndarray | None = None,
+              users: np.ndarray | None = None) -> torch.Tensor:
+        """hist/actions (B, L) pin/action codes, cat (B, Cu) -> (B, D) user embeddings."""
+        B = hist.shape[0]
+        h = self.item_repr[torch.from_numpy(hist)]
+        cond = torch.zeros(B, dtype=torch.long) if condition is None else torch.from_numpy(condition)
+        u = torch.zeros(B, dtype=torch.long) if users is None else torch.from_numpy(users)
+        return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), cond, u)
+
+    def search(self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) user embeddings -> (scores (B, k), pin codes (B, k)); excluded codes never appear."""
+        if self.backend == "exact":
+            vals, idx = topk_masked(emb @ self.pin_emb.T, k, exclude, self.candidate)
+            return vals.numpy(), idx.numpy()
+        raise BundleError(f"backend {self.backend!r} not supported by this Retriever")
+
+    def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.hist[codes], self.actions[codes], self.cat[codes]
+
+    def retrieve_codes(self, codes: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
+                       batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Batch retrieval for known users (offline candidate generation and evaluation).
+        exclude defaults to each user's engaged pins."""
+        scores, out = [], []
+        for lo in range(0, len(codes), batch):
+            c = codes[lo: lo + batch]
+            ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo: lo + batch]
+            s, i = self.search(self.embed(*self.stored_inputs(c), users=c), k, ex)
+            scores.append(s)
+            out.append(i)
+        return np.concatenate(scores), np.concatenate(out)
+
+    def retrieve(self, user_id: str | None, k: int, exclude: Sequence[str] = (), history: Sequence[Any] | None = None,
+                 features: dict[str, Any] | None = None, exclude_engaged: bool = True) -> Result:
+        """One request: stored state for a known user, overridden by `history` (pin ids, most recent
+        last, or {"pin_id", "action"} objects) and `features` ({cat_column: value}). A user with no
+        history at all takes the cold-start path (popular pins)."""
+        code = int(self.user_codes([user_id or ""])[0])
+        known = code >= 2
+        hist, actions, cat = (x[0] for x in self.stored_inputs(np.array([code if known else 0])))
+        hist, actions, cat = hist.copy(), actions.copy(), cat.copy()
+        if not known:
+            cat[:] = OOV
+        if history is not None:
+            hist, actions = self._history_codes(history)
+        if features:
+            for j, (col, vocab) in enumerate(self.fs.user_cat.items()):
+                key = col[4:] if col.startswith("cat_") else col
+                val = features.get(col, features.get(key))
+                if val is not None:
+                    cat[j] = int(vocab.encode([str(val)])[0])
+        excl = self.pin_codes(list(exclude)) if exclude else np.zeros(0, dtype=np.int64)
+        if exclude_engaged and known:
+            excl = np.concatenate([excl, self.engaged_pins(code)])
+        if history is not None:
+            excl = np.concatenate([excl, hist[hist >= 2]])
+        if not (hist >= 2).any():
+            return self._popular(k, set(excl.tolist()))
+        s, i = self.search(self.embed(hist[None], actions[None], cat[None], users=np.array([code if known else 0])),
+                           k, [excl])
+        keep = np.isfinite(s[0])
+        return Result([self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), ["single"] * int(keep.sum()), False)
+
+    def _history_codes(self, history: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        items = [h if isinstance(h, dict) else {"pin_id": h} for h in history][-self.L:]
+        codes = self.pin_codes([h["pin_id"] for h in items])
+        acts = np.array([ACTION_CODE.get(h.get("action", "click"), ACTION_CODE["click"]) for h in items], dtype=np.int64)
+        hist = np.zeros(self.L, dtype=np.int64)
+        act = np.zeros(self.L, dtype=np.int64)
+        n = len(items)
+        if n:
+            hist[-n:], act[-n:] = codes, acts
+        return hist, act
+
+    def _popular(self, k: int, exclude: set[int]) -> Result:
+        picks = [int(c) for c in self.popular if int(c) not in exclude][:k]
+        n = len(picks)
+        return Result([self.pin_ids[c] for c in picks], [float(n - r) / max(n, 1) for r in range(n)], ["popular"] * n, True)

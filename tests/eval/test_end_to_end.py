@@ -1,0 +1,120 @@
+"""Train -> bundle -> Retriever -> eval on the tiny world, with the contracts between them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ebr.cli import main
+from ebr.config import RunConfig
+from ebr.eval.evaluate import evaluate
+from ebr.index.bundle import build_bundle, find_bundle
+from ebr.serve.retriever import BundleError, Retriever
+from ebr.train.loop import train
+from ebr.workspace import read_json, write_json
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_ws):
+    cfg = RunConfig.load(None, {"train.epochs": 3, "train.batch_size": 256, "model.hidden": [64]})
+    train(tiny_ws, cfg, run="e2e", progress=False)
+    return tiny_ws
+
+
+def test_eval_json_and_peers(trained, tmp_path):
+    res = evaluate(trained, "e2e", peers=("popularity", "interest_popular", "als"), progress=False)
+    assert res["protocol"] == "temporal" and res["n_users"] > 50
+    names = [r["name"] for r in res["results"]]
+    assert names == ["two_tower", "popularity", "interest_popular", "als"]
+    for r in res["results"]:
+        for k in (20, 50, 100, 500):
+            for m in ("recall", "ndcg", "hr", "coverage"):
+                assert 0.0 <= r[f"{m}@{k}"] <= 1.0
+        assert r["recall@20"] <= r["recall@100"] <= r["recall@500"]
+    tt = res["results"][0]
+    assert tt["recall@100"] > res["results"][1]["recall@100"], "a trained model beats global popularity"
+    # the bundle is reused by a second evaluation of the same checkpoint
+    bundle = find_bundle(trained, "e2e", "temporal")
+    assert bundle is not None and res["bundle"] == bundle.name
+
+
+def test_retriever_batch_equals_single_requests(trained):
+    r = Retriever(find_bundle(trained, "e2e", "temporal") or build_bundle(trained, "e2e", "temporal"))
+    users = [u for u in r.fs.users.ids[:40] if r.is_warm(int(r.user_codes([u])[0]))][:10]
+    codes = r.user_codes(users)
+    scores, top = r.retrieve_codes(codes, 25)
+    for i, u in enumerate(users):
+        one = r.retrieve(u, 25)
+        assert one.pin_ids == [r.pin_ids[c] for c in top[i]]
+        assert np.allclose(one.scores, scores[i], atol=1e-5)
+        engaged = set(r.pin_ids[c] for c in r.engaged_pins(int(codes[i])))
+        assert not engaged & set(one.pin_ids), "engaged pins are excluded by default"
+    # request-time history + features for an unknown user = the stored state of a known user
+    from ebr.data.schema import ACTIONS
+
+    c0 = int(codes[0])
+    hist = [{"pin_id": r.pin_ids[p], "action": ACTIONS[a - 1]} for p, a in zip(r.hist[c0], r.actions[c0]) if p > 0]
+    feats = {col: v.decode([r.cat[c0][j]])[0] for j, (col, v) in enumerate(r.fs.user_cat.items())}
+    stored = r.retrieve(users[0], 10, history=hist, exclude_engaged=False)
+    given = r.retrieve("somebody-new", 10, history=hist, features=feats)
+    assert given.pin_ids == stored.pin_ids and not given.cold_start
+    assert given.pin_ids != r.retrieve("somebody-new", 10, history=hist[:3], features=feats).pin_ids
+    cold = r.retrieve("somebody-new", 10)
+    assert cold.cold_start and cold.sources == ["popular"] * 10
+
+
+def test_bundle_refuses_mismatch_and_corruption(trained, tmp_path):
+    src = find_bundle(trained, "e2e", "temporal") or build_bundle(trained, "e2e", "temporal")
+    bad = tmp_path / "b1"
+    shutil.copytree(src, bad)
+    m = read_json(bad / "manifest.json")
+    m["index"]["model_version"] = "something-else"
+    write_json(bad / "manifest.json", m)
+    with pytest.raises(BundleError, match="model version"):
+        Retriever(bad)
+    bad2 = tmp_path / "b2"
+    shutil.copytree(src, bad2)
+    with open(bad2 / "pin_embeddings.npy", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="checksum mismatch for pin_embeddings.npy"):
+        Retriever(bad2)
+
+
+def test_checkpoint_and_bundle_load_without_train_package(trained):
+    bundle = find_bundle(trained, "e2e", "temporal") or build_bundle(trained, "e2e", "temporal")
+    code = (
+        "import sys\n"
+        "from ebr.index.bundle import load_checkpoint\n"
+        "from ebr.serve.retriever import Retriever\n"
+        f"m, ck = load_checkpoint(__import__('pathlib').Path({str(trained.run_dir('e2e') / 'checkpoints' / 'best.pt')!r}))\n"
+        f"r = Retriever({str(bundle)!r})\n"
+        "assert not any(k.startswith('ebr.train') for k in sys.modules), [k for k in sys.modules if 'ebr.train' in k]\n"
+        "print('ok', ck['feature_state']['pins'][:1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
+def test_cli_retrieve_and_eval(trained, tmp_path, capsys):
+    ws = str(trained.root)
+    bundle = find_bundle(trained, "e2e", "temporal") or build_bundle(trained, "e2e", "temporal")
+    users = tmp_path / "users.txt"
+    users.write_text("u1\nu2\nnobody\n")
+    out = tmp_path / "cands.json"
+    assert main(["retrieve", "-w", ws, "--bundle", str(bundle), "--users", str(users), "--k", "7", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert set(got["users"]) == {"u1", "u2", "nobody"} and got["users"]["nobody"]["cold_start"]
+    assert all(len(v["items"]) == 7 for v in got["users"].values())
+    ej = tmp_path / "eval.json"
+    assert main(["eval", "-w", ws, "--run", "e2e", "--peers", "popularity", "--json", str(ej)]) == 0
+    res = json.loads(ej.read_text())
+    assert [r["name"] for r in res["results"]] == ["two_tower", "popularity"]
+    assert (trained.report_dir("latest") / "recall_at_k.png").exists()
+    assert (trained.report_dir("latest") / "training.png").exists()

@@ -1,0 +1,105 @@
+"""The loss against numbers worked out by hand, including the sign of the logQ correction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ebr.train.loss import FrequencyEstimator, sampled_softmax_logq
+
+# 3x3 batch, embeddings chosen so that the logits are simple numbers
+U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+V = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+IDS = torch.tensor([10, 11, 12])
+LOG_Q = torch.log(torch.tensor([0.5, 0.1, 0.2]))
+TAU = 0.5
+
+
+def _by_hand(sign: float = -1.0, mask_col: dict | None = None) -> float:
+    """Loss written out element by element: logit_ij = u_i.v_j / tau + sign * log q_j."""
+    dots = [[1.0, 0.0, 0.8], [0.0, 1.0, 0.6], [0.6, 0.8, 0.96]]
+    q = [0.5, 0.1, 0.2]
+    total = 0.0
+    for i in range(3):
+        logits = [dots[i][j] / TAU + sign * math.log(q[j]) for j in range(3)]
+        cols = [j for j in range(3) if j == i or not (mask_col and j in mask_col.get(i, ()))]
+        denom = sum(math.exp(logits[j]) for j in cols)
+        total += -(logits[i] - math.log(denom))
+    return total / 3
+
+
+def test_matches_hand_computed_value():
+    got = float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU))
+    assert got == pytest.approx(_by_hand(), abs=1e-6)
+    # worked on paper: row losses 1.2097, 0.2245, 0.9735 -> mean 0.80257
+    assert got == pytest.approx(0.80257, abs=1e-4)
+
+
+def test_sign_of_correction():
+    """Subtracting log q (correct) and adding it (the classic bug) give different losses; only
+    the subtraction matches the hand computation."""
+    right = float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU))
+    wrong = float(sampled_softmax_logq(U, V, IDS, -LOG_Q, TAU))
+    assert right == pytest.approx(_by_hand(-1.0), abs=1e-6)
+    assert wrong == pytest.approx(_by_hand(+1.0), abs=1e-6)
+    # on paper, adding log q: row losses 0.2588, 0.9460, 0.9477 -> mean 0.71750
+    assert wrong == pytest.approx(0.71750, abs=1e-4) and right != pytest.approx(wrong, abs=0.05)
+    # a frequent item (high q) as a negative gets a lower logit, so it hurts less
+    no_corr = float(sampled_softmax_logq(U, V, IDS, None, TAU))
+    assert no_corr == pytest.approx(_by_hand(0.0), abs=1e-6)
+
+
+def test_accidental_hits_masked_and_weights():
+    ids = torch.tensor([10, 11, 10])  # rows 0 and 2 share an item: column 2 is a hit for row 0 and vice versa
+    got = float(sampled_softmax_logq(U, V, ids, LOG_Q, TAU))
+    assert got == pytest.approx(_by_hand(mask_col={0: (2,), 2: (0,)}), abs=1e-6)
+    # weighted: -(1/B) sum_i w_i log softmax_i
+    w = torch.tensor([2.0, 0.0, 1.0])
+    ref = _rows(LOG_Q)
+    assert float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, w)) == pytest.approx((2 * ref[0] + ref[2]) / 3, abs=1e-6)
+
+
+def _rows(log_q: torch.Tensor) -> list[float]:
+    logits = U @ V.T / TAU - log_q[None, :]
+    return (-torch.log_softmax(logits, 1).diagonal()).tolist()
+
+
+def test_mixed_negatives_and_gradient():
+    neg = torch.tensor([[0.0, -1.0]])
+    nid = torch.tensor([99])
+    nlq = torch.tensor([math.log(0.01)])
+    got = float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, neg=neg, neg_ids=nid, neg_log_q=nlq))
+    logits = torch.cat([U @ V.T / TAU - LOG_Q[None, :], U @ neg.T / TAU - nlq[None, :]], 1)
+    assert got == pytest.approx(float((-torch.log_softmax(logits, 1)[range(3), range(3)]).mean()), abs=1e-6)
+    # a sampled negative equal to a row's positive is masked for that row
+    hit = float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, neg=V[:1], neg_ids=IDS[:1], neg_log_q=nlq))
+    logits = torch.cat([U @ V.T / TAU - LOG_Q[None, :], U @ V[:1].T / TAU - nlq[None, :]], 1)
+    logits[0, 3] = float("-inf")
+    assert hit == pytest.approx(float((-torch.log_softmax(logits, 1)[range(3), range(3)]).mean()), abs=1e-6)
+    u = U.clone().requires_grad_(True)
+    sampled_softmax_logq(u, V, IDS, LOG_Q, TAU).backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+def test_frequency_estimator_by_hand():
+    est = FrequencyEstimator(buckets=1 << 16, hashes=2, alpha=0.5)
+    a, b = torch.tensor([1]), torch.tensor([2])
+    # item a at steps 2, 4, 6; item b at steps 3 and 6
+    for step, batch in ((2, a), (3, b), (4, a), (6, torch.tensor([1, 2, 1]))):
+        est.update(batch, step)
+    # a: B = 0.5*0 + 0.5*2 = 1 -> 0.5*1 + 0.5*2 = 1.5 -> 0.5*1.5 + 0.5*2 = 1.75
+    # b: B = 0.5*3 = 1.5 -> 0.5*1.5 + 0.5*3 = 2.25
+    assert float(est.log_prob(a)) == pytest.approx(-math.log(1.75), abs=1e-6)
+    assert float(est.log_prob(b)) == pytest.approx(-math.log(2.25), abs=1e-6)
+
+
+def test_frequency_estimator_converges():
+    """Items seen every 1, 4 and 20 steps: estimated p -> 1, 1/4, 1/20."""
+    est = FrequencyEstimator(buckets=1 << 18, hashes=3, alpha=0.05)
+    for t in range(1, 2001):
+        ids = [7] + ([8] if t % 4 == 0 else []) + ([9] if t % 20 == 0 else [])
+        est.update(torch.tensor(ids), t)
+    p = est.log_prob(torch.tensor([7, 8, 9])).exp()
+    assert p.tolist() == pytest.approx([1.0, 0.25, 0.05], rel=0.05)
