@@ -15,7 +15,7 @@ from ebr.workspace import Workspace
 FLOW = """\
 data flow (each stage writes under the workspace, with a manifest.json):
   ebr data     import | synth | split | sql | stats   validated Parquet tables (+ quarantine)
-  ebr corpus   serving corpus (dedup by image signature, time-decayed)      [planned]
+  ebr corpus   serving corpus: dedup by image signature, time-decayed, top N (DuckDB | Spark)
   ebr train    two-tower model: logQ sampled softmax, checkpoints, resume
   ebr index    bundle: exported user tower + pin embeddings + exact index
   ebr retrieve batch candidate generation through a bundle
@@ -120,6 +120,24 @@ def cmd_split(a) -> int:
     return 0
 
 
+# ---- corpus -------------------------------------------------------------------------------------
+def cmd_corpus_build(a) -> int:
+    from ebr.corpus.build import build_serving_corpus, parse_weights, read_json
+
+    d = build_serving_corpus(Workspace.at(a.workspace), a.engine, a.as_of, a.window_days, a.half_life_days,
+                             not a.no_decay, a.top_n, parse_weights(a.action_weights))
+    m = read_json(d / "manifest.json")
+    print(json.dumps({"corpus": str(d), "as_of": m["as_of"], "counts": m["counts"], "seconds": m["seconds"]}, indent=2))
+    return 0
+
+
+def cmd_corpus_eval(a) -> int:
+    from ebr.corpus.build import corpus_coverage
+
+    print(json.dumps(corpus_coverage(Workspace.at(a.workspace), a.version, a.horizon_days, a.engine), indent=2))
+    return 0
+
+
 # ---- train / index / retrieve / eval -------------------------------------------------------------
 def _overrides(a) -> dict:
     out = {}
@@ -186,7 +204,7 @@ def cmd_eval(a) -> int:
 
     ws = Workspace.at(a.workspace)
     res = evaluate(ws, a.run, a.split, peers=tuple(p for p in a.peers.split(",") if p),
-                   candidates=Path(a.candidates) if a.candidates else None)
+                   candidates=Path(a.candidates) if a.candidates else None, corpus=a.corpus)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     d = write_report(ws, res, a.run, a.report)
@@ -274,6 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--val-fraction", type=float, default=0.1)
 
+    cor = stages.add_parser("corpus", help="build and evaluate the serving corpus", formatter_class=_Fmt,
+                            description="The serving corpus: what retrieval can ever return.")
+    csub = cor.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+    p = _add(csub, "build", "build corpus/VERSION/corpus.parquet", """\
+        Build the serving corpus: engagements in [as-of - window, as-of) -> time-decayed weighted
+        score per pin (score = sum w(action) * 2^(-age / half-life); --no-decay = raw sum) -> remap
+        fine image signatures to coarse ones -> one representative pin per coarse signature
+        (highest score, ties by pin id) carrying the group's score -> top N. The SQL lives in
+        src/ebr/corpus/sql/ and runs unchanged on DuckDB (default) or Spark local mode.
+
+        examples:
+          ebr corpus build --top-n 50000
+          ebr corpus build --engine spark --no-decay --action-weights save=3,click=2,closeup=1
+        """, cmd_corpus_build)
+    p.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb")
+    p.add_argument("--as-of", type=_ts, default=None, help="default: the temporal split's cut, else the last timestamp")
+    p.add_argument("--window-days", type=float, default=90.0)
+    p.add_argument("--half-life-days", type=float, default=14.0)
+    p.add_argument("--no-decay", action="store_true", help="rank by the raw weighted sum over the window")
+    p.add_argument("--top-n", type=int, default=1_000_000)
+    p.add_argument("--action-weights", default="save=3,click=2,closeup=1")
+    p = _add(csub, "eval", "share of next week's positives the corpus covers", """\
+        Corpus coverage: the share of positive engagements in the --horizon-days after the corpus's
+        as-of whose pin, or a duplicate of it (same coarse signature), is in the corpus.
+
+        example:  ebr corpus eval --version latest
+        """, cmd_corpus_eval)
+    p.add_argument("--version", default="latest")
+    p.add_argument("--horizon-days", type=float, default=7.0)
+    p.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb")
+
     p = _add(stages, "train", "train a two-tower model", """\
         Train the two-tower retrieval model (sampled softmax over in-batch negatives, logQ
         correction from a streaming frequency estimator). Writes runs/RUN/: config.yaml,
@@ -330,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None)
     p.add_argument("--peers", default="popularity,interest_popular,als")
     p.add_argument("--candidates", help="sampled protocol: lines 'user target cand1 cand2 ...'")
+    p.add_argument("--corpus", help="restrict candidates to a serving corpus (VERSION or 'latest')")
     p.add_argument("--json", help="write the results JSON here")
     p.add_argument("--report", default="latest", help="report name under reports/")
 

@@ -60,7 +60,7 @@ def read_candidates(path: Path, r: Retriever) -> list[tuple[int, np.ndarray]]:
 
 def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: tuple[str, ...] = PEERS,
              ks: tuple[int, ...] = (20, 50, 100, 500), candidates: Path | None = None, progress: bool = True,
-             max_users: int | None = None) -> dict[str, Any]:
+             max_users: int | None = None, corpus: str | None = None) -> dict[str, Any]:
     """Evaluate a run against peers. Returns the EVALUATION.md JSON object."""
     t0 = time.time()
     sp = load_split(ws, split)
@@ -76,6 +76,18 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     K = max(ks)
     P = len(r.pin_ids)
     allowed = r.candidate
+    corpus_name = "all pins"
+    if corpus:
+        import pyarrow.parquet as pq
+
+        from ebr.corpus.build import resolve
+
+        cdir = resolve(ws, corpus)
+        in_corpus = torch.zeros_like(allowed)
+        in_corpus[torch.from_numpy(r.pin_codes(pq.read_table(cdir / "corpus.parquet")["pin_id"].to_pylist()))] = True
+        in_corpus[:2] = False
+        allowed = allowed & in_corpus
+        corpus_name = f"corpus {cdir.name} ({int(allowed.sum()):,} pins)"
     scorers: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
     from ebr.eval import peers as pz
 
@@ -92,7 +104,7 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
 
     results = []
     # the two-tower model through the Retriever (the serving path), exclusions as the protocol says
-    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude)
+    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude, allowed=allowed)
     results.append({"name": "two_tower", **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
     for name, fn in scorers.items():
         top = _rank_all(fn, spec.users, spec.exclude, K, allowed)
@@ -109,7 +121,7 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     out: dict[str, Any] = {
         "dataset": ws.root.name, "protocol": sp.kind, "split": sp.name, "n_users": int(len(spec.users)),
         "n_cold_users": int(len(spec.cold_users)), "results": results, "cold_results": cold,
-        "bundle": r.version, "run": run, "candidates": "all pins", "seconds": round(time.time() - t0, 2),
+        "bundle": r.version, "run": run, "candidates": corpus_name, "seconds": round(time.time() - t0, 2),
     }
     if candidates:
         cands = read_candidates(candidates, r)

@@ -30,6 +30,7 @@ from ebr.config import ModelConfig, RunConfig
 from ebr.data.splits import load_split
 from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import T_MAX, Histories, load_engagements
+from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import ACTION_CODE, FeatureState, pin_arrays, user_arrays
 from ebr.model.towers import TwoTower
 from ebr.workspace import Workspace, file_sha256, library_versions, new_version, now_utc, read_json, write_json
@@ -96,14 +97,6 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     parr = pin_arrays(ws, fs)
     pins, pin_interests = PinInputs.from_arrays(parr), parr.interests
     ua = user_arrays(ws, fs)
-    with torch.no_grad():
-        reps, embs = [], []
-        P = pins.cat.shape[0]
-        for lo in range(0, P, 8192):
-            r = model.items(*pins.take(torch.arange(lo, min(lo + 8192, P))))
-            reps.append(r)
-            embs.append(model.pin(r))
-        item_repr, pin_emb = torch.cat(reps).numpy(), torch.cat(embs).numpy()
     # user state: histories and engaged pins from everything visible at the bundle's time
     if split == "latest":
         e = load_engagements(ws, fs, load_split(ws, None), seed=run_cfg.train.seed)
@@ -114,6 +107,12 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
         e = load_engagements(ws, fs, sp, seed=run_cfg.train.seed)
         visible = e.part < 2
         split_name = sp.name
+    stats = None
+    if run_cfg.features.pin_stats:
+        stats = PinStats.build(e, group_codes(ws, fs, run_cfg.features.stats_granularity), visible,
+                               run_cfg.features.stats_windows_days)
+    all_stats = None if stats is None else torch.from_numpy(stats.at(np.arange(len(fs.pins)), np.full(len(fs.pins), T_MAX)))
+    item_repr, pin_emb = (x.numpy() for x in model.encode_all_pins(pins.cat, pins.num, pins.emb, all_stats))
     hist = Histories.build(e, len(fs.users), visible=visible)
     U = len(fs.users)
     codes = np.arange(U)

@@ -91,12 +91,19 @@ class UserTower(nn.Module):
 
 
 class PinTower(nn.Module):
-    def __init__(self, item_dim: int, cfg):
-        super().__init__()
-        self.crossing = make_crossing(cfg.crossing, item_dim, cfg.dim, cfg.hidden, cfg.dropout)
+    """Item representation [+ engagement statistics field] -> (N, dim). The statistics enter here,
+    not in the shared ItemEncoder: a history item is encoded the same whenever it is read."""
 
-    def forward(self, item: torch.Tensor) -> torch.Tensor:
-        """item (N, item_dim) -> (N, dim), unit norm"""
+    def __init__(self, item_dim: int, n_stats: int, cfg):
+        super().__init__()
+        self.stats = nn.Sequential(nn.Linear(n_stats, cfg.field_dim), nn.ReLU()) if n_stats else None
+        in_dim = item_dim + (cfg.field_dim if n_stats else 0)
+        self.crossing = make_crossing(cfg.crossing, in_dim, cfg.dim, cfg.hidden, cfg.dropout)
+
+    def forward(self, item: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """item (N, item_dim), stats (N, n_stats) -> (N, dim), unit norm"""
+        if self.stats is not None:
+            item = torch.cat([item, self.stats(stats)], dim=-1)
         return F.normalize(self.crossing(item), dim=-1)
 
 
@@ -108,20 +115,38 @@ class TwoTower(nn.Module):
         self.items = ItemEncoder(sizes["n_pins"], sizes["pin_cat"], sizes["n_pin_num"], sizes["emb_dim"],
                                  cfg.id_dim, cfg.cat_dim, cfg.field_dim, cfg.use_pin_id, cfg.use_content)
         self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg)
-        self.pin = PinTower(self.items.out_dim, cfg)
+        self.pin = PinTower(self.items.out_dim, sizes.get("n_pin_stats", 0), cfg)
         self.temperature = cfg.temperature
 
 
-    def embed_pins(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """(N,) pins with their fields -> (N, dim)"""
-        return self.pin(self.items(ids, cat, num, emb))
+    def embed_pins(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor,
+                   stats: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) pins with their fields [and statistics (N, S)] -> (N, dim)"""
+        return self.pin(self.items(ids, cat, num, emb), stats)
+
+    @torch.no_grad()
+    def encode_all_pins(self, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor, stats: torch.Tensor | None,
+                        batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pin code 0..P-1 -> (item representations (P, H), pin embeddings (P, dim))."""
+        reps, embs = [], []
+        for lo in range(0, cat.shape[0], batch):
+            sl = slice(lo, lo + batch)
+            r = self.items(torch.arange(lo, lo + cat[sl].shape[0]), cat[sl], num[sl], emb[sl])
+            reps.append(r)
+            embs.append(self.pin(r, None if stats is None else stats[sl]))
+        return torch.cat(reps), torch.cat(embs)
 
     def embed_users_and_pins(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor,
-                             condition: torch.Tensor, user: torch.Tensor, pins: torch.Tensor, pin_fields) -> tuple[torch.Tensor, torch.Tensor]:
-        """Users (history pin codes (B, L) ...) and pins (N,) in one pass; every distinct pin is
-        encoded once. pin_fields(ids) -> (ids, cat, num, emb). Returns ((B, dim), (N, dim))."""
+                             condition: torch.Tensor, user: torch.Tensor, pins: torch.Tensor, pin_fields,
+                             pin_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Users (history pin codes (B, L) ...) and pins (N,) [with statistics (N, S)] in one pass;
+        every distinct pin is encoded once. pin_fields(ids) -> (ids, cat, num, emb).
+        Returns ((B, dim), (N, dim))."""
         B, L = hist.shape
         uniq, inv = torch.unique(torch.cat([hist.reshape(-1), pins]), return_inverse=True)
         rep = self.items(*pin_fields(uniq))
         h = rep[inv[: B * L]].view(B, L, -1)
-        return self.user(h, actions, user_cat, condition, user), self.pin(rep[inv[B * L:]])
+        u = self.user(h, actions, user_cat, condition, user)
+        if pins.numel() == 0:
+            return u, u.new_zeros(0, u.shape[1])
+        return u, self.pin(rep[inv[B * L:]], pin_stats)

@@ -89,10 +89,13 @@ class Retriever:
         u = torch.zeros(B, dtype=torch.long) if users is None else torch.from_numpy(users)
         return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), cond, u)
 
-    def search(self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(B, D) user embeddings -> (scores (B, k), pin codes (B, k)); excluded codes never appear."""
+    def search(self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None,
+               allowed: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) user embeddings -> (scores (B, k), pin codes (B, k)); excluded codes never appear;
+        `allowed` (P,) bool restricts the candidates further (e.g. to a serving corpus)."""
         if self.backend == "exact":
-            vals, idx = topk_masked(emb @ self.pin_emb.T, k, exclude, self.candidate)
+            cand = self.candidate if allowed is None else self.candidate & allowed
+            vals, idx = topk_masked(emb @ self.pin_emb.T, k, exclude, cand)
             return vals.numpy(), idx.numpy()
         raise BundleError(f"backend {self.backend!r} not supported by this Retriever")
 
@@ -100,14 +103,14 @@ class Retriever:
         return self.hist[codes], self.actions[codes], self.cat[codes]
 
     def retrieve_codes(self, codes: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
-                       batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                       batch: int = 1024, allowed: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batch retrieval for known users (offline candidate generation and evaluation).
         exclude defaults to each user's engaged pins."""
         scores, out = [], []
         for lo in range(0, len(codes), batch):
             c = codes[lo: lo + batch]
             ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo: lo + batch]
-            s, i = self.search(self.embed(*self.stored_inputs(c), users=c), k, ex)
+            s, i = self.search(self.embed(*self.stored_inputs(c), users=c), k, ex, allowed)
             scores.append(s)
             out.append(i)
         return np.concatenate(scores), np.concatenate(out)

@@ -25,7 +25,8 @@ import torch
 from ebr.config import RunConfig
 from ebr.data.splits import load_split
 from ebr.features.batches import PinInputs, user_batch
-from ebr.features.examples import Examples, Histories, eval_spec, load_engagements, positive_examples
+from ebr.features.examples import T_MAX, Examples, Histories, eval_spec, load_engagements, positive_examples
+from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
@@ -49,6 +50,19 @@ class TrainData:
     val_hist: Histories
     val: object
     split_name: str
+    stats: PinStats | None
+
+    def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
+        return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
+
+    def all_stats(self) -> torch.Tensor | None:
+        """Statistics of every pin code as of the end of the visible (training) data."""
+        n = self.pins.cat.shape[0]
+        return self.pin_stats(np.arange(n), np.full(n, T_MAX))
+
+    @property
+    def sizes(self) -> dict:
+        return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0}
 
 
 def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> TrainData:
@@ -63,14 +77,12 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> Tr
                          f"({', '.join(cfg.features.positive_actions)})")
     val = eval_spec(e, cfg.features, target_part=1, train_parts=(0,), max_users=cfg.train.val_users,
                     seed=cfg.train.seed)
-    return TrainData(fs, PinInputs.from_arrays(pin_arrays(ws, fs)), user_arrays(ws, fs), hist, ex, hist, val, split.name)
-
-
-@torch.no_grad()
-def all_pin_embeddings(model: TwoTower, pins: PinInputs, batch: int = 8192) -> torch.Tensor:
-    n = pins.cat.shape[0]
-    out = [model.embed_pins(*pins.take(torch.arange(lo, min(lo + batch, n)))) for lo in range(0, n, batch)]
-    return torch.cat(out)
+    stats = None
+    if cfg.features.pin_stats:
+        groups = group_codes(ws, fs, cfg.features.stats_granularity)
+        stats = PinStats.build(e, groups, train_visible, cfg.features.stats_windows_days)
+    return TrainData(fs, PinInputs.from_arrays(pin_arrays(ws, fs)), user_arrays(ws, fs), hist, ex, hist, val,
+                     split.name, stats)
 
 
 @torch.no_grad()
@@ -79,7 +91,7 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
     if len(spec.users) == 0:
         return float("nan")
     model.eval()
-    P = all_pin_embeddings(model, d.pins)
+    P = model.encode_all_pins(d.pins.cat, d.pins.num, d.pins.emb, d.all_stats())[1]
     allowed = torch.ones(P.shape[0], dtype=torch.bool)
     allowed[:2] = False  # padding and OOV rows are not pins
     tops = []
@@ -90,6 +102,17 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
         tops.append(topk_masked(u @ P.T, VAL_K, spec.exclude[lo:lo + 512], allowed)[1].numpy())
     model.train()
     return metrics_at_k(np.concatenate(tops), spec.targets, [VAL_K])[f"recall@{VAL_K}"]
+
+
+def epoch_order(ex: Examples, batch: int, seed: int, epoch: int, time_local: bool) -> np.ndarray:
+    """The example order of one epoch, drawn from (seed, epoch): a permutation, or with
+    time_local the time-sorted examples cut into batch-sized blocks taken in a random order."""
+    rng = np.random.default_rng([seed, epoch])
+    if not time_local:
+        return rng.permutation(len(ex.user))
+    by_time = np.argsort(ex.t, kind="stable")
+    blocks = np.array_split(by_time, max(1, -(-len(by_time) // batch)))
+    return np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -125,7 +148,7 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
         (rdir / "config.yaml").write_text(cfg.to_yaml())
         (rdir / "feature_state.json").write_text(json.dumps(d.fs.to_dict()))
         (rdir / "metrics.jsonl").write_text("")
-    sizes = d.fs.sizes
+    sizes = d.sizes
     model = TwoTower(sizes, cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     est = FrequencyEstimator(cfg.train.estimator_buckets, cfg.train.estimator_hashes, cfg.train.estimator_alpha,
@@ -161,7 +184,7 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
     seen_examples = 0
     model.train()
     while not done and epoch < cfg.train.epochs:
-        perm = np.random.default_rng([cfg.train.seed, epoch]).permutation(n)
+        perm = epoch_order(ex, B, cfg.train.seed, epoch, cfg.train.time_local_batches)
         bar = tqdm(total=steps_per_epoch, initial=pos_in_epoch // B, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not progress, unit="step", file=sys.stderr, mininterval=2.0)
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
@@ -178,7 +201,9 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
             if cfg.train.mixed_negatives:
                 negs = torch.randint(2, n_pins, (cfg.train.mixed_negatives,), generator=neg_gen)
             all_pins = pos if negs is None else torch.cat([pos, negs])
-            u, v = model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user, all_pins, d.pins.take)
+            pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
+            u, v = model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user, all_pins,
+                                              d.pins.take, d.pin_stats(all_pins.numpy(), pin_t))
             neg_lq = None
             if negs is not None and cfg.train.logq:
                 neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - 2)))

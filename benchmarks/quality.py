@@ -1,0 +1,102 @@
+"""Quality: dataset x model table, the two-tower model against the peers in one harness,
+3 training seeds, mean +- std.
+
+    python benchmarks/quality.py [--datasets synth_small,ml100k] [--seeds 0,1,2] [--epochs N]
+                                 [--adjacency NAME:TRAIN:TEST ...] [--root /tmp/ebr-bench-quality]
+
+Datasets: synth_small (the synthetic world, seed 0), ml100k (../shared/data/ml-100k, temporal
+split), and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
+Resumable: a finished (dataset, seed) keeps its eval JSON under --root and is not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write  # noqa: E402
+
+from ebr.config import RunConfig  # noqa: E402
+from ebr.eval.evaluate import evaluate  # noqa: E402
+from ebr.train.loop import train  # noqa: E402
+from ebr.workspace import Workspace  # noqa: E402
+
+ML100K = Path(os.environ.get("EBR_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
+METRICS = ("recall@20", "recall@50", "recall@100", "recall@500", "ndcg@100", "hr@100")
+
+
+def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Workspace:
+    ws = Workspace.at(root / name)
+    if ws.has_table("engagements"):
+        return ws
+    if name == "synth_small":
+        from ebr.data.synth import generate
+
+        generate(ws, "small", seed=0, progress=False)
+    elif name == "ml100k":
+        from ebr.data.importers import import_movielens
+
+        import_movielens(ws, ML100K)
+    elif name in adjacency:
+        from ebr.data.importers import import_adjacency
+
+        tr, te = adjacency[name]
+        import_adjacency(ws, Path(tr), Path(te))
+    else:
+        raise SystemExit(f"unknown dataset {name!r}")
+    return ws
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="synth_small,ml100k")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    ap.add_argument("--config", default=None, help="YAML run config for the two-tower model")
+    ap.add_argument("--adjacency", action="append", default=[], metavar="NAME:TRAIN:TEST")
+    ap.add_argument("--root", default="/tmp/ebr-bench-quality")
+    a = ap.parse_args()
+    adjacency = {x.split(":")[0]: tuple(x.split(":")[1:3]) for x in a.adjacency}
+    datasets = [d for d in a.datasets.split(",") if d] + list(adjacency)
+    root = Path(a.root)
+    table: dict[str, dict] = {}
+    for ds in datasets:
+        ws = prepare(ds, root, adjacency)
+        runs = []
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            out = root / f"{ds}-seed{seed}.json"
+            if not out.exists():
+                over = {"train.seed": seed, **({"train.epochs": a.epochs} if a.epochs else {})}
+                cfg = RunConfig.load(a.config, over)
+                summary = train(ws, cfg, run=f"seed{seed}", progress=False)
+                res = evaluate(ws, f"seed{seed}", progress=False)
+                res["train"] = summary
+                out.write_text(json.dumps(res))
+            runs.append(json.loads(out.read_text()))
+            print(f"{ds} seed {seed}: " + ", ".join(f"{r['name']} {r['recall@100']:.4f}" for r in runs[-1]["results"]),
+                  flush=True)
+        models = {}
+        for r in runs[0]["results"]:
+            vals = {m: [next(x for x in run["results"] if x["name"] == r["name"])[m] for run in runs] for m in METRICS}
+            models[r["name"]] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v))} for m, v in vals.items()}
+        table[ds] = {"protocol": runs[0]["protocol"], "n_users": runs[0]["n_users"],
+                     "n_cold_users": runs[0]["n_cold_users"], "seeds": len(runs), "models": models,
+                     "train_seconds": [run["train"]["train_seconds"] for run in runs]}
+    lines = ["| dataset | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for ds, t in table.items():
+        for name, m in t["models"].items():
+            lines.append(f"| {ds} ({t['protocol']}, {t['n_users']:,} users) | {name} | "
+                         + " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS) + " |")
+    md = "\n".join(lines)
+    print(md)
+    write("quality", {"table": table, "markdown": md, "seeds": a.seeds, "epochs": a.epochs, "config": a.config})
+
+
+if __name__ == "__main__":
+    main()

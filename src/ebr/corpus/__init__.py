@@ -1,0 +1,1 @@
+"""The serving corpus: SQL under sql/, run by DuckDB (default) or Spark (local mode)."""
