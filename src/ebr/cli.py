@@ -17,9 +17,9 @@ data flow (each stage writes under the workspace, with a manifest.json):
   ebr data     import | synth | split | sql | stats   validated Parquet tables (+ quarantine)
   ebr corpus   serving corpus: dedup by image signature, time-decayed, top N (DuckDB | Spark)
   ebr train    two-tower model: logQ sampled softmax, checkpoints, resume
-  ebr index    bundle: exported user tower + pin embeddings + exact index
+  ebr index    bundle: exported user tower + pin embeddings + ANN index (exact | hnsw | ivfpq)
   ebr retrieve batch candidate generation through a bundle
-  ebr serve    POST /v1/retrieve over a bundle                               [planned]
+  ebr serve    POST /v1/retrieve over a bundle (FastAPI + uvicorn, hot reload)
   ebr eval     offline metrics against peers through the serving Retriever
   ebr demo     every built stage on the synthetic world
 """
@@ -167,8 +167,13 @@ def cmd_train(a) -> int:
 def cmd_index_build(a) -> int:
     from ebr.index.bundle import build_bundle
 
-    path = build_bundle(Workspace.at(a.workspace), a.run, split=a.split, backend=a.backend)
-    print(path)
+    path = build_bundle(Workspace.at(a.workspace), a.run, split=a.split, backend=a.backend, corpus=a.corpus)
+    from ebr.workspace import read_json
+
+    m = read_json(path / "manifest.json")
+    print(json.dumps({"bundle": str(path), "backend": a.backend, "candidates": m["counts"]["candidates"],
+                      "recall@100_vs_exact": m["index"]["recall@100_vs_exact"],
+                      "index_build_seconds": m["index"]["build_seconds"]}, indent=2))
     return 0
 
 
@@ -185,7 +190,7 @@ def cmd_retrieve(a) -> int:
     if warm:
         scores, top = r.retrieve_codes(codes[warm], a.k)
         for j, i in enumerate(warm):
-            keep = np.isfinite(scores[j])
+            keep = top[j] >= 0
             out[users[i]] = {"items": [{"pin_id": r.pin_ids[c], "score": float(s), "source": "single"}
                                        for c, s in zip(top[j][keep], scores[j][keep])], "cold_start": False}
     for i, u in enumerate(users):
@@ -196,6 +201,13 @@ def cmd_retrieve(a) -> int:
     payload = {"version": r.version, "k": a.k, "users": out}
     Path(a.json).write_text(json.dumps(payload))
     print(f"{len(users):,} users -> {a.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from ebr.serve.app import serve
+
+    serve(a.bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads)
     return 0
 
 
@@ -347,13 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(isub2, "build", "build a bundle from a run's best checkpoint", """\
         Build bundles/VERSION/ from runs/RUN/checkpoints/best.pt. The user state is taken as of
         the split's cut (what evaluation uses), or of the latest data with --split latest
-        (what serving uses).
+        (what serving uses). The manifest records the index's recall@100 against exact search on
+        a sample of users.
 
-        example:  ebr index build --run main --split latest
+        examples:
+          ebr index build --run main --split latest --backend hnsw
+          ebr index build --backend ivfpq --corpus latest
         """, cmd_index_build)
     p.add_argument("--run", default="main")
     p.add_argument("--split", default=None, help="split name, or 'latest' for all data (default: the run's split)")
-    p.add_argument("--backend", choices=["exact"], default="exact")
+    p.add_argument("--backend", choices=["exact", "hnsw", "ivfpq"], default="exact",
+                   help="exact = brute force; hnsw = graph (M=32, efSearch 512); ivfpq = inverted lists + PQ, re-ranked")
+    p.add_argument("--corpus", default=None, help="index only this serving corpus (VERSION or 'latest')")
 
     p = _add(stages, "retrieve", "batch retrieval through a bundle", """\
         Offline candidate generation: k pins per user through the bundle's Retriever (the same code
@@ -365,6 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", required=True, help="file with one user id per line")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--json", required=True, help="output file")
+
+    p = _add(stages, "serve", "serve a bundle over HTTP", """\
+        Start the retrieval service (FastAPI on uvicorn) over a bundle:
+          POST /v1/retrieve  {"user_id": "u1", "k": 100, "mode": "single", "interests": [], "exclude": [],
+                              "history": [...], "features": {...}}
+          GET /healthz, GET /readyz, GET /metrics (Prometheus), GET /docs (OpenAPI)
+          POST /v1/admin/reload {"bundle": PATH} with 'Authorization: Bearer $EBR_ADMIN_TOKEN'
+
+        example:  EBR_ADMIN_TOKEN=secret ebr serve workspace/bundles/VERSION --port 8000
+        """, cmd_serve)
+    p.add_argument("bundle", help="bundle folder (bundles/VERSION)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-k", type=int, default=1000)
+    p.add_argument("--timeout-ms", type=int, default=2000, help="per-request time limit")
+    p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads per request")
 
     p = _add(stages, "eval", "offline evaluation against peers", """\
         Evaluate a run through the serving Retriever over its exact bundle (built or reused), with

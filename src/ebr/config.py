@@ -67,7 +67,7 @@ class TrainConfig(_Section):
 
 
 class IndexConfig(_Section):
-    backend: Literal["exact"] = "exact"
+    backend: Literal["exact", "hnsw", "ivfpq"] = "exact"
 
 
 class EvalConfig(_Section):

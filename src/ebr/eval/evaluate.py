@@ -85,7 +85,6 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
         cdir = resolve(ws, corpus)
         in_corpus = torch.zeros_like(allowed)
         in_corpus[torch.from_numpy(r.pin_codes(pq.read_table(cdir / "corpus.parquet")["pin_id"].to_pylist()))] = True
-        in_corpus[:2] = False
         allowed = allowed & in_corpus
         corpus_name = f"corpus {cdir.name} ({int(allowed.sum()):,} pins)"
     scorers: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
@@ -104,7 +103,8 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
 
     results = []
     # the two-tower model through the Retriever (the serving path), exclusions as the protocol says
-    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude, allowed=allowed)
+    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude,
+                              allowed=np.flatnonzero(allowed.numpy()) if corpus else None)
     results.append({"name": "two_tower", **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
     for name, fn in scorers.items():
         top = _rank_all(fn, spec.users, spec.exclude, K, allowed)

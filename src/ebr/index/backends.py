@@ -1,17 +1,119 @@
-"""ANN backends over unit-norm pin embeddings (inner product). Ids in the index are pin codes."""
+"""ANN backends over unit-norm pin embeddings (inner product); ids in an index are pin codes.
+
+- exact: IndexFlatIP (brute force);
+- hnsw:  IndexHNSWFlat (M=32, efConstruction=200; efSearch at query time);
+- ivfpq: IndexIVFPQ (nlist ~ 4 sqrt(N), 8-bit PQ codes; nprobe at query time).
+
+Filtered search (e.g. "only pins with interest X") passes a FAISS IDSelector, so every result is
+inside the allowed set. When the allowed set is small (selective filters degrade graph search),
+the search falls back to exact scoring over the allowed pins.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-BACKENDS = ("exact",)
+BACKENDS = ("exact", "hnsw", "ivfpq")
 
 
-def build_index(backend: str, emb: np.ndarray, codes: np.ndarray) -> faiss.Index:
-    """An index over emb[codes] that returns pin codes."""
-    if backend != "exact":
+@dataclass(frozen=True)
+class SearchDefaults:
+    ef_search: int = 512
+    nprobe: int = 64
+    exact_below: int = 20000  # allowed pins below which a filtered search scores them exactly
+    refine_k_factor: float = 4.0  # ivfpq: PQ shortlist of k * factor, re-ranked exactly
+
+
+class AnnIndex:
+    """A FAISS index over positions 0..n-1 plus the pin code of each position (sorted), so that
+    selectors and results speak pin codes without an id map."""
+
+    def __init__(self, index: faiss.Index, codes: np.ndarray, backend: str, vectors: np.ndarray | None = None):
+        """vectors: (max code + 1, D) embeddings by pin code, for the exact fallback of selective filters."""
+        self.index, self.codes, self.backend = index, np.asarray(codes, dtype=np.int64), backend
+        self.vectors = vectors
+
+    def save(self, path: Path) -> None:
+        faiss.write_index(self.index, str(path / "index.faiss"))
+        np.save(path / "index_codes.npy", self.codes)
+
+    @classmethod
+    def load(cls, path: Path, backend: str, vectors: np.ndarray | None = None) -> "AnnIndex":
+        return cls(faiss.read_index(str(path / "index.faiss")), np.load(path / "index_codes.npy"), backend, vectors)
+
+    def _params(self, defaults: SearchDefaults, sel: faiss.IDSelector | None):
+        if self.backend == "hnsw":
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = defaults.ef_search
+        elif self.backend == "ivfpq":
+            base = faiss.SearchParametersIVF()
+            base.nprobe = defaults.nprobe
+            if sel is not None:
+                base.sel = sel
+            p = faiss.IndexRefineSearchParameters()
+            p.k_factor = defaults.refine_k_factor
+            p.base_index_params = base
+            p._keep = (base, sel)  # SWIG does not own these: keep them alive with p
+            return p
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+            p._keep = sel
+        return p
+
+    def search(self, queries: np.ndarray, k: int, defaults: SearchDefaults,
+               allowed_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) -> (scores (B, k), pin codes (B, k)); -1 codes (and -inf scores) fill empty slots.
+        With allowed_codes, every result is inside that set; fewer than defaults.exact_below allowed
+        pins are scored exactly (graph and IVF search lose recall under selective filters)."""
+        sel = None
+        if allowed_codes is not None:
+            allowed_codes = np.intersect1d(allowed_codes, self.codes)
+            if len(allowed_codes) < defaults.exact_below and self.vectors is not None:
+                return _exact(queries, self.vectors[allowed_codes], allowed_codes, k)
+            pos = np.searchsorted(self.codes, allowed_codes)
+            pos = pos[(pos < len(self.codes)) & (self.codes[np.minimum(pos, len(self.codes) - 1)] == allowed_codes)]
+            sel = faiss.IDSelectorBatch(np.ascontiguousarray(pos, dtype=np.int64))
+        D, I = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._params(defaults, sel))
+        codes = np.where(I >= 0, self.codes[np.maximum(I, 0)], -1)
+        return np.where(I >= 0, D, -np.inf), codes
+
+
+def _exact(queries: np.ndarray, vectors: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ vectors.T
+    kk = min(k, len(codes))
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    D = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    C = np.full((len(queries), k), -1, dtype=np.int64)
+    D[:, :kk] = np.take_along_axis(scores, top, axis=1)
+    C[:, :kk] = codes[top]
+    return D, C
+
+
+def build_index(backend: str, emb: np.ndarray, codes: np.ndarray, hnsw_m: int = 32, ef_construction: int = 200,
+                seed: int = 0) -> AnnIndex:
+    """An index over emb[codes] (codes sorted ascending)."""
+    codes = np.sort(np.asarray(codes, dtype=np.int64))
+    x = np.ascontiguousarray(emb[codes], dtype=np.float32)
+    d = x.shape[1]
+    if backend == "exact":
+        index: faiss.Index = faiss.IndexFlatIP(d)
+    elif backend == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+    elif backend == "ivfpq":
+        nlist = int(max(16, min(4 * np.sqrt(len(x)), len(x) // 39)))
+        m = max(1, d // 2) if d % 2 == 0 else d
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexRefineFlat(ivf)  # PQ shortlists k * k_factor, exact vectors re-rank
+        rng = np.random.default_rng(seed)
+        index.train(x[rng.choice(len(x), min(len(x), 100_000), replace=False)])
+    else:
         raise ValueError(f"unknown index backend {backend!r}; available: {', '.join(BACKENDS)}")
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.shape[1]))
-    index.add_with_ids(np.ascontiguousarray(emb[codes], dtype=np.float32), codes.astype(np.int64))
-    return index
+    index.add(x)
+    return AnnIndex(index, codes, backend, emb)

@@ -4,8 +4,9 @@ bundles/VERSION/
   user_tower.pt2        the user tower, torch.export'ed for CPU (dynamic batch; no code unpickled)
   item_repr.npy         (P, H) the shared ItemEncoder's output per pin: history inputs of the tower
   pin_embeddings.npy    (P, D) pin-tower outputs, unit norm
-  index.faiss           the ANN index over the candidate pins (exact: IndexFlatIP)
-  pins.parquet          pin_id, code, interests, candidate flag
+  index.faiss           the ANN index over the candidate pins (exact | hnsw | ivfpq)
+  index_codes.npy       the pin code of each index position
+  pins.parquet          pin_id, code, interests, candidate flag (in the corpus, when one is given)
   user_state.npz        per user code: history (U, L), actions (U, L), categorical codes (U, Cu),
                         engaged pins (CSR), as of the bundle's time
   popular.npy           pin codes by time-decayed popularity (cold-start path)
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,11 +33,13 @@ from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import T_MAX, Histories, load_engagements
 from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import ACTION_CODE, FeatureState, pin_arrays, user_arrays
+from ebr.index.backends import AnnIndex, SearchDefaults, build_index
 from ebr.model.towers import TwoTower
+from ebr.ranking import topk_masked
 from ebr.workspace import Workspace, file_sha256, library_versions, new_version, now_utc, read_json, write_json
 
-BUNDLE_FILES = ("user_tower.pt2", "item_repr.npy", "pin_embeddings.npy", "index.faiss", "pins.parquet",
-                "user_state.npz", "popular.npy", "feature_state.json")
+BUNDLE_FILES = ("user_tower.pt2", "item_repr.npy", "pin_embeddings.npy", "index.faiss", "index_codes.npy",
+                "pins.parquet", "user_state.npz", "popular.npy", "feature_state.json")
 POPULARITY_HALF_LIFE_DAYS = 14.0
 
 
@@ -81,8 +84,23 @@ def decayed_popularity(e, as_of_t: int, half_life_days: float = POPULARITY_HALF_
     return np.bincount(e.pin[m], weights=w[e.action[m]] * decay, minlength=n_pins or int(e.pin.max()) + 1)
 
 
+@torch.no_grad()
+def index_recall(index: AnnIndex, ub, model: TwoTower, item_repr: np.ndarray, pin_emb: np.ndarray,
+                 candidate: np.ndarray, sample: int, seed: int, k: int = 100) -> float | None:
+    """Recall@k of the index against exact search for a sample of users with history."""
+    warm = np.flatnonzero((ub.hist > 0).any(1).numpy())
+    if len(warm) == 0 or index.backend == "exact":
+        return 1.0 if index.backend == "exact" else None
+    users = np.random.default_rng(seed).choice(warm, min(sample, len(warm)), replace=False)
+    h = torch.from_numpy(item_repr)[ub.hist[users]]
+    q = model.user(h, ub.actions[users], ub.cat[users], ub.condition[users], ub.user[users])
+    exact = topk_masked(q @ torch.from_numpy(pin_emb).T, k, None, torch.from_numpy(candidate))[1].numpy()
+    _, got = index.search(q.numpy(), k, SearchDefaults())
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), exact.tolist())]))
+
+
 def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, backend: str = "exact",
-                 progress: bool = True) -> Path:
+                 progress: bool = True, corpus: str | None = None, recall_sample: int = 500) -> Path:
     """Build a bundle from the run's best checkpoint, with user state as of the split's cut
     (the end of its training parts), or as of the latest data when split is 'latest'."""
     t0 = time.time()
@@ -128,7 +146,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     pop[:2] = -1  # padding / OOV rows
     popular = np.argsort(-pop, kind="stable")[: min(10000, len(fs.pins) - 2)]
 
-    content = json.dumps({"run": run, "model": model_version, "split": split_name, "backend": backend})
+    content = json.dumps({"run": run, "model": model_version, "split": split_name, "backend": backend,
+                          "corpus": corpus})
     version = new_version(content)
     out = ws.bundles_dir() / version
     tmp = ws.bundles_dir() / f".{version}.tmp"
@@ -137,11 +156,20 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     np.save(tmp / "item_repr.npy", item_repr)
     np.save(tmp / "pin_embeddings.npy", pin_emb)
     candidate = np.ones(len(fs.pins), dtype=bool)
-    candidate[:2] = False
-    from ebr.index.backends import build_index
+    corpus_version = None
+    if corpus:
+        from ebr.corpus.build import resolve
 
+        cdir = resolve(ws, corpus)
+        corpus_version = cdir.name
+        candidate[:] = False
+        candidate[fs.pins.encode(pq.read_table(cdir / "corpus.parquet")["pin_id"])] = True
+    candidate[:2] = False
+    t_index = time.time()
     index = build_index(backend, pin_emb, np.flatnonzero(candidate))
-    faiss.write_index(index, str(tmp / "index.faiss"))
+    index_seconds = time.time() - t_index
+    index.save(tmp)
+    ann_recall = index_recall(index, ub, model, item_repr, pin_emb, candidate, recall_sample, run_cfg.train.seed)
     pin_ids = ["<pad>", "<oov>"] + fs.pins.ids
     pq.write_table(pa.table({"pin_id": pin_ids, "code": np.arange(len(pin_ids)), "candidate": candidate,
                              "interests": pa.array(pin_interests, type=pa.list_(pa.int64()))}), tmp / "pins.parquet")
@@ -153,7 +181,9 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
         "version": version, "run": run, "split": split_name, "created_at": now_utc().isoformat(),
         "as_of_us": as_of, "history_len": L, "embedding_dim": int(pin_emb.shape[1]),
         "user_tower": {"file": "user_tower.pt2", "model_version": model_version},
-        "index": {"file": "index.faiss", "backend": backend, "model_version": model_version, "metric": "inner_product"},
+        "index": {"file": "index.faiss", "backend": backend, "model_version": model_version, "metric": "inner_product",
+                  "search": asdict(SearchDefaults()), "build_seconds": round(index_seconds, 2),
+                  "recall@100_vs_exact": ann_recall, "corpus": corpus_version},
         "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
         "counts": {"pins": len(fs.pins) - 2, "candidates": int(candidate.sum()), "users": U - 2},
         "modes": ["single"],
@@ -177,7 +207,8 @@ def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> 
         if not m.exists():
             continue
         man = read_json(m)
-        if (man["run"], man["split"], man["index"]["backend"], man["checkpoint"]["sha256"]) == (run, split, backend, sha):
+        key = (man["run"], man["split"], man["index"]["backend"], man["index"].get("corpus"), man["checkpoint"]["sha256"])
+        if key == (run, split, backend, None, sha):
             return d
     return None
 

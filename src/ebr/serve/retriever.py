@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from ebr.features.state import ACTION_CODE, OOV, FeatureState
+from ebr.index.backends import AnnIndex, SearchDefaults
 from ebr.ranking import topk_masked
 from ebr.workspace import file_sha256, read_json
 
@@ -53,16 +53,25 @@ class Retriever:
         self.tower = torch.export.load(self.path / "user_tower.pt2").module()
         self.item_repr = torch.from_numpy(np.load(self.path / "item_repr.npy"))
         self.pin_emb = torch.from_numpy(np.load(self.path / "pin_embeddings.npy"))
-        self.index = faiss.read_index(str(self.path / "index.faiss"))
+        self.index = AnnIndex.load(self.path, self.backend)
+        self.defaults = SearchDefaults(**m["index"].get("search", {}))
         pins = pq.read_table(self.path / "pins.parquet")
         self.pin_ids: list[str] = pins["pin_id"].to_pylist()
         self.pin_interests: list[list[int]] = pins["interests"].to_pylist()
         self.candidate = torch.from_numpy(pins["candidate"].to_numpy(zero_copy_only=False).copy())
+        by_interest: dict[int, list[int]] = {}
+        cand = self.candidate.numpy()
+        for code, ints in enumerate(self.pin_interests):
+            if cand[code]:
+                for i in ints:
+                    by_interest.setdefault(i, []).append(code)
+        self.interest_pins = {i: np.array(v, dtype=np.int64) for i, v in by_interest.items()}
         s = np.load(self.path / "user_state.npz")
         self.hist, self.actions, self.cat = s["hist"].astype(np.int64), s["actions"].astype(np.int64), s["cat"].astype(np.int64)
         self.engaged_ptr, self.engaged = s["engaged_ptr"], s["engaged"].astype(np.int64)
         self.popular = np.load(self.path / "popular.npy")
         self.fs = FeatureState.from_dict(json.loads((self.path / "feature_state.json").read_text()))
+        self.interest_ids = ["<pad>", "<oov>"] + self.fs.interests.ids
         self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= 2}
 
     # ---- lookups -------------------------------------------------------------------------
@@ -90,20 +99,38 @@ class Retriever:
         return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), cond, u)
 
     def search(self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None,
-               allowed: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, D) user embeddings -> (scores (B, k), pin codes (B, k)); excluded codes never appear;
-        `allowed` (P,) bool restricts the candidates further (e.g. to a serving corpus)."""
+        `allowed` (sorted pin codes) restricts the candidates (an interest filter, a corpus).
+        Exact bundles score densely; others go through the ANN index with a selector (which scores
+        selective filters exactly). Empty slots: code -1, score -inf."""
+        B = emb.shape[0]
         if self.backend == "exact":
-            cand = self.candidate if allowed is None else self.candidate & allowed
+            cand = self.candidate
+            if allowed is not None:
+                cand = torch.zeros_like(cand)
+                cand[torch.from_numpy(np.asarray(allowed, dtype=np.int64))] = True
+                cand &= self.candidate
             vals, idx = topk_masked(emb @ self.pin_emb.T, k, exclude, cand)
-            return vals.numpy(), idx.numpy()
-        raise BundleError(f"backend {self.backend!r} not supported by this Retriever")
+            v, i = vals.numpy(), idx.numpy()
+            return v, np.where(np.isfinite(v), i, -1)
+        n_ex = max((len(x) for x in exclude), default=0) if exclude is not None else 0
+        D, I = self.index.search(emb.numpy(), k + n_ex, self.defaults, allowed)
+        scores = np.full((B, k), -np.inf, dtype=np.float32)
+        codes = np.full((B, k), -1, dtype=np.int64)
+        for b in range(B):
+            keep = I[b] >= 0
+            if exclude is not None and len(exclude[b]):
+                keep &= ~np.isin(I[b], exclude[b])
+            got = np.flatnonzero(keep)[:k]
+            scores[b, : len(got)], codes[b, : len(got)] = D[b, got], I[b, got]
+        return scores, codes
 
     def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.hist[codes], self.actions[codes], self.cat[codes]
 
     def retrieve_codes(self, codes: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
-                       batch: int = 1024, allowed: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       batch: int = 1024, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batch retrieval for known users (offline candidate generation and evaluation).
         exclude defaults to each user's engaged pins."""
         scores, out = [], []
@@ -115,11 +142,22 @@ class Retriever:
             out.append(i)
         return np.concatenate(scores), np.concatenate(out)
 
+    def allowed_for_interests(self, interests: Sequence[str]) -> np.ndarray:
+        """Sorted pin codes carrying any of the interests; an unknown interest is a ValueError."""
+        codes = self.fs.interests.encode(list(interests))
+        unknown = [i for i, c in zip(interests, codes) if c < 2]
+        if unknown:
+            raise ValueError(f"unknown interest(s): {', '.join(map(str, unknown))}")
+        parts = [self.interest_pins.get(int(c), np.zeros(0, dtype=np.int64)) for c in codes]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
     def retrieve(self, user_id: str | None, k: int, exclude: Sequence[str] = (), history: Sequence[Any] | None = None,
-                 features: dict[str, Any] | None = None, exclude_engaged: bool = True) -> Result:
+                 features: dict[str, Any] | None = None, exclude_engaged: bool = True,
+                 interests: Sequence[str] | None = None) -> Result:
         """One request: stored state for a known user, overridden by `history` (pin ids, most recent
-        last, or {"pin_id", "action"} objects) and `features` ({cat_column: value}). A user with no
-        history at all takes the cold-start path (popular pins)."""
+        last, or {"pin_id", "action"} objects) and `features` ({cat_column: value}); `interests`
+        filters the results to pins carrying one of them. A user with no history at all takes the
+        cold-start path (popular pins)."""
         code = int(self.user_codes([user_id or ""])[0])
         known = code >= 2
         hist, actions, cat = (x[0] for x in self.stored_inputs(np.array([code if known else 0])))
@@ -139,12 +177,17 @@ class Retriever:
             excl = np.concatenate([excl, self.engaged_pins(code)])
         if history is not None:
             excl = np.concatenate([excl, hist[hist >= 2]])
-        if not (hist >= 2).any():
-            return self._popular(k, set(excl.tolist()))
+        allowed = self.allowed_for_interests(interests) if interests else None
+        has_history = bool((hist >= 2).any())
+        if not has_history and not (features and (cat >= 2).any()):
+            return self._popular(k, set(excl.tolist()), allowed)
+        # with history: the user tower; without (a new user who sent features): features only
         s, i = self.search(self.embed(hist[None], actions[None], cat[None], users=np.array([code if known else 0])),
-                           k, [excl])
-        keep = np.isfinite(s[0])
-        return Result([self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), ["single"] * int(keep.sum()), False)
+                           k, [excl], allowed)
+        keep = i[0] >= 0
+        source = "single" if has_history else "features"
+        return Result([self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), [source] * int(keep.sum()),
+                      not has_history)
 
     def _history_codes(self, history: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         items = [h if isinstance(h, dict) else {"pin_id": h} for h in history][-self.L:]
@@ -157,7 +200,8 @@ class Retriever:
             hist[-n:], act[-n:] = codes, acts
         return hist, act
 
-    def _popular(self, k: int, exclude: set[int]) -> Result:
-        picks = [int(c) for c in self.popular if int(c) not in exclude][:k]
+    def _popular(self, k: int, exclude: set[int], allowed: np.ndarray | None = None) -> Result:
+        ok = None if allowed is None else set(allowed.tolist())
+        picks = [int(c) for c in self.popular if int(c) not in exclude and (ok is None or int(c) in ok)][:k]
         n = len(picks)
         return Result([self.pin_ids[c] for c in picks], [float(n - r) / max(n, 1) for r in range(n)], ["popular"] * n, True)

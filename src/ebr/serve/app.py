@@ -1,0 +1,179 @@
+"""`ebr serve BUNDLE`: FastAPI over the Retriever (DESIGN.md "Serving").
+
+POST /v1/retrieve, GET /healthz, GET /readyz, GET /metrics (Prometheus), POST /v1/admin/reload,
+OpenAPI at /docs. A reload loads and verifies the new bundle first, then swaps one reference:
+requests in flight keep the Retriever they started with, so none fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any, Literal, Union
+
+from fastapi import FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from ebr.serve.retriever import BundleError, Retriever
+
+MODES = ("single", "multi", "conditional", "auto")
+
+
+class HistoryItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pin_id: str
+    action: Literal["impression", "closeup", "click", "save", "hide"] = "click"
+
+
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=256)
+    k: int = Field(description="number of pins, 1..max_k (the server's --max-k)")
+    mode: Literal["single", "multi", "conditional", "auto"] = "single"
+    interests: list[str] = Field(default_factory=list, max_length=64,
+                                 description="conditional: the conditions; otherwise a filter")
+    exclude: list[str] = Field(default_factory=list, max_length=10000)
+    history: list[Union[str, HistoryItem]] | None = Field(default=None, max_length=1000,
+                                                          description="overrides the stored history, most recent last")
+    features: dict[str, Union[str, int, float, bool, None]] | None = Field(
+        default=None, description="overrides stored user features, e.g. {\"age_bucket\": \"25-34\"}")
+
+
+class Item(BaseModel):
+    pin_id: str
+    score: float
+    source: str
+
+
+class RetrieveResponse(BaseModel):
+    items: list[Item]
+    version: str
+    mode: str
+    cold_start: bool
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str = Field(min_length=1)
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+def _error(status: int, detail: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail})
+
+
+def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: int = 1,
+               admin_token: str | None = None) -> FastAPI:
+    """The service over one bundle; `admin_token` defaults to $EBR_ADMIN_TOKEN (unset: reload refused)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    token = admin_token if admin_token is not None else os.environ.get("EBR_ADMIN_TOKEN") or None
+    state: dict[str, Retriever] = {"r": Retriever(bundle)}
+    reload_lock = threading.Lock()
+    reg = CollectorRegistry()
+    requests = Counter("ebr_requests", "requests by endpoint and status", ["endpoint", "status"], registry=reg)
+    errors = Counter("ebr_errors", "requests answered with an error status", ["endpoint", "status"], registry=reg)
+    latency = Histogram("ebr_request_latency_seconds", "request latency", ["endpoint"], registry=reg,
+                        buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+    reloads = Counter("ebr_reloads", "bundle reloads by outcome", ["outcome"], registry=reg)
+
+    app = FastAPI(title="ebr retrieval service", version="1",
+                  description="Candidate retrieval over an ebr bundle (two-tower user tower + ANN index).")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        endpoint = request.url.path if request.url.path in {r.path for r in app.routes} else "other"
+        response = await call_next(request)
+        requests.labels(endpoint, str(response.status_code)).inc()
+        if response.status_code >= 400:
+            errors.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        detail = [{"field": "body", "problem": f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}"}
+                  if e.get("type") == "json_invalid" else
+                  {"field": ".".join(str(x) for x in e.get("loc", ())[1:]) or "body", "problem": e.get("msg"),
+                   "input": str(e.get("input"))[:200]} for e in exc.errors()]
+        return _error(422, detail)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # never a bare 500 page
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses={422: {"model": Problem}, 504: {"model": Problem}})
+    async def retrieve(req: RetrieveRequest):
+        r = state["r"]  # this request keeps this Retriever even if a reload swaps it
+        if not 1 <= req.k <= max_k:
+            return _error(422, f"k must be between 1 and {max_k} (got {req.k})")
+        mode = "single" if req.mode == "auto" else req.mode
+        if mode not in r.manifest["modes"]:
+            return _error(422, f"mode {req.mode!r} is not served by bundle {r.version}; it serves "
+                               f"{', '.join(r.manifest['modes'] + ['auto'])}")
+        history = None if req.history is None else [h if isinstance(h, str) else h.model_dump() for h in req.history]
+        try:
+            res = await asyncio.wait_for(run_in_threadpool(
+                r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None),
+                timeout=timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, f"retrieval exceeded the time limit of {timeout_s:.3f}s")
+        except ValueError as e:
+            return _error(422, str(e))
+        return {"items": [{"pin_id": p, "score": s, "source": src} for p, s, src in zip(res.pin_ids, res.scores, res.sources)],
+                "version": r.version, "mode": mode, "cold_start": res.cold_start}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        r = state.get("r")
+        if r is None:
+            return _error(503, "no bundle loaded")
+        return {"status": "ready", "version": r.version, "backend": r.backend, "modes": r.manifest["modes"]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(generate_latest(reg).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/admin/reload", responses={401: {"model": Problem}, 403: {"model": Problem}, 422: {"model": Problem}})
+    async def reload(req: ReloadRequest, authorization: str | None = Header(default=None)):
+        if token is None:
+            return _error(403, "admin calls are disabled: start the server with EBR_ADMIN_TOKEN set")
+        if authorization != f"Bearer {token}":
+            return _error(401, "missing or wrong bearer token (Authorization: Bearer $EBR_ADMIN_TOKEN)")
+        try:
+            new = await run_in_threadpool(Retriever, req.bundle)  # load and verify before the swap
+        except (BundleError, FileNotFoundError, OSError, ValueError, KeyError) as e:
+            reloads.labels("refused").inc()
+            return _error(422, f"bundle refused, still serving {state['r'].version}: {e}")
+        with reload_lock:
+            old = state["r"].version
+            state["r"] = new
+        reloads.labels("ok").inc()
+        return {"status": "reloaded", "previous": old, "version": new.version}
+
+    return app
+
+
+def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_k: int = 1000, timeout_ms: int = 2000,
+          threads: int = 1) -> None:
+    import uvicorn
+
+    app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

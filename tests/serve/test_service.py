@@ -1,0 +1,217 @@
+"""The HTTP service on a real uvicorn server bound to 127.0.0.1 (bounded requests and time)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ebr.config import RunConfig
+from ebr.index.bundle import build_bundle
+from ebr.train.loop import train
+
+TOKEN = "test-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, bundle: Path, env: dict | None = None, max_k: int = 500):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ebr.cli", "serve", str(bundle), "--port", str(self.port), "--max-k", str(max_k)],
+            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stdout.read())
+        raise TimeoutError("server did not become ready in 60 s")
+
+    def post(self, body, **kw) -> httpx.Response:
+        if isinstance(body, (dict, list)):
+            return httpx.post(self.url + "/v1/retrieve", json=body, timeout=10, **kw)
+        return httpx.post(self.url + "/v1/retrieve", content=body, timeout=10,
+                          headers={"content-type": "application/json"})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_ws):
+    cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64]})
+    train(tiny_ws, cfg, run="svc", progress=False)
+    hnsw = build_bundle(tiny_ws, "svc", "latest", backend="hnsw")
+    exact = build_bundle(tiny_ws, "svc", "latest", backend="exact")
+    return tiny_ws, hnsw, exact
+
+
+@pytest.fixture(scope="module")
+def server(bundles):
+    s = Server(bundles[1], env={"EBR_ADMIN_TOKEN": TOKEN})
+    yield s
+    s.stop()
+
+
+def test_retrieve_contract(server, bundles):
+    from ebr.serve.retriever import Retriever
+
+    r = Retriever(bundles[1])
+    user = next(u for u in r.fs.users.ids if r.is_warm(int(r.user_codes([u])[0])))
+    res = server.post({"user_id": user, "k": 50})
+    assert res.status_code == 200
+    body = res.json()
+    assert set(body) == {"items", "version", "mode", "cold_start"} and body["version"] == r.version
+    assert len(body["items"]) == 50 and body["mode"] == "single" and body["cold_start"] is False
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True) and {i["source"] for i in body["items"]} == {"single"}
+    engaged = {r.pin_ids[c] for c in r.engaged_pins(int(r.user_codes([user])[0]))}
+    assert engaged and not engaged & {i["pin_id"] for i in body["items"]}
+    extra = [body["items"][0]["pin_id"]]
+    again = server.post({"user_id": user, "k": 50, "exclude": extra}).json()
+    assert extra[0] not in {i["pin_id"] for i in again["items"]}
+    # an interest filter: every result carries the interest
+    interest = r.fs.interests.ids[0]
+    code = int(r.fs.interests.encode([interest])[0])
+    filt = server.post({"user_id": user, "k": 20, "interests": [interest]}).json()
+    assert filt["items"] and all(code in r.pin_interests[r._pin_code[i["pin_id"]]] for i in filt["items"])
+    cold = server.post({"user_id": "never-seen", "k": 5}).json()
+    assert cold["cold_start"] is True and len(cold["items"]) == 5
+    feats = server.post({"user_id": "never-seen", "k": 5, "features": {"locale": "fr-FR", "age_bucket": "18-24"}}).json()
+    assert feats["cold_start"] is True and {i["source"] for i in feats["items"]} == {"features"}
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("{not json", "not valid JSON"),
+    ({"user_id": "u1", "k": "many"}, "integer"),
+    ({"user_id": "u1", "k": 0}, "k must be between 1 and 500"),
+    ({"user_id": "u1", "k": 501}, "k must be between 1 and 500"),
+    ({"user_id": "u1", "k": 5, "mode": "sideways"}, "single"),
+    ({"user_id": "u1", "k": 5, "mode": "multi"}, "is not served by bundle"),
+    ({"user_id": "u1", "k": 5, "interests": ["no-such-interest"]}, "unknown interest"),
+    ({"k": 5}, "user_id"),
+    ([1, 2], "dict"),
+])
+def test_bad_requests_are_422_with_a_message(server, body, fragment):
+    res = server.post(body)
+    assert res.status_code == 422, res.text
+    assert fragment in res.text
+
+
+def test_health_metrics_docs(server):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
+    assert httpx.get(server.url + "/docs").status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    assert 'ebr_requests_total{endpoint="/v1/retrieve",status="200"}' in text
+    assert 'ebr_errors_total{endpoint="/v1/retrieve",status="422"}' in text
+    assert "ebr_request_latency_seconds_bucket" in text
+
+
+def test_admin_reload_auth_and_refusal(server, bundles, tmp_path):
+    ws, hnsw, exact = bundles
+    url = server.url + "/v1/admin/reload"
+    assert httpx.post(url, json={"bundle": str(exact)}).status_code == 401
+    assert httpx.post(url, json={"bundle": str(exact)}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    bad = tmp_path / "corrupt"
+    shutil.copytree(exact, bad)
+    (bad / "popular.npy").write_bytes(b"garbage")
+    res = httpx.post(url, json={"bundle": str(bad)}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert res.status_code == 422 and "checksum mismatch" in res.text
+    assert httpx.get(server.url + "/readyz").json()["version"] == hnsw.name
+
+
+def test_reload_under_load_fails_no_request(server, bundles):
+    ws, hnsw, exact = bundles
+    from ebr.serve.retriever import Retriever
+
+    users = [u for u in Retriever(hnsw).fs.users.ids[:30]]
+    stop = time.time() + 6
+
+    def load() -> tuple[int, int, set]:
+        ok = bad = 0
+        versions = set()
+        with httpx.Client(timeout=10) as c:
+            while time.time() < stop and ok + bad < 400:
+                r = c.post(server.url + "/v1/retrieve", json={"user_id": users[(ok + bad) % len(users)], "k": 20})
+                if r.status_code == 200:
+                    ok += 1
+                    versions.add(r.json()["version"])
+                else:
+                    bad += 1
+        return ok, bad, versions
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        futs = [pool.submit(load) for _ in range(3)]
+        time.sleep(1.0)
+        for target in (exact, hnsw):
+            res = httpx.post(server.url + "/v1/admin/reload", json={"bundle": str(target)},
+                             headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            assert res.status_code == 200, res.text
+            time.sleep(1.0)
+        results = [f.result() for f in futs]
+    assert sum(r[1] for r in results) == 0
+    assert sum(r[0] for r in results) > 30
+    assert set().union(*(r[2] for r in results)) == {hnsw.name, exact.name}
+
+
+def test_reload_without_token_configured_is_403(bundles):
+    s = Server(bundles[1], env={"EBR_ADMIN_TOKEN": ""})
+    try:
+        res = httpx.post(s.url + "/v1/admin/reload", json={"bundle": str(bundles[2])},
+                         headers={"Authorization": "Bearer anything"})
+        assert res.status_code == 403
+    finally:
+        s.stop()
+
+
+def test_http_answers_equal_batch_retrieve(server, bundles, tmp_path):
+    """Parity: the server's answers = `ebr retrieve` run in another process on the same bundle."""
+    ws, hnsw, _ = bundles
+    httpx.post(server.url + "/v1/admin/reload", json={"bundle": str(hnsw)},
+               headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    from ebr.serve.retriever import Retriever
+
+    users = Retriever(hnsw).fs.users.ids[:25] + ["nobody-at-all"]
+    (tmp_path / "users.txt").write_text("\n".join(users))
+    out = tmp_path / "batch.json"
+    subprocess.run([sys.executable, "-m", "ebr.cli", "retrieve", "--bundle", str(hnsw), "--users",
+                    str(tmp_path / "users.txt"), "--k", "40", "--json", str(out)], check=True, capture_output=True)
+    batch = json.loads(out.read_text())
+    assert batch["version"] == hnsw.name
+    for u in users:
+        http = server.post({"user_id": u, "k": 40}).json()
+        assert [i["pin_id"] for i in http["items"]] == [i["pin_id"] for i in batch["users"][u]["items"]], u
+        assert http["cold_start"] == batch["users"][u]["cold_start"]
+        for a, b in zip(http["items"], batch["users"][u]["items"]):
+            assert abs(a["score"] - b["score"]) < 1e-4
+
+
+def test_fuzz_openapi_schema_no_server_errors(server):
+    """schemathesis over the live OpenAPI schema, bounded: no input produces a 5xx."""
+    exe = Path(sys.executable).parent / "schemathesis"
+    res = subprocess.run(
+        [str(exe), "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "-n", "40",
+         "--seed", "1", "--max-time", "60"],
+        capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
