@@ -31,13 +31,37 @@ class FeaturesConfig(_Section):
     stats_windows_days: list[int] = [7, 30, 90]
 
 
+class MaskNetConfig(_Section):
+    blocks: int = 4  # parallel MaskBlocks
+    q: int = 128  # block output width (KDD'25 appendix: 128)
+    ratio: float = 0.5  # mask hidden width = ratio * input width
+    bottleneck: int = 256  # [ours] the bottleneck MLP: 4q -> bottleneck -> out
+    variant: Literal["pinterest", "original"] = "pinterest"
+    activation: Literal["relu", "gelu"] = "relu"  # [ours]
+
+
+class DHENConfig(_Section):
+    # [ours] order per the blog: [MLP || MaskNet] -> [MLP || field transformer]
+    levels: list[list[Literal["mlp", "masknet", "transformer"]]] = [["mlp", "masknet"], ["mlp", "transformer"]]
+    width: int = 256
+    ensemble: Literal["sum", "concat"] = "sum"
+    mlp_hidden: int = 512
+    token_dim: int = 32
+    transformer_layers: int = 2
+    heads: int = 4
+
+
 class ModelConfig(_Section):
     dim: int = 64  # output embedding width
     id_dim: int = 32  # pin-ID embedding width
     cat_dim: int = 16  # per categorical field
     field_dim: int = 32  # numeric MLP, content projection, history outputs
     hidden: list[int] = [256]  # MLP crossing widths
-    crossing: Literal["mlp"] = "mlp"
+    crossing: Literal["mlp", "masknet", "dhen"] = "mlp"  # both towers, unless overridden below
+    user_crossing: Literal["mlp", "masknet", "dhen"] | None = None
+    pin_crossing: Literal["mlp", "masknet", "dhen"] | None = None
+    masknet: MaskNetConfig = Field(default_factory=MaskNetConfig)
+    dhen: DHENConfig = Field(default_factory=DHENConfig)
     use_pin_id: bool = True
     use_content: bool = True
     use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default

@@ -10,6 +10,7 @@ from ebr.workspace import Workspace
 
 def cmd_demo(a) -> int:
     from ebr.config import RunConfig
+    from ebr.corpus.build import build_serving_corpus, corpus_coverage
     from ebr.data.splits import make_temporal
     from ebr.data.synth import generate
     from ebr.data.tables import stats
@@ -21,7 +22,7 @@ def cmd_demo(a) -> int:
     t0 = time.time()
 
     def step(i: int, msg: str) -> None:
-        print(f"[{i}/5] {msg}  ({time.time() - t0:.0f}s)", file=sys.stderr)
+        print(f"[{i}/6] {msg}  ({time.time() - t0:.0f}s)", file=sys.stderr)
 
     step(1, f"synthetic world ({a.preset}) -> {ws.root}/tables")
     generate(ws, a.preset, seed=0)
@@ -38,14 +39,26 @@ def cmd_demo(a) -> int:
     step(4, "evaluate against popularity, interest-popular and ALS")
     res = evaluate(ws, "main", split.name, progress=False)
     report = write_report(ws, res, "main", "demo")
-    step(5, "serving bundle (user state as of the latest data)")
-    serving = build_bundle(ws, "main", "latest")
+    step(5, "serving corpus as of the cut (decayed vs raw sum), and evaluation against it")
+    n = max(1000, s["pins"] // 4)
+    cov = {}
+    for decay in (True, False):
+        cdir = build_serving_corpus(ws, top_n=n, decay=decay)
+        cov[decay] = corpus_coverage(ws, cdir.name)
+    cdir = build_serving_corpus(ws, top_n=n)  # the decayed one, latest
+    res_corpus = evaluate(ws, "main", split.name, corpus=cdir.name, progress=False)
+    step(6, "HNSW serving bundle over the latest data")
+    serving = build_bundle(ws, "main", "latest", backend="hnsw")
     print("\nebr demo: results (warm users, all pins as candidates)")
     print(format_table(res))
+    print(f"\nserving corpus: top {n:,} coarse signatures; next-7-day positive coverage "
+          f"{cov[True]['coverage']:.1%} time-decayed vs {cov[False]['coverage']:.1%} raw sum")
+    print(f"candidates restricted to the corpus ({res_corpus['candidates']}):")
+    print(format_table(res_corpus))
     print(f"\nbest validation recall@100 {summary['best_val_recall@100']:.4f} after {summary['steps']:,} steps"
           f" ({summary['train_seconds']:.0f}s)")
     print(f"report:         {report / 'report.md'}")
     print(f"eval bundle:    {bundle}")
     print(f"serving bundle: {serving}")
-    print(f"done in {time.time() - t0:.0f}s")
+    print(f"done in {time.time() - t0:.0f}s. Serve it:\n  .venv/bin/ebr serve {serving} --port 8000")
     return 0

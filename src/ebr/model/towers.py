@@ -24,8 +24,9 @@ class ItemEncoder(nn.Module):
         self.cats = nn.ModuleList(nn.Embedding(n, cat_dim) for n in pin_cat)
         self.num = nn.Sequential(nn.Linear(n_num, field_dim), nn.ReLU()) if n_num else None
         self.content = nn.Linear(emb_dim, field_dim) if (emb_dim and use_content) else None
-        self.out_dim = (id_dim if use_id else 0) + cat_dim * len(pin_cat) + (field_dim if n_num else 0) + (
-            field_dim if self.content is not None else 0)
+        self.widths = ([id_dim] if use_id else []) + [cat_dim] * len(pin_cat) + ([field_dim] if n_num else []) + (
+            [field_dim] if self.content is not None else [])
+        self.out_dim = sum(self.widths)
         if self.out_dim == 0:
             raise ValueError("the item encoder has no field: enable the pin ID or give pins features")
         if self.id is not None:
@@ -52,6 +53,7 @@ class HistoryEncoder(nn.Module):
         self.proj = nn.Linear(item_dim, field_dim)
         self.action = nn.Embedding(N_ACTIONS, field_dim)
         self.query = nn.Parameter(torch.randn(field_dim) * 0.05)
+        self.widths = [field_dim, field_dim]
         self.out_dim = 2 * field_dim
 
     def forward(self, hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -77,8 +79,8 @@ class UserTower(nn.Module):
         self.cats = nn.ModuleList(nn.Embedding(n, cfg.cat_dim) for n in user_cat)
         self.condition = nn.Embedding(n_interests, cfg.cat_dim)
         self.user_id = nn.Embedding(n_users, cfg.id_dim) if cfg.use_user_id else None
-        in_dim = self.history.out_dim + cfg.cat_dim * (len(user_cat) + 1) + (cfg.id_dim if cfg.use_user_id else 0)
-        self.crossing = make_crossing(cfg.crossing, in_dim, cfg.dim, cfg.hidden, cfg.dropout)
+        widths = self.history.widths + [cfg.cat_dim] * (len(user_cat) + 1) + ([cfg.id_dim] if cfg.use_user_id else [])
+        self.crossing = make_crossing(cfg.user_crossing or cfg.crossing, widths, cfg.dim, cfg)
 
     def forward(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor, condition: torch.Tensor,
                 user: torch.Tensor) -> torch.Tensor:
@@ -94,14 +96,14 @@ class PinTower(nn.Module):
     """Item representation [+ engagement statistics field] -> (N, dim). The statistics enter here,
     not in the shared ItemEncoder: a history item is encoded the same whenever it is read."""
 
-    def __init__(self, item_dim: int, n_stats: int, cfg):
+    def __init__(self, item_widths: list[int], n_stats: int, cfg):
         super().__init__()
         self.stats = nn.Sequential(nn.Linear(n_stats, cfg.field_dim), nn.ReLU()) if n_stats else None
-        in_dim = item_dim + (cfg.field_dim if n_stats else 0)
-        self.crossing = make_crossing(cfg.crossing, in_dim, cfg.dim, cfg.hidden, cfg.dropout)
+        widths = list(item_widths) + ([cfg.field_dim] if n_stats else [])
+        self.crossing = make_crossing(cfg.pin_crossing or cfg.crossing, widths, cfg.dim, cfg)
 
     def forward(self, item: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
-        """item (N, item_dim), stats (N, n_stats) -> (N, dim), unit norm"""
+        """item (N, sum(item_widths)), stats (N, n_stats) -> (N, dim), unit norm"""
         if self.stats is not None:
             item = torch.cat([item, self.stats(stats)], dim=-1)
         return F.normalize(self.crossing(item), dim=-1)
@@ -115,7 +117,7 @@ class TwoTower(nn.Module):
         self.items = ItemEncoder(sizes["n_pins"], sizes["pin_cat"], sizes["n_pin_num"], sizes["emb_dim"],
                                  cfg.id_dim, cfg.cat_dim, cfg.field_dim, cfg.use_pin_id, cfg.use_content)
         self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg)
-        self.pin = PinTower(self.items.out_dim, sizes.get("n_pin_stats", 0), cfg)
+        self.pin = PinTower(self.items.widths, sizes.get("n_pin_stats", 0), cfg)
         self.temperature = cfg.temperature
 
 
