@@ -178,7 +178,6 @@ def cmd_index_build(a) -> int:
 
 
 def cmd_retrieve(a) -> int:
-    import numpy as np
 
     from ebr.serve.retriever import Retriever
 
@@ -302,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="split name (default: the kind)")
     p.add_argument("--cut", type=_ts, help="ISO-8601 cut time (temporal)")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="validation = this share of the training period, at its end (early stopping)")
 
     cor = stages.add_parser("corpus", help="build and evaluate the serving corpus", formatter_class=_Fmt,
                             description="The serving corpus: what retrieval can ever return.")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ebr.corpus.build import DAY_US, build_serving_corpus, corpus_coverage, pin_statistics
+from ebr.corpus.build import build_serving_corpus, corpus_coverage, pin_statistics
 from ebr.data.validate import SourceWriter
 from ebr.workspace import Workspace, read_json
 

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from ebr.data.schema import SCHEMAS, TABLES
 from ebr.workspace import Workspace
@@ -33,16 +32,6 @@ def connect(
             con.execute(f"CREATE VIEW {t} AS SELECT * FROM _{t}_empty")
     return con
 
-
-def read_table(ws: Workspace, table: str, columns: list[str] | None = None, where: str = "") -> pa.Table:
-    """A whole table as Arrow (small tables, or filtered by `where`)."""
-    con = connect(ws)
-    cols = ", ".join(columns) if columns else "*"
-    return query_arrow(con, f"SELECT {cols} FROM {table} {('WHERE ' + where) if where else ''}")
-
-
-def query_arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    return con.sql(sql).to_arrow_table()
 
 def stats(ws: Workspace) -> dict[str, Any]:
     """Row counts and the basic shape of the data (what `ebr data stats` prints)."""

@@ -1,0 +1,138 @@
+"""Serving: a 1M-pin bundle whose embeddings come from a model trained on the synthetic world,
+HNSW build time, recall@100 against exact search, /v1/retrieve latency over HTTP on loopback
+(k = 500) at concurrency 1 and QPS at saturation, and a reload under load.
+
+    python benchmarks/serve.py [--pins 1000000] [--steps 1500] [--seconds 20] [--root /tmp/ebr-bench-serve]
+
+The world is the small preset with --pins pins (so the pin tower embeds 1M real pins with content,
+categorical and ID fields); the load generator runs in its own process, bounded in time.
+Targets (issue 6): p99 <= 10 ms at concurrency 1 with recall@100 >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write  # noqa: E402
+
+LOADGEN = r"""
+import json, sys, time, random, statistics
+import httpx
+url, users, k, seconds, conc = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+import concurrent.futures as cf
+def worker(i):
+    lat, fails, versions = [], 0, set()
+    rnd = random.Random(i)
+    with httpx.Client(timeout=10) as c:
+        end = time.time() + seconds
+        while time.time() < end:
+            t = time.perf_counter()
+            r = c.post(url + "/v1/retrieve", json={"user_id": rnd.choice(users), "k": k})
+            lat.append(time.perf_counter() - t)
+            if r.status_code != 200 or len(r.json()["items"]) != k:
+                fails += 1
+            else:
+                versions.add(r.json()["version"])
+    return lat, fails, versions
+t0 = time.time()
+with cf.ThreadPoolExecutor(conc) as ex:
+    res = list(ex.map(worker, range(conc)))
+wall = time.time() - t0
+lat = sorted(x for r in res for x in r[0])
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+print(json.dumps({"requests": len(lat), "failed": sum(r[1] for r in res), "qps": len(lat) / wall,
+                  "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99), "concurrency": conc,
+                  "versions": sorted(set().union(*(r[2] for r in res)))}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadgen(url: str, users: list[str], k: int, seconds: float, conc: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LOADGEN, url, json.dumps(users), str(k), str(seconds), str(conc)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pins", type=int, default=1_000_000)
+    ap.add_argument("--steps", type=int, default=1500, help="training steps of the model that embeds the pins")
+    ap.add_argument("--seconds", type=float, default=20.0, help="duration of each load phase")
+    ap.add_argument("--k", type=int, default=500)
+    ap.add_argument("--root", default="/tmp/ebr-bench-serve")
+    a = ap.parse_args()
+
+    import httpx
+
+    from ebr.config import RunConfig
+    from ebr.data.synth import generate
+    from ebr.index.bundle import build_bundle
+    from ebr.serve.retriever import Retriever
+    from ebr.train.loop import train
+    from ebr.workspace import Workspace, read_json
+
+    ws = Workspace.at(a.root)
+    if not ws.has_table("engagements"):
+        generate(ws, "small", seed=0, progress=False, n_pins=a.pins)
+    if not (ws.run_dir("serve") / "checkpoints" / "best.pt").exists():
+        train(ws, RunConfig.load(None, {"train.max_steps": a.steps, "train.epochs": 100}), run="serve", progress=False)
+    t = time.time()
+    hnsw = build_bundle(ws, "serve", "latest", backend="hnsw", recall_sample=300)
+    bundle_s = time.time() - t
+    m = read_json(hnsw / "manifest.json")
+    r = Retriever(hnsw)
+    users = [u for u in r.fs.users.ids if r.is_warm(int(r.user_codes([u])[0]))][:2000]
+    del r
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "EBR_ADMIN_TOKEN": "bench"}
+    server = subprocess.Popen([sys.executable, "-m", "ebr.cli", "serve", str(hnsw), "--port", str(port),
+                               "--max-k", str(a.k)], env=env)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        warm = loadgen(url, users, a.k, 3, 1)
+        warm.communicate()
+        c1 = json.loads(loadgen(url, users, a.k, a.seconds, 1).communicate()[0])
+        sat = json.loads(loadgen(url, users, a.k, a.seconds, 8).communicate()[0])
+        # reload under load: swap to the same bundle's copy twice while 4 clients run
+        lg = loadgen(url, users, a.k, a.seconds, 4)
+        time.sleep(a.seconds / 4)
+        reloads = []
+        for _ in range(2):
+            t = time.time()
+            res = httpx.post(url + "/v1/admin/reload", json={"bundle": str(hnsw)},
+                             headers={"Authorization": "Bearer bench"}, timeout=600)
+            reloads.append({"status": res.status_code, "seconds": round(time.time() - t, 2)})
+        under_reload = json.loads(lg.communicate()[0])
+    finally:
+        server.terminate()
+        server.wait(30)
+    payload = {
+        "pins": m["counts"]["candidates"], "embedding_dim": m["embedding_dim"], "k": a.k,
+        "hnsw_build_seconds": m["index"]["build_seconds"], "bundle_seconds": round(bundle_s, 1),
+        "recall@100_vs_exact": m["index"]["recall@100_vs_exact"], "search": m["index"]["search"],
+        "concurrency_1": c1, "saturation": sat, "reload_under_load": {"load": under_reload, "reloads": reloads},
+        "targets": "p99 <= 10 ms at concurrency 1, recall@100 >= 0.95",
+    }
+    write("serve", payload)
+
+
+if __name__ == "__main__":
+    main()
