@@ -60,3 +60,46 @@ def test_cli_sql_json(tiny_ws, capsys):
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["data", "import", "movielens", str(tmp_path), "-w", str(tmp_path / "ws")]) == 2
     assert "not a MovieLens folder" in capsys.readouterr().err
+
+
+def test_ml1m_layout(tmp_path):
+    from ebr.data.importers import import_movielens
+
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    (d / "movies.dat").write_text("1::Toy Story (1995)::Animation|Children's|Comedy\n2::Jumanji (1995)::Adventure\n")
+    (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    (d / "ratings.dat").write_text("1::1::5::978300760\n1::2::3::978302109\n2::1::2::978301968\n2::9::4::978300275\n")
+    ws = Workspace.at(tmp_path / "ws")
+    e = import_movielens(ws, d)
+    assert e["layout"] == "ml-1m"
+    assert (e["tables"]["engagements"]["accepted"], e["tables"]["engagements"]["quarantined"]) == (3, 1)
+    con = connect(ws)
+    assert sorted(con.execute("SELECT interest_id FROM interests").fetchall()) == [
+        ("Adventure",), ("Animation",), ("Children's",), ("Comedy",)]
+    assert con.execute("SELECT cat_age_bucket, cat_gender FROM users WHERE user_id = '2'").fetchone() == ("56+", "M")
+    assert con.execute("SELECT num_release_year FROM pins WHERE pin_id = '2'").fetchone()[0] == 1995.0
+    assert dict(con.execute("SELECT pin_id || '/' || user_id, action FROM engagements").fetchall()) == {
+        "1/1": "save", "2/1": "closeup", "1/2": "hide"}
+
+
+def test_leave_last_out_split(tmp_path):
+    from ebr.config import FeaturesConfig
+    from ebr.data.importers import import_interactions
+    from ebr.data.splits import make_leave_last_out
+    from ebr.features.examples import load_engagements
+    from ebr.features.state import build_feature_state
+
+    csv = tmp_path / "x.csv"
+    csv.write_text("user_id,item_id,ts\n" + "".join(f"a,p{i},{1700000000 + i}\n" for i in range(5))
+                   + "b,p1,1700000100\nb,p2,1700000200\n")
+    ws = Workspace.at(tmp_path / "ws")
+    import_interactions(ws, csv)
+    split = make_leave_last_out(ws)
+    assert split.manifest["counts"] == {"test": 2, "validation": 2}
+    fs = build_feature_state(ws)
+    e = load_engagements(ws, fs, split)
+    parts = {(fs.users.decode([u])[0], fs.pins.decode([p])[0]): int(x) for u, p, x in zip(e.user, e.pin, e.part)}
+    assert parts[("a", "p4")] == 2 and parts[("a", "p3")] == 1 and parts[("a", "p0")] == 0
+    assert parts[("b", "p2")] == 2 and parts[("b", "p1")] == 1
+    assert FeaturesConfig().positive_actions  # click (the default action) counts as positive

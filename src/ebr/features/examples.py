@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ebr.config import FeaturesConfig
@@ -51,11 +52,10 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     if split.kind == "given":
         a = pq.read_table(f"{split.path}/assignment.parquet")
         # rows in file order: train pairs first, so 'time' = the row's position in the import
-        key = np.char.add(np.char.add(np.asarray(t["user_id"].to_pylist(), dtype=str), "\x00"),
-                          np.asarray(t["pin_id"].to_pylist(), dtype=str))
-        test_keys = {u + "\x00" + p for u, p, s in zip(a["user_id"].to_pylist(), a["pin_id"].to_pylist(),
-                                                      a["part"].to_pylist()) if s == "test"}
-        part[np.fromiter((k in test_keys for k in key), dtype=bool, count=len(key))] = 2
+        key = pc.binary_join_element_wise(t["user_id"], t["pin_id"], "\t")
+        test = a.filter(pc.equal(a["part"], "test"))
+        test_keys = pc.binary_join_element_wise(test["user_id"], test["pin_id"], "\t")
+        part[pc.is_in(key, value_set=test_keys.combine_chunks()).to_numpy(zero_copy_only=False)] = 2
         rng = np.random.default_rng(seed)
         part[(part == 0) & (rng.random(len(part)) < 0.1)] = 1  # validation: ~10% of training pins
         tt = t["rn"].to_numpy().astype(np.int64) + np.where(part == 2, 1 << 40, 0)
