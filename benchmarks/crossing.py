@@ -35,8 +35,13 @@ from ebr.train.loop import train  # noqa: E402
 KINDS = ("mlp", "masknet", "dhen")
 
 
+# learning rates per crossing, from a 200-step probe on the tiny world (loss after 200 steps):
+# MaskNet and DHEN stall near ln(batch) for hundreds of steps at the MLP's 2e-3
+LR = {"mlp": 2e-3, "masknet": 5e-4, "dhen": 1e-3}
+
+
 def overrides(kind: str, budget: str) -> dict:
-    o = {"model.crossing": kind}
+    o = {"model.crossing": kind, "train.lr": LR[kind]}
     if budget == "matched":  # sizes chosen so that the three crossings have about the same parameters
         o.update({"mlp": {"model.hidden": [880, 440]},
                   "masknet": {"model.masknet.q": 128, "model.masknet.bottleneck": 512},
