@@ -132,15 +132,25 @@ class UserArrays:
     followed: list[list[int]]  # followed interest codes per user
 
 
+def _rows(t: pa.Table, key: str, rows: Vocab, cats: dict[str, Vocab], list_col: str,
+          interests: Vocab) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Row codes, categorical codes (rows, C) and interest-code lists, indexed by row code."""
+    code = rows.encode(t[key])
+    cat = np.zeros((len(rows), len(cats)), dtype=np.int64)
+    for j, (c, v) in enumerate(cats.items()):
+        cat[code, j] = v.encode(t[c])
+    lists: list[list[int]] = [[] for _ in range(len(rows))]
+    for c, lst in zip(code.tolist(), t[list_col].to_pylist()):
+        lists[c] = interests.encode(lst).tolist() if lst else []
+    return code, cat, lists
+
+
 def pin_arrays(ws: Workspace, fs: FeatureState) -> PinArrays:
     con = connect(ws)
     cols = ["pin_id", "interests"] + list(fs.pin_cat) + list(fs.pin_num) + (["embedding"] if fs.emb_dim else [])
     t = con.sql(f"SELECT {', '.join(cols)} FROM pins").to_arrow_table()
     P = len(fs.pins)
-    code = fs.pins.encode(t["pin_id"])
-    cat = np.zeros((P, len(fs.pin_cat)), dtype=np.int64)
-    for j, (c, v) in enumerate(fs.pin_cat.items()):
-        cat[code, j] = v.encode(t[c])
+    code, cat, interests = _rows(t, "pin_id", fs.pins, fs.pin_cat, "interests", fs.interests)
     num = np.zeros((P, len(fs.pin_num)), dtype=np.float32)
     for j, (c, (mean, std)) in enumerate(fs.pin_num.items()):
         x = t[c].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -152,9 +162,6 @@ def pin_arrays(ws: Workspace, fs: FeatureState) -> PinArrays:
         if present.any():
             flat = pc.list_flatten(col.filter(pa.array(present))).to_numpy(zero_copy_only=False)
             emb[code[present]] = flat.reshape(-1, fs.emb_dim)
-    interests: list[list[int]] = [[] for _ in range(P)]
-    for c, lst in zip(code.tolist(), t["interests"].to_pylist()):
-        interests[c] = fs.interests.encode(lst or []).tolist() if lst else []
     return PinArrays(cat, num, emb, interests)
 
 
@@ -162,12 +169,5 @@ def user_arrays(ws: Workspace, fs: FeatureState) -> UserArrays:
     con = connect(ws)
     cols = ["user_id", "followed_interests"] + list(fs.user_cat)
     t = con.sql(f"SELECT {', '.join(cols)} FROM users").to_arrow_table()
-    U = len(fs.users)
-    code = fs.users.encode(t["user_id"])
-    cat = np.zeros((U, len(fs.user_cat)), dtype=np.int64)
-    for j, (c, v) in enumerate(fs.user_cat.items()):
-        cat[code, j] = v.encode(t[c])
-    followed: list[list[int]] = [[] for _ in range(U)]
-    for c, lst in zip(code.tolist(), t["followed_interests"].to_pylist()):
-        followed[c] = fs.interests.encode(lst).tolist() if lst else []
+    _, cat, followed = _rows(t, "user_id", fs.users, fs.user_cat, "followed_interests", fs.interests)
     return UserArrays(cat, followed)
