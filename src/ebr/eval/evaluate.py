@@ -163,6 +163,8 @@ def write_report(ws: Workspace, res: dict[str, Any], run: str = "main", name: st
     for r in res["results"]:
         ax.plot(ks, [r[f"recall@{k}"] for k in ks], marker="o", label=r["name"])
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
     ax.set_title(f"{res['dataset']} ({res['protocol']}), {res['n_users']:,} users")
@@ -182,7 +184,7 @@ def write_report(ws: Workspace, res: dict[str, Any], run: str = "main", name: st
         ax2 = ax1.twinx()
         ax2.plot(ep, [x["val_recall@100"] for x in rows], marker="s", color="tab:orange", label="val recall@100")
         ax2.set_ylabel("validation recall@100")
-        fig.legend(loc="upper center")
+        fig.legend(loc="center right", bbox_to_anchor=(0.85, 0.5))
         fig.tight_layout()
         fig.savefig(d / "training.png", dpi=110)
         plt.close(fig)
