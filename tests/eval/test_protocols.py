@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ebr.config import RunConfig
 from ebr.data.importers import import_adjacency
@@ -28,8 +29,12 @@ def test_ids_only_adjacency_given_protocol_and_sampled_candidates(tmp_path):
     ws = Workspace.at(tmp_path / "ws")
     import_adjacency(ws, tmp_path / "train.txt", tmp_path / "test.txt")
     cfg = RunConfig.load(None, {"train.epochs": 15, "train.batch_size": 128, "train.patience": 15,
-                                "model.hidden": [64], "train.lr": 0.005})
-    train(ws, cfg, run="ids", progress=False)
+                                "model.hidden": [64], "train.lr": 0.005, "train.threads": 1})
+    threads = torch.get_num_threads()
+    try:  # single-threaded: the same weights on every machine
+        train(ws, cfg, run="ids", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     res = evaluate(ws, "ids", peers=("popularity", "als"), progress=False)
     assert res["protocol"] == "given" and res["n_users"] == 200
     tt, pop = res["results"][0], res["results"][1]
