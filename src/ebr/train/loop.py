@@ -47,7 +47,6 @@ class TrainData:
     users: object
     hist: Histories
     examples: Examples
-    val_hist: Histories
     val: object
     split_name: str
     stats: PinStats | None
@@ -81,7 +80,7 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> Tr
     if cfg.features.pin_stats:
         groups = group_codes(ws, fs, cfg.features.stats_granularity)
         stats = PinStats.build(e, groups, train_visible, cfg.features.stats_windows_days)
-    return TrainData(fs, PinInputs.from_arrays(pin_arrays(ws, fs)), user_arrays(ws, fs), hist, ex, hist, val,
+    return TrainData(fs, PinInputs.from_arrays(pin_arrays(ws, fs)), user_arrays(ws, fs), hist, ex, val,
                      split.name, stats)
 
 
@@ -96,7 +95,7 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
     allowed[:2] = False  # padding and OOV rows are not pins
     tops = []
     for lo in range(0, len(spec.users), 512):
-        ub = user_batch(spec.users[lo:lo + 512], spec.t[lo:lo + 512], d.val_hist, d.users, L)
+        ub = user_batch(spec.users[lo:lo + 512], spec.t[lo:lo + 512], d.hist, d.users, L)
         u, _ = model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user,
                                           torch.zeros(0, dtype=torch.int64), d.pins.take)
         tops.append(topk_masked(u @ P.T, VAL_K, spec.exclude[lo:lo + 512], allowed)[1].numpy())
