@@ -177,6 +177,20 @@ def cmd_index_build(a) -> int:
     return 0
 
 
+def cmd_index_check(a) -> int:
+    from ebr.index.verify import check_bundle
+
+    m, problems = check_bundle(a.bundle, a.expect_version)
+    if a.json:
+        print(json.dumps({"bundle": a.bundle, "version": (m or {}).get("version"), "ok": not problems,
+                          "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            print(f"problem: {p}")
+        print(f"{a.bundle}: {'OK, version ' + m['version'] if not problems and m else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
 def cmd_retrieve(a) -> int:
 
     from ebr.serve.retriever import Retriever
@@ -206,7 +220,7 @@ def cmd_retrieve(a) -> int:
 def cmd_serve(a) -> int:
     from ebr.serve.app import serve
 
-    serve(a.bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads)
+    serve(a.bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads, a.expect_version)
     return 0
 
 
@@ -370,6 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["exact", "hnsw", "ivfpq"], default="exact",
                    help="exact = brute force; hnsw = graph (M=32, efSearch 512); ivfpq = inverted lists + PQ, re-ranked")
     p.add_argument("--corpus", default=None, help="index only this serving corpus (VERSION or 'latest')")
+    p = _add(isub2, "check", "verify a bundle: every problem, exit 1 if any", """\
+        Run the checks the loader runs, and report every problem found (not only the first):
+        unsafe user-tower archive contents (pickled or custom weights, sample inputs, non-ATen
+        calls), files that are missing, unexpected, links or not regular, checksum mismatches, a
+        version that does not match the manifest's content hash, mismatched model versions.
+        A bundle rewritten as a whole (checksums and version recomputed) passes the integrity
+        checks; --expect-version pins the version you built.
+
+        examples:
+          ebr index check workspace/bundles/VERSION
+          ebr index check workspace/bundles/VERSION --expect-version VERSION --json
+        """, cmd_index_check)
+    p.add_argument("bundle", help="bundle folder (bundles/VERSION)")
+    p.add_argument("--expect-version", default=None, help="also require this exact version")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = _add(stages, "retrieve", "batch retrieval through a bundle", """\
         Offline candidate generation: k pins per user through the bundle's Retriever (the same code
@@ -397,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--timeout-ms", type=int, default=2000, help="per-request time limit")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads per request")
+    p.add_argument("--expect-version", default=None,
+                   help="refuse to start unless the bundle's version is this (catches a bundle rewritten as a whole)")
 
     p = _add(stages, "eval", "offline evaluation against peers", """\
         Evaluate a run through the serving Retriever over its exact bundle (built or reused), with
@@ -429,12 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ebr.data.validate import DataError
+    from ebr.errors import EbrError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except DataError as e:
+    except EbrError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

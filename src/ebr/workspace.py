@@ -47,10 +47,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def version_stamp() -> str:
+    """The sortable UTC timestamp that starts a VERSION, e.g. 20261126T034400123456Z."""
+    return now_utc().strftime("%Y%m%dT%H%M%S%fZ")
+
+
 def new_version(content: str) -> str:
-    """Sortable UTC timestamp plus a short content hash, e.g. 20261126T034400Z-1a2b3c4d."""
-    stamp = now_utc().strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{stamp}-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
+    """Sortable UTC timestamp plus a short content hash, e.g. 20261126T034400123456Z-1a2b3c4d."""
+    return f"{version_stamp()}-{hashlib.sha256(content.encode()).hexdigest()[:8]}"
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -14,7 +14,8 @@ from ebr.cli import main
 from ebr.config import RunConfig
 from ebr.eval.evaluate import evaluate
 from ebr.index.bundle import build_bundle, find_bundle
-from ebr.serve.retriever import BundleError, Retriever
+from ebr.index.verify import BundleError
+from ebr.serve.retriever import Retriever
 from ebr.train.loop import train
 from ebr.workspace import read_json, write_json
 
@@ -82,7 +83,7 @@ def test_bundle_refuses_mismatch_and_corruption(trained, tmp_path):
     with open(bad2 / "pin_embeddings.npy", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(BundleError, match="checksum mismatch for pin_embeddings.npy"):
+    with pytest.raises(BundleError, match="pin_embeddings.npy: checksum mismatch"):
         Retriever(bad2)
 
 

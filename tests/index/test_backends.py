@@ -1,4 +1,5 @@
-"""One contract suite for every ANN backend: filtered search on 25k pins."""
+"""One contract suite for every ANN backend, run on indexes saved and loaded from disk the way
+the Retriever loads them: filtered search and exclusions on 25k pins."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ebr.index.backends import BACKENDS, SearchDefaults, build_index
+from ebr.index.backends import BACKENDS, AnnIndex, SearchDefaults, build_index
 
 N, D, N_INTERESTS = 25_000, 32, 40
 
@@ -32,9 +33,13 @@ def world():
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def index(request, world):
+def index(request, world, tmp_path_factory):
+    """Built, saved, and loaded back as a bundle's loader does (a loaded index once lost its
+    vectors, and with them the exact fallback, while a freshly built one kept them)."""
     emb, codes, _, _ = world
-    return build_index(request.param, emb, codes)
+    d = tmp_path_factory.mktemp(request.param)
+    build_index(request.param, emb, codes).save(d)
+    return AnnIndex.load(d, request.param, vectors=emb)
 
 
 def _recall(got: np.ndarray, want: np.ndarray) -> float:
@@ -65,6 +70,27 @@ def test_filtered_search_contract(index, world, interests, fallback):
         assert _recall(got[:, :100], want[:, :100]) >= 0.95
 
 
+@pytest.mark.parametrize("n_left", [10, 3_000])
+def test_answer_size_is_min_k_available_under_heavy_exclusion(index, world, n_left):
+    """Excluding all but n_left pins: every row holds min(k, n_left) results, none excluded, and
+    they equal exact search. Mutation caught: filtering exclusions after an ANN search of k + n
+    results without completing short rows (HNSW returned 6 of 10 pins left)."""
+    emb, codes, q, _ = world
+    rng = np.random.default_rng(1)
+    left = np.sort(rng.choice(codes, n_left, replace=False))
+    excluded = np.setdiff1d(codes, left)
+    ex = [excluded] * 8
+    defaults = dataclasses.replace(SearchDefaults(), exact_below=0)  # through the index, however few are left
+    for k in (5, 100):
+        _, got = index.search(q[:8], k, defaults, exclude=ex)
+        assert ((got >= 0).sum(1) == min(k, n_left)).all()
+        assert np.isin(got[got >= 0], left).all(), "an excluded pin came back"
+    _, got = index.search(q[:8], 100, SearchDefaults(), exclude=ex)
+    _, want = build_index("exact", emb, left).search(q[:8], 100, SearchDefaults())
+    if n_left < SearchDefaults().exact_below:
+        assert np.array_equal(got, want), "below the threshold, answers must equal exact search"
+
+
 def test_filtered_retriever_path_falls_back_to_exact(tiny_ws):
     """Through the Retriever, a selective filter is scored exactly: results equal exact search."""
     from ebr.config import RunConfig
@@ -73,10 +99,17 @@ def test_filtered_retriever_path_falls_back_to_exact(tiny_ws):
     from ebr.train.loop import train
 
     train(tiny_ws, RunConfig.load(None, {"train.epochs": 1, "model.hidden": [32]}), run="flt", progress=False)
-    r = Retriever(build_bundle(tiny_ws, "flt", "latest", backend="hnsw"))
-    interest = r.fs.interests.ids[3]
-    users = [u for u in r.fs.users.ids[:50] if r.is_warm(int(r.user_codes([u])[0]))][:5]
-    for u in users:
-        res = r.retrieve(u, 30, interests=[interest])
-        code = int(r.fs.interests.encode([interest])[0])
-        assert res.pin_ids and all(code in r.pin_interests[r._pin_code[p]] for p in res.pin_ids)
+    exact = Retriever(build_bundle(tiny_ws, "flt", "latest", backend="exact"))
+    interest = exact.fs.interests.ids[3]
+    code = int(exact.fs.interests.encode([interest])[0])
+    users = [u for u in exact.fs.users.ids[:50] if exact.is_warm(int(exact.user_codes([u])[0]))][:5]
+    for backend in ("hnsw", "ivfpq"):
+        r = Retriever(build_bundle(tiny_ws, "flt", "latest", backend=backend))
+        n_allowed = len(r.allowed_for_interests([interest]))
+        for u in users:
+            want = exact.retrieve(u, 1000, interests=[interest])
+            res = r.retrieve(u, 1000, interests=[interest])
+            assert res.pin_ids == want.pin_ids, f"{backend}: filtered answers differ from exact"
+            engaged = len(np.intersect1d(r.engaged_pins(int(r.user_codes([u])[0])), r.allowed_for_interests([interest])))
+            assert len(res.pin_ids) == min(1000, n_allowed - engaged)
+            assert all(code in r.pin_interests[r._pin_code[p]] for p in res.pin_ids)

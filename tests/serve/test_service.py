@@ -138,7 +138,75 @@ def test_admin_reload_auth_and_refusal(server, bundles, tmp_path):
     (bad / "popular.npy").write_bytes(b"garbage")
     res = httpx.post(url, json={"bundle": str(bad)}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert res.status_code == 422 and "checksum mismatch" in res.text
+    assert str(tmp_path) not in res.text, "error messages must not reveal server-side paths"
     assert httpx.get(server.url + "/readyz").json()["version"] == hnsw.name
+
+
+def _reload(server, bundle, **kw) -> httpx.Response:
+    return httpx.post(server.url + "/v1/admin/reload", json={"bundle": str(bundle), **kw},
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+
+def test_reload_refuses_crafted_and_broken_bundles_with_422(server, bundles, tmp_path):
+    """Mutation caught: reload loading before the content checks (the marker appears), or a
+    broken bundle escaping as a 500."""
+    from ebr.workspace import read_json, write_json
+    from tests.bundle_tools import evil_pickle, reseal, rewrite_tower
+
+    ws, hnsw, exact = bundles
+    marker = tmp_path / "pwned"
+
+    def pickle_weight(entries, root):
+        name = f"{root}/data/weights/model_weights_config.json"
+        cfg = json.loads(entries[name])
+        fqn = next(iter(cfg["config"]))
+        cfg["config"][fqn]["use_pickle"] = True
+        entries[name] = json.dumps(cfg).encode()
+        entries[f"{root}/data/weights/{cfg['config'][fqn]['path_name']}"] = evil_pickle(marker)
+
+    crafted = rewrite_tower(exact, tmp_path / "crafted", pickle_weight)
+    res = _reload(server, crafted)
+    assert res.status_code == 422 and "pickled" in res.text and not marker.exists()
+    broken = {}
+    for name, edit in [("list", lambda b: (b / "manifest.json").write_text("[1]")),
+                       ("sums", lambda b: write_json(b / "manifest.json", {**read_json(b / "manifest.json"), "checksums": []})),
+                       ("trunc", lambda b: ((b / "index.faiss").write_bytes((b / "index.faiss").read_bytes()[:100]), reseal(b))),
+                       ("tower", lambda b: ((b / "user_tower.pt2").write_bytes(b"junk"), reseal(b)))]:
+        b = tmp_path / name
+        shutil.copytree(exact, b)
+        edit(b)
+        broken[name] = _reload(server, b)
+    assert {k: v.status_code for k, v in broken.items()} == dict.fromkeys(broken, 422), {k: v.text for k, v in broken.items()}
+    assert _reload(server, exact, expect_version="20990101T000000000000Z-0").status_code == 422
+    assert _reload(server, tmp_path / "no-such-bundle").status_code == 422
+    assert httpx.get(server.url + "/readyz").json()["version"] == hnsw.name
+
+
+def test_admin_checks_token_before_body_and_limits_size(server):
+    """Mutations caught: parsing the body before the token (a 422 leaks that the route parses),
+    no body limit, and error statuses missing from /metrics."""
+    url = server.url + "/v1/admin/reload"
+    assert httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}).status_code == 401
+    big = httpx.post(url, content=b"x" * (2 << 20), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert big.status_code == 413
+    assert server.post(b'{"user_id": "u1", "k": 5, "exclude": ["' + b"p" * (2 << 20) + b'"]}').status_code == 413
+    assert httpx.post(url, json={"bogus": 1}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 422
+    text = httpx.get(server.url + "/metrics").text
+    for status in ("401", "413", "422"):
+        assert f'status="{status}"' in text, status
+
+
+@pytest.mark.parametrize("raw", [b'{"user_id": "\\ud800", "k": 5}', b'{"user_id": "u1", "k": 5, "interests": ["\\udfff"]}',
+                                 b'{"user_id": "u1", "k": 5, "history": ["\\ud800"]}'])
+def test_lone_surrogates_are_422_not_500(server, raw):
+    """Mutation caught: the 422 handler echoing the input (encoding the surrogate fails: a 500)."""
+    res = server.post(raw)
+    assert res.status_code == 422 and "unicode" in res.text, res.text
+
+
+def test_422_does_not_echo_raw_input(server):
+    res = server.post({"user_id": "u1", "k": "SECRET-VALUE-abc"})
+    assert res.status_code == 422 and "SECRET-VALUE" not in res.text
 
 
 def test_reload_under_load_fails_no_request(server, bundles):

@@ -23,12 +23,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ebr.data.schema import ACTIONS, SURFACES, TS, full_schema
+from ebr.errors import EbrError
 from ebr.workspace import Workspace, file_sha256, library_versions, now_utc, read_json, write_json
 
 RAW = "_raw"  # optional column holding the source record, kept only in quarantine
 
 
-class DataError(ValueError):
+class DataError(EbrError, ValueError):
     """Bad input that the user must fix (message says what)."""
 
 

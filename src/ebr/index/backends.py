@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -33,7 +34,8 @@ class AnnIndex:
     selectors and results speak pin codes without an id map."""
 
     def __init__(self, index: faiss.Index, codes: np.ndarray, backend: str, vectors: np.ndarray | None = None):
-        """vectors: (max code + 1, D) embeddings by pin code, for the exact fallback of selective filters."""
+        """vectors: (max code + 1, D) embeddings by pin code, for the exact fallback (selective filters,
+        large exclusions); a bundle's loader always passes them."""
         self.index, self.codes, self.backend = index, np.asarray(codes, dtype=np.int64), backend
         self.vectors = vectors
 
@@ -42,7 +44,8 @@ class AnnIndex:
         np.save(path / "index_codes.npy", self.codes)
 
     @classmethod
-    def load(cls, path: Path, backend: str, vectors: np.ndarray | None = None) -> "AnnIndex":
+    def load(cls, path: Path, backend: str, vectors: np.ndarray) -> "AnnIndex":
+        """An index saved by `save`, with the pin vectors (by code) its exact fallback scores."""
         return cls(faiss.read_index(str(path / "index.faiss")), np.load(path / "index_codes.npy"), backend, vectors)
 
     def _params(self, defaults: SearchDefaults, sel: faiss.IDSelector | None):
@@ -66,33 +69,56 @@ class AnnIndex:
             p._keep = sel
         return p
 
-    def search(self, queries: np.ndarray, k: int, defaults: SearchDefaults,
-               allowed_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, defaults: SearchDefaults, allowed_codes: np.ndarray | None = None,
+               exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, D) -> (scores (B, k), pin codes (B, k)); -1 codes (and -inf scores) fill empty slots.
-        With allowed_codes, every result is inside that set; fewer than defaults.exact_below allowed
-        pins are scored exactly (graph and IVF search lose recall under selective filters)."""
+        Every result is inside `allowed_codes` (when given) and outside the row's `exclude`, and every
+        row holds min(k, available) results, available = indexed ∩ allowed − excluded. Fewer than
+        defaults.exact_below available pins are scored exactly (graph and IVF search lose recall
+        under selective filters); a row the index answers short is completed exactly."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        B = len(queries)
+        pool = self.codes if allowed_codes is None else np.intersect1d(allowed_codes, self.codes)
+        ex = [np.zeros(0, dtype=np.int64)] * B if exclude is None else [
+            np.intersect1d(np.asarray(x, dtype=np.int64), pool) for x in exclude]
+        available = len(pool) - np.array([len(x) for x in ex], dtype=np.int64)
+        if available.max(initial=0) < defaults.exact_below:
+            return self._exact(queries, pool, k, ex)
         sel = None
         if allowed_codes is not None:
-            allowed_codes = np.intersect1d(allowed_codes, self.codes)
-            if len(allowed_codes) < defaults.exact_below and self.vectors is not None:
-                return _exact(queries, self.vectors[allowed_codes], allowed_codes, k)
-            pos = np.searchsorted(self.codes, allowed_codes)
-            pos = pos[(pos < len(self.codes)) & (self.codes[np.minimum(pos, len(self.codes) - 1)] == allowed_codes)]
-            sel = faiss.IDSelectorBatch(np.ascontiguousarray(pos, dtype=np.int64))
-        D, I = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._params(defaults, sel))
+            sel = faiss.IDSelectorBatch(np.ascontiguousarray(np.searchsorted(self.codes, pool), dtype=np.int64))
+        kk = min(k + max(len(x) for x in ex), len(pool))
+        D, I = self.index.search(queries, kk, params=self._params(defaults, sel))
         codes = np.where(I >= 0, self.codes[np.maximum(I, 0)], -1)
-        return np.where(I >= 0, D, -np.inf), codes
+        scores = np.full((B, k), -np.inf, dtype=np.float32)
+        out = np.full((B, k), -1, dtype=np.int64)
+        for b in range(B):
+            keep = np.flatnonzero((codes[b] >= 0) & ~np.isin(codes[b], ex[b]))[:k]
+            if len(keep) < min(k, available[b]):  # the graph ran dry (e.g. most of it excluded)
+                scores[b], out[b] = (x[0] for x in self._exact(queries[b: b + 1], pool, k, ex[b: b + 1]))
+            else:
+                scores[b, : len(keep)], out[b, : len(keep)] = D[b, keep], codes[b, keep]
+        return scores, out
 
-
-def _exact(queries: np.ndarray, vectors: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = queries @ vectors.T
-    kk = min(k, len(codes))
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-    D = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    C = np.full((len(queries), k), -1, dtype=np.int64)
-    D[:, :kk] = np.take_along_axis(scores, top, axis=1)
-    C[:, :kk] = codes[top]
-    return D, C
+    def _exact(self, queries: np.ndarray, pool: np.ndarray, k: int,
+               exclude: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores over the pool's vectors (the index's own for an exact index), exclusions ranked out."""
+        if self.vectors is None:
+            raise RuntimeError("exact fallback needs the pin vectors: AnnIndex.load(..., vectors=...)")
+        scores = queries @ self.vectors[pool].T
+        for b, x in enumerate(exclude):
+            scores[b, np.searchsorted(pool, x)] = -np.inf
+        kk = min(k, len(pool))
+        if kk < len(pool):  # partition first: the pool may be the whole index
+            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            top = np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable"), axis=1)
+        else:
+            top = np.argsort(-scores, axis=1, kind="stable")
+        D = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        C = np.full((len(queries), k), -1, dtype=np.int64)
+        D[:, :kk] = np.take_along_axis(scores, top, axis=1)
+        C[:, :kk] = np.where(np.isfinite(D[:, :kk]), pool[top], -1)
+        return D, C
 
 
 def build_index(backend: str, emb: np.ndarray, codes: np.ndarray, hnsw_m: int = 32, ef_construction: int = 200,

@@ -17,6 +17,8 @@ bundles/VERSION/
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,12 +36,11 @@ from ebr.features.examples import T_MAX, Histories, load_engagements
 from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import ACTION_CODE, FeatureState, pin_arrays, user_arrays
 from ebr.index.backends import AnnIndex, SearchDefaults, build_index
+from ebr.index.verify import BUNDLE_FILES, content_hash
 from ebr.model.towers import TwoTower
 from ebr.ranking import topk_masked
-from ebr.workspace import Workspace, file_sha256, library_versions, new_version, now_utc, read_json, write_json
+from ebr.workspace import Workspace, file_sha256, library_versions, now_utc, read_json, version_stamp, write_json
 
-BUNDLE_FILES = ("user_tower.pt2", "item_repr.npy", "pin_embeddings.npy", "index.faiss", "index_codes.npy",
-                "pins.parquet", "user_state.npz", "popular.npy", "feature_state.json")
 POPULARITY_HALF_LIFE_DAYS = 14.0
 
 
@@ -53,13 +54,15 @@ def load_checkpoint(path: Path) -> tuple[TwoTower, dict[str, Any]]:
 
 
 def export_user_tower(model: TwoTower, L: int, n_user_cat: int, path: Path) -> None:
-    """torch.export the user tower with a dynamic batch dimension and save it (.pt2)."""
+    """torch.export the user tower with a dynamic batch dimension and save it (.pt2) without sample
+    inputs: torch unpickles those on load, so the loader refuses an archive that has any."""
     B = 4
     H = model.items.out_dim
     args = (torch.randn(B, L, H), torch.randint(0, 6, (B, L)), torch.zeros(B, n_user_cat, dtype=torch.long),
             torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     ep = torch.export.export(model.user, args, dynamic_shapes=({0: batch},) * 5)
+    ep.example_inputs = None
     torch.export.save(ep, path)
 
 
@@ -146,54 +149,58 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     pop[:2] = -1  # padding / OOV rows
     popular = np.argsort(-pop, kind="stable")[: min(10000, len(fs.pins) - 2)]
 
-    content = json.dumps({"run": run, "model": model_version, "split": split_name, "backend": backend,
-                          "corpus": corpus})
-    version = new_version(content)
-    out = ws.bundles_dir() / version
-    tmp = ws.bundles_dir() / f".{version}.tmp"
+    tmp = ws.bundles_dir() / f".{model_version}-{os.getpid()}-{time.time_ns()}.tmp"
     tmp.mkdir(parents=True)
-    export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
-    np.save(tmp / "item_repr.npy", item_repr)
-    np.save(tmp / "pin_embeddings.npy", pin_emb)
-    candidate = np.ones(len(fs.pins), dtype=bool)
-    corpus_version = None
-    if corpus:
-        from ebr.corpus.build import resolve
+    try:  # a failed build leaves no half-written bundle behind
+        export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
+        np.save(tmp / "item_repr.npy", item_repr)
+        np.save(tmp / "pin_embeddings.npy", pin_emb)
+        candidate = np.ones(len(fs.pins), dtype=bool)
+        corpus_version = None
+        if corpus:
+            from ebr.corpus.build import resolve
 
-        cdir = resolve(ws, corpus)
-        corpus_version = cdir.name
-        candidate[:] = False
-        candidate[fs.pins.encode(pq.read_table(cdir / "corpus.parquet")["pin_id"])] = True
-    candidate[:2] = False
-    t_index = time.time()
-    index = build_index(backend, pin_emb, np.flatnonzero(candidate))
-    index_seconds = time.time() - t_index
-    index.save(tmp)
-    ann_recall = index_recall(index, ub, model, item_repr, pin_emb, candidate, recall_sample, run_cfg.train.seed)
-    pin_ids = ["<pad>", "<oov>"] + fs.pins.ids
-    pq.write_table(pa.table({"pin_id": pin_ids, "code": np.arange(len(pin_ids)), "candidate": candidate,
-                             "interests": pa.array(pin_interests, type=pa.list_(pa.int64()))}), tmp / "pins.parquet")
-    np.savez(tmp / "user_state.npz", hist=ub.hist.numpy().astype(np.int32), actions=ub.actions.numpy().astype(np.int8),
-             cat=ua.cat.astype(np.int32), engaged_ptr=ptr.astype(np.int64), engaged=ep.astype(np.int32))
-    np.save(tmp / "popular.npy", popular)
-    (tmp / "feature_state.json").write_text(json.dumps(fs.to_dict()))
-    manifest = {
-        "version": version, "run": run, "split": split_name, "created_at": now_utc().isoformat(),
-        "as_of_us": as_of, "history_len": L, "embedding_dim": int(pin_emb.shape[1]),
-        "user_tower": {"file": "user_tower.pt2", "model_version": model_version},
-        "index": {"file": "index.faiss", "backend": backend, "model_version": model_version, "metric": "inner_product",
-                  "search": asdict(SearchDefaults()), "build_seconds": round(index_seconds, 2),
-                  "recall@100_vs_exact": ann_recall, "corpus": corpus_version},
-        "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
-        "counts": {"pins": len(fs.pins) - 2, "candidates": int(candidate.sum()), "users": U - 2},
-        "modes": ["single"],
-        "config": ck["config"],
-        "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},
-        "libraries": library_versions(), "seconds": round(time.time() - t0, 2),
-    }
-    write_json(tmp / "manifest.json", manifest)
-    tmp.rename(out)
+            cdir = resolve(ws, corpus)
+            corpus_version = cdir.name
+            candidate[:] = False
+            candidate[fs.pins.encode(pq.read_table(cdir / "corpus.parquet")["pin_id"])] = True
+        candidate[:2] = False
+        t_index = time.time()
+        index = build_index(backend, pin_emb, np.flatnonzero(candidate))
+        index_seconds = time.time() - t_index
+        index.save(tmp)
+        ann_recall = index_recall(index, ub, model, item_repr, pin_emb, candidate, recall_sample, run_cfg.train.seed)
+        pin_ids = ["<pad>", "<oov>"] + fs.pins.ids
+        pq.write_table(pa.table({"pin_id": pin_ids, "code": np.arange(len(pin_ids)), "candidate": candidate,
+                                 "interests": pa.array(pin_interests, type=pa.list_(pa.int64()))}), tmp / "pins.parquet")
+        np.savez(tmp / "user_state.npz", hist=ub.hist.numpy().astype(np.int32), actions=ub.actions.numpy().astype(np.int8),
+                 cat=ua.cat.astype(np.int32), engaged_ptr=ptr.astype(np.int64), engaged=ep.astype(np.int32))
+        np.save(tmp / "popular.npy", popular)
+        (tmp / "feature_state.json").write_text(json.dumps(fs.to_dict()))
+        manifest = {
+            "run": run, "split": split_name, "created_at": now_utc().isoformat(),
+            "as_of_us": as_of, "history_len": L, "embedding_dim": int(pin_emb.shape[1]),
+            "user_tower": {"file": "user_tower.pt2", "model_version": model_version},
+            "index": {"file": "index.faiss", "backend": backend, "model_version": model_version, "metric": "inner_product",
+                      "search": asdict(SearchDefaults()), "build_seconds": round(index_seconds, 2),
+                      "recall@100_vs_exact": ann_recall, "corpus": corpus_version},
+            "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
+            "counts": {"pins": len(fs.pins) - 2, "candidates": int(candidate.sum()), "users": U - 2},
+            "modes": ["single"],
+            "config": ck["config"],
+            "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},
+            "libraries": library_versions(), "seconds": round(time.time() - t0, 2),
+        }
+        # the version's hash part covers the manifest, which covers every file (index/verify.py)
+        manifest["version"] = version = f"{version_stamp()}-{content_hash(manifest)}"
+        write_json(tmp / "manifest.json", manifest)
+        out = ws.bundles_dir() / version
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
 
 
 def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> Path | None:
@@ -204,7 +211,7 @@ def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> 
     sha = file_sha256(ck_path)
     for d in sorted(ws.bundles_dir().iterdir(), reverse=True):
         m = d / "manifest.json"
-        if not m.exists():
+        if d.name.startswith(".") or not m.exists():
             continue
         man = read_json(m)
         key = (man["run"], man["split"], man["index"]["backend"], man["index"].get("corpus"), man["checkpoint"]["sha256"])

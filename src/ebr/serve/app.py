@@ -8,40 +8,55 @@ requests in flight keep the Retriever they started with, so none fails.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import threading
 import time
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ebr.serve.retriever import BundleError, Retriever
+from ebr.index.verify import BundleError
+from ebr.serve.retriever import Retriever
 
 MODES = ("single", "multi", "conditional", "auto")
+MAX_BODY_BYTES = 1 << 20  # a request body above this is a 413 (the largest valid request is far below)
+
+
+def _utf8(s: str) -> str:
+    """JSON can carry escaped lone surrogates that are not text (pydantic lets some through in lists)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid unicode text (it holds a lone surrogate escape)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class HistoryItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pin_id: str
+    pin_id: Text
     action: Literal["impression", "closeup", "click", "save", "hide"] = "click"
 
 
 class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: str = Field(min_length=1, max_length=256)
+    user_id: Text = Field(min_length=1, max_length=256)
     k: int = Field(description="number of pins, 1..max_k (the server's --max-k)")
     mode: Literal["single", "multi", "conditional", "auto"] = "single"
-    interests: list[str] = Field(default_factory=list, max_length=64,
+    interests: list[Text] = Field(default_factory=list, max_length=64,
                                  description="conditional: the conditions; otherwise a filter")
-    exclude: list[str] = Field(default_factory=list, max_length=10000)
-    history: list[Union[str, HistoryItem]] | None = Field(default=None, max_length=1000,
+    exclude: list[Text] = Field(default_factory=list, max_length=10000)
+    history: list[Union[Text, HistoryItem]] | None = Field(default=None, max_length=1000,
                                                           description="overrides the stored history, most recent last")
-    features: dict[str, Union[str, int, float, bool, None]] | None = Field(
+    features: dict[Text, Union[Text, int, float, bool, None]] | None = Field(
         default=None, description="overrides stored user features, e.g. {\"age_bucket\": \"25-34\"}")
 
 
@@ -60,7 +75,8 @@ class RetrieveResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bundle: str = Field(min_length=1)
+    bundle: Text = Field(min_length=1, max_length=4096, description="path of the bundle folder on the server")
+    expect_version: Text | None = Field(default=None, description="refuse the bundle unless its version is this")
 
 
 class Problem(BaseModel):
@@ -71,8 +87,20 @@ def _error(status: int, detail: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
 
+def _problems(exc: ValidationError | RequestValidationError, skip: int = 1) -> list[dict[str, Any]]:
+    """Validation errors as {field, problem}, without echoing the raw input back."""
+    out = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            out.append({"field": "body", "problem": f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}"})
+        else:
+            out.append({"field": ".".join(str(x) for x in e.get("loc", ())[skip:]) or "body", "problem": e.get("msg")})
+    return out
+
+
 def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: int = 1,
-               admin_token: str | None = None) -> FastAPI:
+               admin_token: str | None = None, expect_version: str | None = None,
+               reload_timeout_s: float = 120.0) -> FastAPI:
     """The service over one bundle; `admin_token` defaults to $EBR_ADMIN_TOKEN (unset: reload refused)."""
     import faiss
     import torch
@@ -80,7 +108,7 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     token = admin_token if admin_token is not None else os.environ.get("EBR_ADMIN_TOKEN") or None
-    state: dict[str, Retriever] = {"r": Retriever(bundle)}
+    state: dict[str, Retriever] = {"r": Retriever(bundle, expect_version)}
     reload_lock = threading.Lock()
     reg = CollectorRegistry()
     requests = Counter("ebr_requests", "requests by endpoint and status", ["endpoint", "status"], registry=reg)
@@ -92,11 +120,33 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
     app = FastAPI(title="ebr retrieval service", version="1",
                   description="Candidate retrieval over an ebr bundle (two-tower user tower + ANN index).")
 
+    async def bounded_body(request: Request) -> JSONResponse | None:
+        """Read the body (cached for the endpoint) unless it exceeds MAX_BODY_BYTES: then a 413."""
+        declared = request.headers.get("content-length", "")
+        if declared and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            return _error(413, f"the request body exceeds {MAX_BODY_BYTES:,} bytes")
+        n, chunks = 0, []
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > MAX_BODY_BYTES:
+                return _error(413, f"the request body exceeds {MAX_BODY_BYTES:,} bytes")
+            chunks.append(chunk)
+        request._body = b"".join(chunks)
+        return None
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
+        """Every answer, errors included, is counted by endpoint and status."""
         t0 = time.perf_counter()
         endpoint = request.url.path if request.url.path in {r.path for r in app.routes} else "other"
-        response = await call_next(request)
+        try:
+            response = None
+            if request.method == "POST" and endpoint != "/v1/admin/reload":  # reload reads its body after the token
+                response = await bounded_body(request)
+            if response is None:
+                response = await call_next(request)
+        except Exception as exc:  # never a bare 500 page, never an uncounted one
+            response = _error(500, f"internal error: {type(exc).__name__}")
         requests.labels(endpoint, str(response.status_code)).inc()
         if response.status_code >= 400:
             errors.labels(endpoint, str(response.status_code)).inc()
@@ -105,15 +155,7 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        detail = [{"field": "body", "problem": f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}"}
-                  if e.get("type") == "json_invalid" else
-                  {"field": ".".join(str(x) for x in e.get("loc", ())[1:]) or "body", "problem": e.get("msg"),
-                   "input": str(e.get("input"))[:200]} for e in exc.errors()]
-        return _error(422, detail)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):  # never a bare 500 page
-        return _error(500, f"internal error: {type(exc).__name__}")
+        return _error(422, _problems(exc))
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse, responses={422: {"model": Problem}, 504: {"model": Problem}})
     async def retrieve(req: RetrieveRequest):
@@ -151,17 +193,38 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
     async def metrics():
         return PlainTextResponse(generate_latest(reg).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/admin/reload", responses={401: {"model": Problem}, 403: {"model": Problem}, 422: {"model": Problem}})
-    async def reload(req: ReloadRequest, authorization: str | None = Header(default=None)):
+    reload_schema = {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}, "required": True}
+
+    @app.post("/v1/admin/reload", openapi_extra={"requestBody": reload_schema},
+              responses={401: {"model": Problem}, 403: {"model": Problem}, 413: {"model": Problem},
+                         422: {"model": Problem}, 504: {"model": Problem}})
+    async def reload(request: Request):
+        """Swap to another bundle after it passed every check; the token is checked before the body is read."""
         if token is None:
             return _error(403, "admin calls are disabled: start the server with EBR_ADMIN_TOKEN set")
-        if authorization != f"Bearer {token}":
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {token}".encode()):
             return _error(401, "missing or wrong bearer token (Authorization: Bearer $EBR_ADMIN_TOKEN)")
+        too_big = await bounded_body(request)
+        if too_big is not None:
+            return too_big
         try:
-            new = await run_in_threadpool(Retriever, req.bundle)  # load and verify before the swap
-        except (BundleError, FileNotFoundError, OSError, ValueError, KeyError) as e:
+            req = ReloadRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return _error(422, _problems(e, skip=0))
+        current = state["r"].version
+        try:  # load and verify before the swap; a slow or hanging load does not block serving
+            new = await asyncio.wait_for(run_in_threadpool(Retriever, req.bundle, req.expect_version),
+                                         timeout=reload_timeout_s)
+        except asyncio.TimeoutError:
+            reloads.labels("timeout").inc()
+            return _error(504, f"bundle load exceeded {reload_timeout_s:.0f}s; still serving {current}")
+        except BundleError as e:
             reloads.labels("refused").inc()
-            return _error(422, f"bundle refused, still serving {state['r'].version}: {e}")
+            return _error(422, f"still serving {current}: {e}")
+        except Exception as e:  # anything else a bundle can provoke is still the bundle's fault
+            reloads.labels("refused").inc()
+            return _error(422, f"bundle refused, still serving {current}: {type(e).__name__}")
         with reload_lock:
             old = state["r"].version
             state["r"] = new
@@ -172,8 +235,8 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
 
 
 def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_k: int = 1000, timeout_ms: int = 2000,
-          threads: int = 1) -> None:
+          threads: int = 1, expect_version: str | None = None) -> None:
     import uvicorn
 
-    app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads)
+    app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads, expect_version=expect_version)
     uvicorn.run(app, host=host, port=port, log_level="warning")

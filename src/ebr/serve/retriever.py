@@ -15,12 +15,10 @@ import torch
 
 from ebr.features.state import ACTION_CODE, OOV, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults
+from ebr.index.verify import BundleError, verified_manifest
+
+__all__ = ["BundleError", "Result", "Retriever"]
 from ebr.ranking import topk_masked
-from ebr.workspace import file_sha256, read_json
-
-
-class BundleError(RuntimeError):
-    """A bundle that must not be served (mismatched versions, failed checksums, missing files)."""
 
 
 @dataclass
@@ -31,29 +29,33 @@ class Result:
     cold_start: bool
 
 
+def _codes_below(x: np.ndarray, n: int) -> bool:
+    return x.size == 0 or (int(x.min()) >= 0 and int(x.max()) < n)
+
+
 class Retriever:
-    def __init__(self, path: str | Path, verify: bool = True):
+    def __init__(self, path: str | Path, expect_version: str | None = None):
+        """Load a bundle after every check of index/verify.py (BundleError lists what failed):
+        nothing is read from a file before its type, checksum and content were checked."""
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise BundleError(f"{self.path} is not a bundle (no manifest.json); build one with `ebr index build`")
-        m = self.manifest = read_json(mpath)
-        tv, iv = m["user_tower"]["model_version"], m["index"]["model_version"]
-        if tv != iv:
-            raise BundleError(f"bundle {self.path}: user tower model version {tv} != index model version {iv}; "
-                              "rebuild the bundle from one checkpoint")
-        if verify:
-            bad = [f for f, h in m["checksums"].items() if not (self.path / f).exists() or file_sha256(self.path / f) != h]
-            if bad:
-                raise BundleError(f"bundle {self.path}: checksum mismatch for {', '.join(bad)}; the bundle is corrupt "
-                                  "or was modified after it was built")
+        m = self.manifest = verified_manifest(self.path, expect_version)
+        try:
+            self._load(m)
+        except BundleError:
+            raise
+        except Exception as e:  # a checked bundle that still does not load is refused, never half-served
+            raise BundleError(f"bundle {self.path.name!r} refused: it passed the checks but does not load "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+
+    def _load(self, m: dict[str, Any]) -> None:
         self.version = m["version"]
         self.L = m["history_len"]
         self.backend = m["index"]["backend"]
         self.tower = torch.export.load(self.path / "user_tower.pt2").module()
         self.item_repr = torch.from_numpy(np.load(self.path / "item_repr.npy"))
         self.pin_emb = torch.from_numpy(np.load(self.path / "pin_embeddings.npy"))
-        self.index = AnnIndex.load(self.path, self.backend)
+        # with its vectors: selective filters and exclusions fall back to exact scoring
+        self.index = AnnIndex.load(self.path, self.backend, vectors=self.pin_emb.numpy())
         self.defaults = SearchDefaults(**m["index"].get("search", {}))
         pins = pq.read_table(self.path / "pins.parquet")
         self.pin_ids: list[str] = pins["pin_id"].to_pylist()
@@ -73,6 +75,14 @@ class Retriever:
         self.fs = FeatureState.from_dict(json.loads((self.path / "feature_state.json").read_text()))
         self.interest_ids = ["<pad>", "<oov>"] + self.fs.interests.ids
         self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= 2}
+        P, U = len(self.pin_ids), len(self.fs.users)
+        consistent = (self.item_repr.shape[0] == P and self.pin_emb.shape[0] == P and len(self.candidate) == P
+                      and self.hist.shape == (U, self.L) and self.actions.shape == (U, self.L) and len(self.cat) == U
+                      and len(self.engaged_ptr) == U + 1 and bool(np.all(np.diff(self.engaged_ptr) >= 0))
+                      and all(_codes_below(x, P) for x in (self.hist, self.engaged, self.popular, self.index.codes))
+                      and self.index.index.ntotal == len(self.index.codes))
+        if not consistent:
+            raise BundleError(f"bundle {self.path.name!r} refused: its arrays disagree in shape or pin codes")
 
     # ---- lookups -------------------------------------------------------------------------
     def user_codes(self, user_ids: Sequence[str]) -> np.ndarray:
@@ -104,7 +114,6 @@ class Retriever:
         `allowed` (sorted pin codes) restricts the candidates (an interest filter, a corpus).
         Exact bundles score densely; others go through the ANN index with a selector (which scores
         selective filters exactly). Empty slots: code -1, score -inf."""
-        B = emb.shape[0]
         if self.backend == "exact":
             cand = self.candidate
             if allowed is not None:
@@ -114,17 +123,7 @@ class Retriever:
             vals, idx = topk_masked(emb @ self.pin_emb.T, k, exclude, cand)
             v, i = vals.numpy(), idx.numpy()
             return v, np.where(np.isfinite(v), i, -1)
-        n_ex = max((len(x) for x in exclude), default=0) if exclude is not None else 0
-        D, I = self.index.search(emb.numpy(), k + n_ex, self.defaults, allowed)
-        scores = np.full((B, k), -np.inf, dtype=np.float32)
-        codes = np.full((B, k), -1, dtype=np.int64)
-        for b in range(B):
-            keep = I[b] >= 0
-            if exclude is not None and len(exclude[b]):
-                keep &= ~np.isin(I[b], exclude[b])
-            got = np.flatnonzero(keep)[:k]
-            scores[b, : len(got)], codes[b, : len(got)] = D[b, got], I[b, got]
-        return scores, codes
+        return self.index.search(emb.numpy(), k, self.defaults, allowed, exclude)
 
     def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.hist[codes], self.actions[codes], self.cat[codes]
