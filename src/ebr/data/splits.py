@@ -5,7 +5,9 @@
   period, for early stopping. The window is short on purpose [ours]: the model never trains on
   the validation window, and in a feed the freshest days matter most (on the synthetic world,
   a 12-day window gave test recall@100 0.059, a 1.2-day window 0.076);
-- given: train/test sets as imported from adjacency files (``assignment.parquet``);
+- given: train/test sets as imported from adjacency files (``assignment.parquet``, with each
+  pair's position in the files: the pseudo-time); validation = a seeded random 10% of each user's
+  training pins;
 - leave_last_out: each user's last positive engagement is the target (``targets.parquet``),
   the one before it the validation target.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -27,6 +30,15 @@ from ebr.data.validate import DataError
 from ebr.workspace import Workspace, now_utc, read_json, write_json
 
 POS_SQL = "(" + ", ".join(f"'{a}'" for a in POSITIVE_ACTIONS) + ")"
+GIVEN_VAL_FRACTION = 0.1  # given split: validation = this share of each user's training pins
+
+
+class Part(IntEnum):
+    """The part of a split an engagement falls in."""
+
+    TRAIN = 0
+    VALIDATION = 1
+    TEST = 2
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ DEFAULT_MEMORY_LIMIT = os.environ.get("EBR_DUCKDB_MEMORY", "3GB")
 DEFAULT_THREADS = int(os.environ.get("EBR_DUCKDB_THREADS", str(os.cpu_count() or 2)))
 
 
+def sql_str(value: str) -> str:
+    """A value for a single-quoted SQL literal (a path may contain quotes)."""
+    return str(value).replace("'", "''")
+
+
 def connect(
     ws: Workspace, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS
 ) -> duckdb.DuckDBPyConnection:
@@ -24,7 +29,7 @@ def connect(
     for t in TABLES:
         if ws.has_table(t):
             con.execute(
-                f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{ws.table_glob(t)}', union_by_name = true)"
+                f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{sql_str(ws.table_glob(t))}', union_by_name = true)"
             )
         else:
             empty = SCHEMAS[t].empty_table()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ebr.data.splits import load_split
+from ebr.data.splits import Part, load_split
 from ebr.features.examples import eval_spec, load_engagements
 from ebr.features.state import user_arrays
 from ebr.index.bundle import build_bundle, find_bundle
@@ -71,8 +71,8 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     from ebr.config import FeaturesConfig
 
     fcfg = FeaturesConfig.model_validate(cfg["features"])
-    spec = eval_spec(e, fcfg, target_part=2, train_parts=(0, 1), max_users=max_users)
-    visible = e.part < 2
+    spec = eval_spec(e, fcfg, target_part=Part.TEST, train_parts=(Part.TRAIN, Part.VALIDATION), max_users=max_users)
+    visible = e.part != Part.TEST
     K = max(ks)
     P = len(r.pin_ids)
     allowed = r.candidate

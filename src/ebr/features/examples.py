@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ebr.config import FeaturesConfig
-from ebr.data.splits import Split
-from ebr.data.tables import connect
+from ebr.data.splits import GIVEN_VAL_FRACTION, Part, Split
+from ebr.data.tables import connect, sql_str
+from ebr.data.validate import DataError
 from ebr.features.state import ACTION_CODE, FeatureState
 from ebr.workspace import Workspace
 
@@ -31,41 +32,66 @@ class Engagements:
     t: np.ndarray
     action: np.ndarray  # ACTION_CODE
     weight: np.ndarray
-    part: np.ndarray  # 0 train, 1 validation, 2 test (per the split)
+    part: np.ndarray  # Part per engagement (train, validation, test)
 
     def __len__(self) -> int:
         return len(self.user)
 
 
+def given_validation(user: np.ndarray, train: np.ndarray, seed: int, fraction: float = GIVEN_VAL_FRACTION) -> np.ndarray:
+    """A seeded random `fraction` of each user's training rows (rounded, per user); rows must be in a
+    deterministic order (here: by user, then file position). Returns a bool mask."""
+    idx = np.flatnonzero(train)
+    u = user[idx]
+    key = np.random.default_rng([seed, 0x5EED]).random(len(idx))
+    order = np.lexsort((key, u))  # each user's rows in a random order
+    su = u[order]
+    first = np.searchsorted(su, su, side="left")
+    rank = np.arange(len(su)) - first
+    n_u = np.bincount(su, minlength=int(su.max()) + 1 if len(su) else 0)[su]
+    out = np.zeros(len(user), dtype=bool)
+    out[idx[order[rank < np.floor(n_u * fraction + 0.5)]]] = True
+    return out
+
+
 def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 0) -> Engagements:
+    """Every engagement with its part of the split, in a deterministic order (the same arrays in
+    every process: the query is ordered, and pseudo-time is the stored file position)."""
     con = connect(ws)
+    given = split.kind == "given"
+    if given:
+        con.execute(f"CREATE VIEW assignment AS SELECT * FROM read_parquet('{sql_str(split.path + '/assignment.parquet')}')")
+        if "pos" not in [c[0] for c in con.execute("DESCRIBE assignment").fetchall()]:
+            raise DataError(f"split {split.name!r} predates stored file positions: import the adjacency files again")
     t = con.sql(
-        """SELECT user_id, pin_id, action, weight, epoch_us(ts) AS t,
-                  row_number() OVER (PARTITION BY user_id ORDER BY ts NULLS LAST) AS rn
-           FROM engagements"""
+        f"""SELECT e.user_id, e.pin_id, e.action, e.weight, epoch_us(e.ts) AS t,
+                  {"a.pos, coalesce(a.is_test, false) AS is_test" if given else "NULL AS pos, false AS is_test"},
+                  row_number() OVER (PARTITION BY e.user_id ORDER BY e.ts NULLS LAST, e.pin_id, e.action) AS rn
+           FROM engagements e
+           {"LEFT JOIN (SELECT user_id, pin_id, min(pos) AS pos, bool_or(part = 'test') AS is_test FROM assignment "
+            "GROUP BY user_id, pin_id) a ON a.user_id = e.user_id AND a.pin_id = e.pin_id" if given else ""}
+           ORDER BY e.user_id, e.ts NULLS LAST, pos NULLS FIRST, e.pin_id, e.action, e.weight"""
     ).to_arrow_table()
     user = fs.users.encode(t["user_id"])
     pin = fs.pins.encode(t["pin_id"])
     tt = t["t"].to_numpy(zero_copy_only=False)
     has_time = not np.isnan(tt.astype(np.float64)).any()
-    part = np.zeros(len(user), dtype=np.int8)
-    if split.kind == "given":
-        a = pq.read_table(f"{split.path}/assignment.parquet")
-        # rows in file order: train pairs first, so 'time' = the row's position in the import
-        key = pc.binary_join_element_wise(t["user_id"], t["pin_id"], "\t")
-        test = a.filter(pc.equal(a["part"], "test"))
-        test_keys = pc.binary_join_element_wise(test["user_id"], test["pin_id"], "\t")
-        part[pc.is_in(key, value_set=test_keys.combine_chunks()).to_numpy(zero_copy_only=False)] = 2
-        rng = np.random.default_rng(seed)
-        part[(part == 0) & (rng.random(len(part)) < 0.1)] = 1  # validation: ~10% of training pins
-        tt = t["rn"].to_numpy().astype(np.int64) + np.where(part == 2, 1 << 40, 0)
+    part = np.full(len(user), Part.TRAIN, dtype=np.int8)
+    if given:
+        part[t["is_test"].to_numpy(zero_copy_only=False)] = Part.TEST
+        tt = t["pos"].to_numpy(zero_copy_only=False)
+        tt = np.where(np.isnan(tt.astype(np.float64)), -1, tt).astype(np.int64)  # rows of other sources: first
+        order = np.lexsort((tt, user))
+        user, pin, tt, part = user[order], pin[order], tt[order], part[order]
+        t = t.take(pa.array(order))
+        part[given_validation(user, part == Part.TRAIN, seed)] = Part.VALIDATION
     elif split.kind == "temporal":
         if not has_time:
-            raise ValueError("a temporal split needs timestamps; this data has none (use the given split)")
+            raise DataError("a temporal split needs timestamps; this data has none (use the given split)")
         tt = tt.astype(np.int64)
         val_cut, cut = (int(split.val_cut.timestamp() * 1e6), int(split.cut.timestamp() * 1e6))
-        part[(tt >= val_cut) & (tt < cut)] = 1
-        part[tt >= cut] = 2
+        part[(tt >= val_cut) & (tt < cut)] = Part.VALIDATION
+        part[tt >= cut] = Part.TEST
     elif split.kind == "leave_last_out":
         tt = tt.astype(np.int64) if has_time else t["rn"].to_numpy().astype(np.int64)
         tg = pq.read_table(f"{split.path}/targets.parquet")
@@ -77,11 +103,11 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
         if tts is not None:
             test_t[tu[rk == 1]] = tts[rk == 1]
             val_t[tu[rk == 2]] = tts[rk == 2]
-        part[tt >= val_t[user]] = 1
-        part[tt >= test_t[user]] = 2
+        part[tt >= val_t[user]] = Part.VALIDATION
+        part[tt >= test_t[user]] = Part.TEST
     action = np.array([ACTION_CODE.get(a, 0) for a in t["action"].to_pylist()], dtype=np.int64)
     w = t["weight"].to_numpy(zero_copy_only=False).astype(np.float32)
-    order = np.lexsort((tt, user))
+    order = np.lexsort((tt, user))  # stable: ties keep the query's deterministic order
     return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order])
 
 
@@ -160,7 +186,7 @@ class EvalSpec:
     cold_targets: list[np.ndarray]
 
 
-def eval_spec(e: Engagements, cfg: FeaturesConfig, target_part: int = 2, train_parts: tuple[int, ...] = (0, 1),
+def eval_spec(e: Engagements, cfg: FeaturesConfig, target_part: int = Part.TEST, train_parts: tuple[int, ...] = (Part.TRAIN, Part.VALIDATION),
               max_users: int | None = None, seed: int = 0) -> EvalSpec:
     """Targets = positive engagements in `target_part` whose pin the user did not engage with
     (any non-impression action) in the training parts. Warm users have at least one training

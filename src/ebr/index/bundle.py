@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ebr.config import ModelConfig, RunConfig
-from ebr.data.splits import load_split
+from ebr.data.splits import Part, load_split
 from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import T_MAX, Histories, load_engagements
 from ebr.features.pinstats import PinStats, group_codes
@@ -126,7 +126,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     else:
         sp = load_split(ws, split or ck.get("split"))
         e = load_engagements(ws, fs, sp, seed=run_cfg.train.seed)
-        visible = e.part < 2
+        visible = e.part != Part.TEST
         split_name = sp.name
     stats = None
     if run_cfg.features.pin_stats:

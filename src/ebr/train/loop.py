@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ebr.config import RunConfig
-from ebr.data.splits import load_split
+from ebr.data.splits import Part, load_split
 from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import T_MAX, Examples, Histories, eval_spec, load_engagements, positive_examples
 from ebr.features.pinstats import PinStats, group_codes
@@ -68,13 +68,13 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> Tr
     split = load_split(ws, cfg.data.split)
     fs = fs or build_feature_state(ws)
     e = load_engagements(ws, fs, split, seed=cfg.train.seed)
-    train_visible = e.part == 0
+    train_visible = e.part == Part.TRAIN
     hist = Histories.build(e, len(fs.users), visible=train_visible)
-    ex = positive_examples(e, cfg.features, parts=(0,))
+    ex = positive_examples(e, cfg.features, parts=(Part.TRAIN,))
     if len(ex.user) == 0:
         raise ValueError(f"split {split.name!r} has no positive training engagements "
                          f"({', '.join(cfg.features.positive_actions)})")
-    val = eval_spec(e, cfg.features, target_part=1, train_parts=(0,), max_users=cfg.train.val_users,
+    val = eval_spec(e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,), max_users=cfg.train.val_users,
                     seed=cfg.train.seed)
     stats = None
     if cfg.features.pin_stats:
