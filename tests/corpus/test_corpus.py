@@ -67,7 +67,7 @@ def test_corpus_logic_by_hand(tmp_path):
 
 
 def test_duckdb_and_spark_give_the_same_corpus(tiny_ws):
-    pytest.importorskip("pyspark")
+    import pyspark  # noqa: F401 - installed by the lock: a missing Spark fails here, never skips
     a = pq.read_table(build_serving_corpus(tiny_ws, "duckdb", top_n=800) / "corpus.parquet").to_pylist()
     b = pq.read_table(build_serving_corpus(tiny_ws, "spark", top_n=800) / "corpus.parquet").to_pylist()
     assert len(a) == len(b) == 800

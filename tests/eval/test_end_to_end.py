@@ -119,3 +119,21 @@ def test_cli_retrieve_and_eval(trained, tmp_path, capsys):
     assert [r["name"] for r in res["results"]] == ["two_tower", "popularity"]
     assert (trained.report_dir("latest") / "recall_at_k.png").exists()
     assert (trained.report_dir("latest") / "training.png").exists()
+
+
+def test_request_history_is_read_as_training_reads_it(trained):
+    """A request carrying the stored history gets exactly the stored-state answer, and appending
+    impressions or unknown pins changes nothing. Mutations caught: impressions pooled, unknown
+    pins pooled as out-of-vocabulary clicks, truncation to L before dropping them."""
+    from ebr.data.schema import ACTIONS
+
+    r = Retriever(find_bundle(trained, "e2e", "temporal") or build_bundle(trained, "e2e", "temporal"))
+    code = int(np.argmax((r.hist > 0).sum(1)))  # the longest stored history
+    user = r.fs.users.ids[code - 2]
+    hist = [{"pin_id": r.pin_ids[p], "action": ACTIONS[a - 1]} for p, a in zip(r.hist[code], r.actions[code]) if p > 0]
+    assert len(hist) == r.L, "the test needs a full history"
+    stored = r.retrieve(user, 30)
+    assert r.retrieve(user, 30, history=hist).pin_ids == stored.pin_ids
+    noisy = hist + [{"pin_id": r.pin_ids[5 + i], "action": "impression"} for i in range(5)] + ["no-such-pin", "nor-this"]
+    again = r.retrieve(user, 30, history=noisy)
+    assert again.pin_ids == stored.pin_ids and np.allclose(again.scores, stored.scores, atol=1e-6)

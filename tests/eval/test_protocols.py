@@ -44,3 +44,17 @@ def test_ids_only_adjacency_given_protocol_and_sampled_candidates(tmp_path):
     s_tt = sampled["results"][0]
     # 21 candidates: a random ranker has NDCG@20 of about 0.33
     assert s_tt["ndcg@20"] > 0.42 and s_tt["ndcg@20"] > sampled["results"][1]["ndcg@20"] + 0.04, sampled["results"]
+
+
+def test_sampled_protocol_counts_ties_at_the_mid_rank():
+    """A constant scorer ranks the target in the middle of its 21 candidates (mid-rank 10): HR@1 = 0,
+    HR@10 = 0, HR@11 = 1. Mutation caught: counting only strictly higher candidates (HR@1 = 1.0)."""
+    from ebr.eval.evaluate import _sampled
+
+    cands = [(u, np.arange(21)) for u in range(5)]
+    res = _sampled(lambda users: torch.zeros(len(users), 30), cands, [1, 10, 11])
+    assert res["hr@1"] == 0.0 and res["hr@10"] == 0.0 and res["hr@11"] == 1.0
+    assert abs(res["ndcg@11"] - 1 / np.log2(12)) < 1e-12
+    scores = torch.zeros(1, 30)
+    scores[0, 0] = 1.0  # a strictly best target is rank 0 whatever the ties below it
+    assert _sampled(lambda users: scores.expand(len(users), 30), cands, [1])["hr@1"] == 1.0

@@ -33,14 +33,16 @@ def _rank_all(score: Callable[[np.ndarray], torch.Tensor], users: np.ndarray, ex
 
 
 def _sampled(score: Callable[[np.ndarray], torch.Tensor], cands: list[tuple[int, np.ndarray]], ks: list[int]) -> dict:
-    """Each target ranked among its given candidates (target first in the row): HR@K, NDCG@K."""
+    """Each target ranked among its given candidates (target first in the row): HR@K, NDCG@K.
+    Ties count at the mid-rank (half of the tied candidates above the target): a constant scorer
+    ranks every target in the middle, as random tie-breaking would on average."""
     res: dict[str, list[float]] = {}
     users = np.array([u for u, _ in cands])
     for lo in range(0, len(cands), 256):
         s = score(users[lo: lo + 256])
         for row, (_, pins) in zip(s, cands[lo: lo + 256]):
             sc = row[torch.from_numpy(pins)]
-            rank = int((sc[1:] > sc[0]).sum())
+            rank = float((sc[1:] > sc[0]).sum()) + 0.5 * float((sc[1:] == sc[0]).sum())
             for k in ks:
                 res.setdefault(f"hr@{k}", []).append(float(rank < k))
                 res.setdefault(f"ndcg@{k}", []).append(1.0 / np.log2(rank + 2) if rank < k else 0.0)

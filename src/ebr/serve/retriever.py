@@ -189,12 +189,16 @@ class Retriever:
                       not has_history)
 
     def _history_codes(self, history: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        items = [h if isinstance(h, dict) else {"pin_id": h} for h in history][-self.L:]
+        """A request's history as the tower saw histories in training: impressions and pins unknown
+        to the bundle are dropped first, then the last L kept (hides stay, marked by their action)."""
+        items = [h if isinstance(h, dict) else {"pin_id": h} for h in history]
         codes = self.pin_codes([h["pin_id"] for h in items])
         acts = np.array([ACTION_CODE.get(h.get("action", "click"), ACTION_CODE["click"]) for h in items], dtype=np.int64)
+        keep = (codes != OOV) & (acts != ACTION_CODE["impression"])
+        codes, acts = codes[keep][-self.L:], acts[keep][-self.L:]
         hist = np.zeros(self.L, dtype=np.int64)
         act = np.zeros(self.L, dtype=np.int64)
-        n = len(items)
+        n = len(codes)
         if n:
             hist[-n:], act[-n:] = codes, acts
         return hist, act
