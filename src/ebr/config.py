@@ -76,6 +76,9 @@ class TrainConfig(_Section):
     lr: float = 2e-3
     weight_decay: float = 0.0
     logq: bool = True
+    # exact: p_j = 1 - (1 - n_j/N)^B from the training counts (random batches); streaming: Yi et
+    # al.'s estimator (for data that arrives as a stream, or time-local batches)
+    logq_estimator: Literal["exact", "streaming"] = "exact"
     mixed_negatives: int = 0  # extra uniform corpus negatives per batch (0 = in-batch only)
     # batches of examples close in time (blocks of the time-sorted examples, in shuffled order):
     # in-batch negatives then carry statistics of the same moment as the row's positive [ours]

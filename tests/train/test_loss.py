@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ebr.train.loss import FrequencyEstimator, sampled_softmax_logq
+from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
 
 # 3x3 batch, embeddings chosen so that the logits are simple numbers
 U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
@@ -55,10 +56,12 @@ def test_accidental_hits_masked_and_weights():
     ids = torch.tensor([10, 11, 10])  # rows 0 and 2 share an item: column 2 is a hit for row 0 and vice versa
     got = float(sampled_softmax_logq(U, V, ids, LOG_Q, TAU))
     assert got == pytest.approx(_by_hand(mask_col={0: (2,), 2: (0,)}), abs=1e-6)
-    # weighted: -(1/B) sum_i w_i log softmax_i
-    w = torch.tensor([2.0, 0.0, 1.0])
+    # weighted: -(1/B) sum_i w_i log softmax_i, with weights that do not sum to B
+    # (mutation caught: normalising by the sum of the weights)
+    w = torch.tensor([3.0, 0.5, 1.0])
     ref = _rows(LOG_Q)
-    assert float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, w)) == pytest.approx((2 * ref[0] + ref[2]) / 3, abs=1e-6)
+    want = (3 * ref[0] + 0.5 * ref[1] + ref[2]) / 3
+    assert float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, w)) == pytest.approx(want, abs=1e-6)
 
 
 def _rows(log_q: torch.Tensor) -> list[float]:
@@ -84,15 +87,38 @@ def test_mixed_negatives_and_gradient():
 
 
 def test_frequency_estimator_by_hand():
-    est = FrequencyEstimator(buckets=1 << 16, hashes=2, alpha=0.5)
+    """Warm start: the mean of the gaps until 1/alpha sightings, then the moving average; the first
+    gap runs from step 0. Mutation caught: the old cold start (B = alpha * t at first sight)."""
+    est = FrequencyEstimator(buckets=1 << 16, hashes=2, alpha=0.25)
     a, b = torch.tensor([1]), torch.tensor([2])
-    # item a at steps 2, 4, 6; item b at steps 3 and 6
-    for step, batch in ((2, a), (3, b), (4, a), (6, torch.tensor([1, 2, 1]))):
-        est.update(batch, step)
-    # a: B = 0.5*0 + 0.5*2 = 1 -> 0.5*1 + 0.5*2 = 1.5 -> 0.5*1.5 + 0.5*2 = 1.75
-    # b: B = 0.5*3 = 1.5 -> 0.5*1.5 + 0.5*3 = 2.25
-    assert float(est.log_prob(a)) == pytest.approx(-math.log(1.75), abs=1e-6)
-    assert float(est.log_prob(b)) == pytest.approx(-math.log(2.25), abs=1e-6)
+    for step in (2, 3, 7, 8):
+        est.update(a, step)
+    est.update(torch.tensor([1, 2, 1]), 12)  # duplicates within a batch count once
+    # a: gaps 2, 1, 4, 1 -> means 2, 1.5, 7/3, 2 (a = 1/C while 1/C >= alpha); then 0.75*2 + 0.25*4 = 2.5
+    assert float(est.log_prob(a)) == pytest.approx(-math.log(2.5), abs=1e-6)
+    # b: first seen at step 12 -> its gap estimate is 12 steps (not alpha * 12 = 3)
+    assert float(est.log_prob(b)) == pytest.approx(-math.log(12.0), abs=1e-6)
+
+
+def test_frequency_estimator_takes_the_max_over_hashes():
+    """Item x shares its bucket with a frequent item y under hash 0 only: hash 1 sees x's own gap.
+    Mutation caught: min (or mean) over hashes, which lets the collision inflate p(x)."""
+    est = FrequencyEstimator(buckets=64, hashes=2, alpha=0.05, seed=3)
+    h = est._hash(torch.arange(2, 5000))
+    y = 2
+    x = next(int(i) + 2 for i in range(1, h.shape[1]) if h[0, i] == h[0, 0] and h[1, i] != h[1, 0])
+    for t in range(1, 401):
+        est.update(torch.tensor([y] + ([x] if t % 10 == 0 else [])), t)
+    assert float(est.log_prob(torch.tensor([x]))) == pytest.approx(-math.log(10.0), abs=0.05)
+    assert float(est.log_prob(torch.tensor([y]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_exact_inclusion_probability():
+    """p_j = 1 - (1 - n_j/N)^B, by hand for two items."""
+    counts = np.array([0, 0, 10, 990])
+    lp = inclusion_log_prob(counts, 4)
+    assert float(lp[2]) == pytest.approx(math.log(1 - (1 - 10 / 1000) ** 4), abs=1e-6)
+    assert float(lp[3]) == pytest.approx(math.log(1 - (1 - 990 / 1000) ** 4), abs=1e-6)
 
 
 def test_frequency_estimator_converges():

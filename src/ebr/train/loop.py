@@ -30,7 +30,7 @@ from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
-from ebr.train.loss import FrequencyEstimator, sampled_softmax_logq
+from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
 from ebr.workspace import Workspace, now_utc, write_json
 
 VAL_K = 100
@@ -179,6 +179,7 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
     n = len(ex.user)
     steps_per_epoch = math.ceil(n / B)
     n_pins = sizes["n_pins"]
+    exact_log_q = inclusion_log_prob(np.bincount(ex.pin, minlength=n_pins), B)
     t_start = time.time()
     seen_examples = 0
     model.train()
@@ -195,7 +196,9 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
             if fail_at is not None and step == fail_at:
                 raise InjectedFailure(f"injected failure at step {step} (EBR_FAIL_AT_STEP)")
             est.update(pos, step)
-            log_q = est.log_prob(pos) if cfg.train.logq else None
+            log_q = None
+            if cfg.train.logq:
+                log_q = est.log_prob(pos) if cfg.train.logq_estimator == "streaming" else exact_log_q[pos]
             negs = None
             if cfg.train.mixed_negatives:
                 negs = torch.randint(2, n_pins, (cfg.train.mixed_negatives,), generator=neg_gen)

@@ -2,7 +2,9 @@
 
 logit_ij = <u_i, v_j> / tau - log p_j, for every column j (the positive's included);
 L = -(1/B) sum_i w_i log softmax_j(logit_ij)[i]; columns j != i holding row i's positive item
-(accidental hits) are masked out. Subtracting log p_j removes the popularity bias of in-batch
+(accidental hits) are masked out. p_j is the exact in-batch inclusion probability from the
+training counts by default (`inclusion_log_prob`), or Yi et al.'s streaming estimate
+(`FrequencyEstimator`; train.logq_estimator: streaming). Subtracting log p_j removes the popularity bias of in-batch
 negatives: a frequent item appears as a negative often, so its logit is lowered in training to
 make the learned score estimate the unbiased one. Adding log p (a sign error peers have made)
 doubles the bias instead; the tests pin the sign.
@@ -10,38 +12,59 @@ doubles the bias instead; the tests pin the sign.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-_PRIME = (1 << 61) - 1
+
+def inclusion_log_prob(counts: np.ndarray, batch_size: int) -> torch.Tensor:
+    """log p_j for every item, p_j = 1 - (1 - n_j / N)^B: the probability that item j is among the
+    positives of a batch of B examples drawn from the N training examples, n_j of which hold j
+    (the default estimate: the training data is known before training). counts (P,) -> (P,).
+    Items never seen count as seen once (they are never a positive, so the value is unused)."""
+    n = torch.as_tensor(np.maximum(counts, 1), dtype=torch.float64)
+    N = float(max(int(np.sum(counts)), 1))
+    return torch.log(-torch.expm1(batch_size * torch.log1p(-n / N))).to(torch.float32)
 
 
 class FrequencyEstimator:
-    """Streaming estimate of the probability that an item appears in a batch.
+    """Streaming estimate of the probability that an item appears in a batch (Yi et al.).
 
-    Per hash function k and bucket h: A[h] = last step the bucket was seen, B[h] = moving average
-    of the gap between sightings. At step t, for each item y in the batch:
-    B[h] <- (1 - a) B[h] + a (t - A[h]); A[h] <- t. Then p(y) = 1 / max_k B_k[h_k(y)]
-    (collisions only shrink gaps, so the max over hashes is the least-collided estimate).
+    Per hash function k and bucket h: A[h] = last step the bucket was seen (0 = the start of
+    training), B[h] = average gap between sightings, C[h] = sightings. At step t, for each item y
+    in the batch: a = max(alpha, 1 / C[h]); B[h] <- (1 - a) B[h] + a (t - A[h]); A[h] <- t. Then
+    p(y) = 1 / max_k B_k[h_k(y)] (collisions only shrink gaps, so the max over hashes is the
+    least-collided estimate). The 1 / C warm start makes B the plain mean of the gaps seen so far
+    until there are 1 / alpha of them: starting from B = 0 with a fixed alpha, an item first seen
+    at step t got B = alpha t whatever its frequency, and the correction ran at a fraction of its
+    strength. It reads nothing but the batches.
     """
 
     def __init__(self, buckets: int = 1 << 20, hashes: int = 2, alpha: float = 0.01, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.buckets, self.alpha = buckets, alpha
-        self.mult = torch.randint(1, 1 << 30, (hashes,), generator=g, dtype=torch.int64) * 2 + 1
-        self.add = torch.randint(0, 1 << 30, (hashes,), generator=g, dtype=torch.int64)
+        self.bits = max(1, int(buckets - 1).bit_length())  # buckets rounded up to a power of two
+        self.buckets, self.alpha = 1 << self.bits, alpha
+        # multiply-shift hashing (Dietzfelbinger): random odd 64-bit multipliers, the product's top
+        # bits; int64 products wrap, which is the arithmetic mod 2^64 the scheme needs
+        self.mult = torch.randint(-(1 << 63), (1 << 63) - 1, (hashes,), generator=g, dtype=torch.int64) | 1
+        self.add = torch.randint(-(1 << 63), (1 << 63) - 1, (hashes,), generator=g, dtype=torch.int64)
+        buckets = self.buckets
         self.A = torch.zeros(hashes, buckets, dtype=torch.float64)
         self.B = torch.zeros(hashes, buckets, dtype=torch.float64)
+        self.C = torch.zeros(hashes, buckets, dtype=torch.float64)
 
     def _hash(self, ids: torch.Tensor) -> torch.Tensor:  # (H, N)
-        return ((ids.to(torch.int64)[None, :] * self.mult[:, None] + self.add[:, None]) % _PRIME) % self.buckets
+        prod = ids.to(torch.int64)[None, :] * self.mult[:, None] + self.add[:, None]
+        return (prod >> (64 - self.bits)) & (self.buckets - 1)
 
     def update(self, ids: torch.Tensor, step: int) -> None:
         """Record the items of the batch seen at `step` (duplicates within a batch count once)."""
         h = self._hash(torch.unique(ids))
         for k in range(h.shape[0]):
-            hk = h[k]
-            self.B[k, hk] = (1 - self.alpha) * self.B[k, hk] + self.alpha * (step - self.A[k, hk])
+            hk = torch.unique(h[k])  # items colliding in this batch are one sighting of the bucket
+            self.C[k, hk] += 1
+            a = torch.clamp(1.0 / self.C[k, hk], min=self.alpha)
+            self.B[k, hk] = (1 - a) * self.B[k, hk] + a * (step - self.A[k, hk])
             self.A[k, hk] = float(step)
 
     def log_prob(self, ids: torch.Tensor) -> torch.Tensor:
@@ -51,11 +74,14 @@ class FrequencyEstimator:
         return -torch.log(gap.clamp(min=1.0)).to(torch.float32)
 
     def state_dict(self) -> dict:
-        return {"A": self.A.clone(), "B": self.B.clone(), "mult": self.mult, "add": self.add, "alpha": self.alpha}
+        return {"A": self.A.clone(), "B": self.B.clone(), "C": self.C.clone(), "mult": self.mult, "add": self.add,
+                "alpha": self.alpha}
 
     def load_state_dict(self, s: dict) -> None:
-        self.A, self.B, self.mult, self.add, self.alpha = s["A"].clone(), s["B"].clone(), s["mult"], s["add"], s["alpha"]
+        self.A, self.B, self.C = s["A"].clone(), s["B"].clone(), s["C"].clone()
+        self.mult, self.add, self.alpha = s["mult"], s["add"], s["alpha"]
         self.buckets = self.A.shape[1]
+        self.bits = self.buckets.bit_length() - 1
 
 
 def sampled_softmax_logq(
