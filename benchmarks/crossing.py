@@ -103,7 +103,7 @@ def main() -> None:
                             "steps": s["steps"]}))
                     runs.append(json.loads(out.read_text()))
                     print(ds, budget, kind, seed, runs[-1], flush=True)
-                agg = {k: (float(np.mean([x[k] for x in runs])), float(np.std([x[k] for x in runs])))
+                agg = {k: (float(np.mean([x[k] for x in runs])), float(np.std([x[k] for x in runs], ddof=1)))
                        for k in ("recall@50", "recall@100", "examples_per_s", "tower_latency_ms")}
                 rows.append({"dataset": ds, "budget": budget, "crossing": kind, "seeds": len(runs),
                              "params": runs[0]["crossing_params"], **{k: {"mean": m, "std": sd} for k, (m, sd) in agg.items()}})

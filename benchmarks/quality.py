@@ -2,7 +2,11 @@
 3 training seeds, mean +- std.
 
     python benchmarks/quality.py [--datasets synth_small,ml100k] [--seeds 0,1,2] [--epochs N]
+                                 [--set KEY=VALUE ...] [--name quality]
                                  [--adjacency NAME:TRAIN:TEST ...] [--root /tmp/ebr-bench-quality]
+
+--set overrides a config field of the two-tower model (e.g. --set train.logq=false); --name names the
+variant (its results file and its cached runs). Spreads are sample std (ddof 1).
 
 Datasets: synth_small (the synthetic world, seed 0), ml100k (../shared/data/ml-100k, temporal
 split), and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
@@ -60,8 +64,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     ap.add_argument("--config", default=None, help="YAML run config for the two-tower model")
     ap.add_argument("--adjacency", action="append", default=[], metavar="NAME:TRAIN:TEST")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value)")
+    ap.add_argument("--name", default="quality", help="variant name: results/NAME.json")
     ap.add_argument("--root", default="/tmp/ebr-bench-quality")
     a = ap.parse_args()
+    import yaml
+
+    sets = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.set)}
     adjacency = {x.split(":")[0]: tuple(x.split(":")[1:3]) for x in a.adjacency}
     datasets = [d for d in a.datasets.split(",") if d] + list(adjacency)
     root = Path(a.root)
@@ -70,12 +79,13 @@ def main() -> None:
         ws = prepare(ds, root, adjacency)
         runs = []
         for seed in [int(s) for s in a.seeds.split(",")]:
-            out = root / f"{ds}-seed{seed}.json"
+            out = root / f"{a.name}-{ds}-seed{seed}.json"
             if not out.exists():
-                over = {"train.seed": seed, **({"train.epochs": a.epochs} if a.epochs else {})}
+                over = {"train.seed": seed, **({"train.epochs": a.epochs} if a.epochs else {}), **sets}
                 cfg = RunConfig.load(a.config, over)
-                summary = train(ws, cfg, run=f"seed{seed}", progress=False)
-                res = evaluate(ws, f"seed{seed}", progress=False)
+                run = f"{a.name}-seed{seed}"
+                summary = train(ws, cfg, run=run, progress=False)
+                res = evaluate(ws, run, progress=False)
                 res["train"] = summary
                 out.write_text(json.dumps(res))
             runs.append(json.loads(out.read_text()))
@@ -84,8 +94,10 @@ def main() -> None:
         models = {}
         for r in runs[0]["results"]:
             vals = {m: [next(x for x in run["results"] if x["name"] == r["name"])[m] for run in runs] for m in METRICS}
-            models[r["name"]] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v))} for m, v in vals.items()}
+            models[r["name"]] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                                 for m, v in vals.items()}
         table[ds] = {"protocol": runs[0]["protocol"], "n_users": runs[0]["n_users"],
+                     "unreachable_target_share": runs[0].get("unreachable_target_share"),
                      "n_cold_users": runs[0]["n_cold_users"], "seeds": len(runs), "models": models,
                      "train_seconds": [run["train"]["train_seconds"] for run in runs]}
     lines = ["| dataset | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
@@ -95,7 +107,8 @@ def main() -> None:
                          + " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS) + " |")
     md = "\n".join(lines)
     print(md)
-    write("quality", {"table": table, "markdown": md, "seeds": a.seeds, "epochs": a.epochs, "config": a.config})
+    write(a.name, {"table": table, "markdown": md, "seeds": a.seeds, "epochs": a.epochs, "config": a.config,
+                   "set": sets})
 
 
 if __name__ == "__main__":

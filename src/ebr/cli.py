@@ -229,7 +229,8 @@ def cmd_eval(a) -> int:
 
     ws = Workspace.at(a.workspace)
     res = evaluate(ws, a.run, a.split, peers=tuple(p for p in a.peers.split(",") if p),
-                   candidates=Path(a.candidates) if a.candidates else None, corpus=a.corpus)
+                   candidates=Path(a.candidates) if a.candidates else None, corpus=a.corpus,
+                   bundle=Path(a.bundle) if a.bundle else None)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     d = write_report(ws, res, a.run, a.report)
@@ -437,12 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
           ebr eval --run main --json eval.json
           ebr eval --split given --peers popularity,als --json eval.json
           ebr eval --candidates cands.txt --json sampled.json   # sampled protocol: 'user target cand ...'
+          ebr eval --bundle workspace/bundles/VERSION --json hnsw.json   # what an ANN bundle loses
         """, cmd_eval)
     p.add_argument("--run", default="main")
     p.add_argument("--split", default=None)
     p.add_argument("--peers", default="popularity,interest_popular,als")
     p.add_argument("--candidates", help="sampled protocol: lines 'user target cand1 cand2 ...'")
     p.add_argument("--corpus", help="restrict candidates to a serving corpus (VERSION or 'latest')")
+    p.add_argument("--bundle", help="measure this bundle (e.g. HNSW, IVF-PQ) instead of the run's exact one; "
+                                    "it must be built as of the split (refused if it can see the test part)")
     p.add_argument("--json", help="write the results JSON here")
     p.add_argument("--report", default="latest", help="report name under reports/")
 

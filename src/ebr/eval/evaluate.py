@@ -12,7 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ebr.data.splits import Part, load_split
+from ebr.data.splits import Part, Split, load_split
+from ebr.errors import EbrError
 from ebr.features.examples import eval_spec, load_engagements
 from ebr.features.state import user_arrays
 from ebr.index.bundle import build_bundle, find_bundle
@@ -60,14 +61,32 @@ def read_candidates(path: Path, r: Retriever) -> list[tuple[int, np.ndarray]]:
     return out
 
 
+def check_bundle_for_split(manifest: dict[str, Any], sp: Split) -> None:
+    """A bundle may be evaluated on a split only if its state ends before the split's test part."""
+    if manifest.get("split") == sp.name:
+        return
+    cut = sp.cut
+    if sp.kind == "temporal" and cut is not None and manifest.get("as_of_us", 0) < int(cut.timestamp() * 1e6):
+        return
+    raise EbrError(f"bundle {manifest.get('version')} was built as of split {manifest.get('split')!r}, which can "
+                   f"see split {sp.name!r}'s test part; build one for it: ebr index build --split {sp.name} "
+                   "--backend ...")
+
+
 def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: tuple[str, ...] = PEERS,
              ks: tuple[int, ...] = (20, 50, 100, 500), candidates: Path | None = None, progress: bool = True,
-             max_users: int | None = None, corpus: str | None = None) -> dict[str, Any]:
-    """Evaluate a run against peers. Returns the EVALUATION.md JSON object."""
+             max_users: int | None = None, corpus: str | None = None, bundle: Path | None = None) -> dict[str, Any]:
+    """Evaluate a run against peers. Returns the EVALUATION.md JSON object. By default the run's
+    exact bundle as of the split's cut; `bundle` measures another (e.g. HNSW or IVF-PQ) instead."""
     t0 = time.time()
     sp = load_split(ws, split)
-    bundle = find_bundle(ws, run, sp.name) or build_bundle(ws, run, sp.name)
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise EbrError(f"unknown peer(s) {', '.join(sorted(unknown))}; available: {', '.join(PEERS)}")
+    if bundle is None:
+        bundle = find_bundle(ws, run, sp.name) or build_bundle(ws, run, sp.name)
     r = Retriever(bundle)
+    check_bundle_for_split(r.manifest, sp)
     cfg = r.manifest["config"]
     e = load_engagements(ws, r.fs, sp, seed=cfg["train"]["seed"])
     from ebr.config import FeaturesConfig
@@ -99,10 +118,10 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
                                                           len(r.fs.interests))
     if "als" in peers:
         scorers["als"] = pz.als(e, visible, len(r.fs.users), P, fcfg.action_weights, seed=cfg["train"]["seed"])
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        raise ValueError(f"unknown peer(s) {', '.join(sorted(unknown))}; available: {', '.join(PEERS)}")
 
+    # targets on pins that do not exist at the as-of time (first engaged later) are unreachable for all
+    n_targets = sum(len(t) for t in spec.targets)
+    unreachable = sum(int((~allowed.numpy()[t]).sum()) for t in spec.targets) / max(n_targets, 1)
     results = []
     # the two-tower model through the Retriever (the serving path), exclusions as the protocol says
     _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude,
@@ -123,7 +142,8 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     out: dict[str, Any] = {
         "dataset": ws.root.name, "protocol": sp.kind, "split": sp.name, "n_users": int(len(spec.users)),
         "n_cold_users": int(len(spec.cold_users)), "results": results, "cold_results": cold,
-        "bundle": r.version, "run": run, "candidates": corpus_name, "seconds": round(time.time() - t0, 2),
+        "bundle": r.version, "backend": r.backend, "run": run, "candidates": corpus_name,
+        "unreachable_target_share": round(unreachable, 6), "seconds": round(time.time() - t0, 2),
     }
     if candidates:
         cands = read_candidates(candidates, r)
@@ -143,7 +163,9 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
 def format_table(res: dict[str, Any], cols: tuple[str, ...] = ("recall@20", "recall@100", "recall@500", "ndcg@100",
                                                                   "hr@100", "coverage@100")) -> str:
     cols = tuple(c for c in cols if any(c in r for r in res["results"]))
-    lines = [f"{res['dataset']} / {res['protocol']}: {res['n_users']:,} users ({res['n_cold_users']:,} cold)",
+    lines = [f"{res['dataset']} / {res['protocol']}: {res['n_users']:,} users ({res['n_cold_users']:,} cold); "
+             f"{res.get('backend', 'exact')} bundle; {res.get('unreachable_target_share', 0):.1%} of targets are on pins "
+             "that did not exist yet",
              f"{'model':<18}" + "".join(f"{c:>14}" for c in cols)]
     for r in res["results"]:
         lines.append(f"{r['name']:<18}" + "".join(f"{r.get(c, float('nan')):>14.4f}" for c in cols))

@@ -152,6 +152,15 @@ class Histories:
         return np.where(valid, self.pin[idx], 0), np.where(valid, self.action[idx], 0)
 
 
+def existing_pins(e: Engagements, visible: np.ndarray, n_pins: int) -> np.ndarray:
+    """(n_pins,) bool: pins that exist at the as-of time, i.e. have an engagement (any action) among
+    the visible ones. A pin first engaged with later is a candidate for no model and no peer."""
+    out = np.zeros(n_pins, dtype=bool)
+    out[e.pin[visible]] = True
+    out[:2] = False  # padding and out-of-vocabulary rows are not pins
+    return out
+
+
 @dataclass
 class Examples:
     """Training (or validation) pairs: the user as of t, a positive pin, a weight."""

@@ -32,7 +32,7 @@ import torch
 from ebr.config import ModelConfig, RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.features.batches import PinInputs, user_batch
-from ebr.features.examples import T_MAX, Histories, load_engagements
+from ebr.features.examples import T_MAX, Histories, existing_pins, load_engagements
 from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import ACTION_CODE, FeatureState, pin_arrays, user_arrays
 from ebr.index.backends import AnnIndex, SearchDefaults, build_index
@@ -155,16 +155,16 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
         export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
         np.save(tmp / "item_repr.npy", item_repr)
         np.save(tmp / "pin_embeddings.npy", pin_emb)
-        candidate = np.ones(len(fs.pins), dtype=bool)
+        candidate = existing_pins(e, visible, len(fs.pins))  # born after the bundle's time: not yet
         corpus_version = None
         if corpus:
             from ebr.corpus.build import resolve
 
             cdir = resolve(ws, corpus)
             corpus_version = cdir.name
-            candidate[:] = False
-            candidate[fs.pins.encode(pq.read_table(cdir / "corpus.parquet")["pin_id"])] = True
-        candidate[:2] = False
+            in_corpus = np.zeros_like(candidate)
+            in_corpus[fs.pins.encode(pq.read_table(cdir / "corpus.parquet")["pin_id"])] = True
+            candidate &= in_corpus
         t_index = time.time()
         index = build_index(backend, pin_emb, np.flatnonzero(candidate))
         index_seconds = time.time() - t_index

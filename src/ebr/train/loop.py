@@ -25,7 +25,8 @@ import torch
 from ebr.config import RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.features.batches import PinInputs, user_batch
-from ebr.features.examples import T_MAX, Examples, Histories, eval_spec, load_engagements, positive_examples
+from ebr.features.examples import (T_MAX, Examples, Histories, eval_spec, existing_pins, load_engagements,
+                                   positive_examples)
 from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
 from ebr.model.towers import TwoTower
@@ -50,6 +51,7 @@ class TrainData:
     val: object
     split_name: str
     stats: PinStats | None
+    candidates: np.ndarray  # (n_pins,) bool: pins engaged with in the training part (exist at validation)
 
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
@@ -81,7 +83,7 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> Tr
         groups = group_codes(ws, fs, cfg.features.stats_granularity)
         stats = PinStats.build(e, groups, train_visible, cfg.features.stats_windows_days)
     return TrainData(fs, PinInputs.from_arrays(pin_arrays(ws, fs)), user_arrays(ws, fs), hist, ex, val,
-                     split.name, stats)
+                     split.name, stats, existing_pins(e, train_visible, len(fs.pins)))
 
 
 @torch.no_grad()
@@ -91,8 +93,7 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
         return float("nan")
     model.eval()
     P = model.encode_all_pins(d.pins.cat, d.pins.num, d.pins.emb, d.all_stats())[1]
-    allowed = torch.ones(P.shape[0], dtype=torch.bool)
-    allowed[:2] = False  # padding and OOV rows are not pins
+    allowed = torch.from_numpy(d.candidates)  # pins that exist before the validation window
     tops = []
     for lo in range(0, len(spec.users), 512):
         ub = user_batch(spec.users[lo:lo + 512], spec.t[lo:lo + 512], d.hist, d.users, L)
