@@ -72,7 +72,8 @@ def cmd_import_interactions(a) -> int:
     else:
         if not a.file:
             raise DataError("give the interactions FILE (CSV or Parquet with user_id, item_id[, ts][, weight])")
-        import_interactions(ws, Path(a.file), source=a.source or "interactions", strict=a.strict)
+        import_interactions(ws, Path(a.file), source=a.source or "interactions", strict=a.strict,
+                            max_future_days=a.max_future_days)
     return 0
 
 
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="adjacency test file")
     p.add_argument("--split", default="given", help="name of the split recorded by an adjacency import")
     p.add_argument("--source", default=None, help="source name (default: interactions / adjacency)")
+    p.add_argument("--max-future-days", type=float, default=1.0,
+                   help="quarantine engagements later than the import time + this many days")
 
     p = _add(dsub, "synth", "generate the synthetic homefeed world", """\
         Generate the synthetic homefeed world (SYNTH.md) as source 'synth', streamed to Parquet

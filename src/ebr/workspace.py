@@ -15,6 +15,19 @@ from typing import Any
 from ebr.data.schema import TABLES
 
 
+COMMIT_JOURNAL = "COMMIT"  # in a stage folder: the import is complete and rolls forward
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a failure hook (EBR_FAIL_AT_COMMIT=STEP): tests of crash safety."""
+
+
+def commit_hook(step: str) -> None:
+    """Crash here if EBR_FAIL_AT_COMMIT names this step (staged, journal, swap:TABLE, manifest)."""
+    if os.environ.get("EBR_FAIL_AT_COMMIT") == step:
+        raise InjectedFailure(f"injected failure at commit step {step!r}")
+
+
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -100,11 +113,42 @@ class Workspace:
                 names.update(p.name for p in d.iterdir() if p.is_dir())
         return sorted(names)
 
-    def clear_source(self, source: str) -> None:
-        """Remove every table's rows and the quarantine of one source (re-import replaces)."""
-        for t in TABLES:
-            shutil.rmtree(self.source_dir(t, source), ignore_errors=True)
-        shutil.rmtree(self.quarantine_dir(source), ignore_errors=True)
+    # ---- imports: staged, then swapped in by a journaled roll-forward --------------------------
+    def stage_dir(self, source: str) -> Path:
+        return self.root / ".staging" / source
+
+    def recover_imports(self) -> None:
+        """Finish any import that crashed after its commit journal was written (roll forward), so
+        readers always see a source entirely old or entirely new, with a manifest that matches."""
+        d = self.root / ".staging"
+        if d.exists():
+            for stage in sorted(d.iterdir()):
+                if (stage / COMMIT_JOURNAL).exists():
+                    self.roll_forward(stage.name)
+
+    def roll_forward(self, source: str) -> None:
+        """Swap a committed stage in: each staged folder replaces the live one by rename (the old
+        one is parked in the stage), then the staged manifest replaces the live one. Every step is
+        idempotent, so a crash at any point is finished by running this again."""
+        stage = self.stage_dir(source)
+        old = stage / "old"
+        old.mkdir(exist_ok=True)
+        moves = [(stage / "tables" / t, self.source_dir(t, source), old / t) for t in TABLES]
+        moves.append((stage / "quarantine", self.quarantine_dir(source), old / "quarantine"))
+        for new, live, parked in moves:
+            if not new.exists():  # already swapped in
+                continue
+            if live.exists():
+                shutil.rmtree(parked, ignore_errors=True)
+                os.rename(live, parked)
+            live.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(new, live)
+            commit_hook(f"swap:{live.parent.name}")
+        if (stage / "manifest.json").exists():
+            os.replace(stage / "manifest.json", self.root / "tables" / "manifest.json")
+            commit_hook("manifest")
+        (stage / COMMIT_JOURNAL).unlink()
+        shutil.rmtree(stage, ignore_errors=True)
 
     def quarantine_dir(self, source: str) -> Path:
         return self.root / "quarantine" / source

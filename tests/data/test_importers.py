@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from ebr.cli import main
-from ebr.data.importers import RATING_TO_ACTION, import_adjacency
+from ebr.data.importers import RATING_TO_ACTION, import_adjacency, import_interactions
 from ebr.data.tables import connect
 from ebr.workspace import Workspace, read_json
 from tests.conftest import ML100K
@@ -103,3 +104,45 @@ def test_leave_last_out_split(tmp_path):
     assert parts[("a", "p4")] == 2 and parts[("a", "p3")] == 1 and parts[("a", "p0")] == 0
     assert parts[("b", "p2")] == 2 and parts[("b", "p1")] == 1
     assert FeaturesConfig().positive_actions  # click (the default action) counts as positive
+
+
+def test_rejected_rows_create_no_pins_or_users_and_malformed_lines_are_quarantined(tmp_path):
+    """Mutations caught: pins/users built from every row (ids seen only in rejected rows become
+    pins), a CSV parser that aborts on a ragged or non-UTF-8 line or shifts its fields, no future
+    horizon."""
+    import pyarrow.parquet as pq
+
+    from ebr.data.tables import connect
+
+    lines = [b"user_id,item_id,ts,action"]
+    lines += [f"u{i % 40},p{i % 90},2026-01-{1 + i % 28:02d}T12:00:00Z,click".encode() for i in range(990)]
+    lines += [f"ghost{i},phantom{i},2026-01-05T00:00:00Z,teleport".encode() for i in range(6)]  # bad action
+    lines += [b"u1,p1,2026-01-05T00:00:00Z,click,EXTRA", b"u2,p2", b"u3,p\xff\xfe,2026-01-05T00:00:00Z,click",
+              b"future,pfuture,2099-01-01T00:00:00Z,save"]
+    (tmp_path / "x.csv").write_bytes(b"\n".join(lines) + b"\n")
+    ws = Workspace.at(tmp_path / "ws")
+    entry = import_interactions(ws, tmp_path / "x.csv")
+    c = entry["tables"]["engagements"]
+    assert (c["in"], c["accepted"], c["quarantined"]) == (1000, 990, 10)
+    con = connect(ws)
+    pins = {r[0] for r in con.execute("SELECT pin_id FROM pins").fetchall()}
+    users = {r[0] for r in con.execute("SELECT user_id FROM users").fetchall()}
+    assert pins == {f"p{i}" for i in range(90)} and users == {f"u{i}" for i in range(40)}
+    q = pq.read_table(ws.quarantine_dir("interactions") / "engagements.parquet").to_pylist()
+    by_raw = {r["raw"]: r["reason"] for r in q}
+    assert by_raw["u1,p1,2026-01-05T00:00:00Z,click,EXTRA"] == "malformed line: expected 4 fields, got 5"
+    assert by_raw["u2,p2"] == "malformed line: expected 4 fields, got 2"
+    assert by_raw["u3,p\\xff\\xfe,2026-01-05T00:00:00Z,click"] == "malformed line: not valid UTF-8"
+    assert by_raw["future,pfuture,2099-01-01T00:00:00Z,save"].startswith("timestamp in the future")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"user_id,item_id,ts\n"])
+def test_empty_or_header_only_file_is_an_error_and_writes_nothing(tmp_path, content, capsys):
+    from ebr.cli import main
+
+    (tmp_path / "x.csv").write_bytes(content)
+    ws = tmp_path / "ws"
+    assert main(["data", "import", "interactions", str(tmp_path / "x.csv"), "--workspace", str(ws)]) == 2
+    err = capsys.readouterr().err
+    assert "x.csv" in err and ("empty file" in err or "only a header" in err) and "Traceback" not in err
+    assert not (ws / "tables").exists()

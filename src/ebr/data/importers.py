@@ -9,6 +9,7 @@ image signatures are the pin id).
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ebr.data.splits import GIVEN_VAL_FRACTION
-from ebr.data.validate import RAW, DataError, SourceWriter, parse_timestamps
+from ebr.data.validate import DEFAULT_MAX_FUTURE_DAYS, RAW, DataError, SourceWriter, parse_timestamps
 from ebr.workspace import Workspace, write_json
 
 RATING_TO_ACTION = {1: "hide", 2: "hide", 3: "closeup", 4: "click", 5: "save"}
@@ -157,12 +158,43 @@ def _strs(col: pd.Series) -> list[str | None]:
     return [None if pd.isna(v) else str(v) for v in col]
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+def _read_frame(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """A CSV or Parquet file -> (string columns, reason per row, raw line per row). CSV lines that
+    are not valid UTF-8 or have another field count than the header are 'malformed line' rows (kept,
+    to be quarantined with their raw text); an empty or header-only file is an error."""
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path.name}: file not found")
     if path.suffix == ".parquet" or path.is_dir():
-        return pq.read_table(path).to_pandas()
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        df = pq.read_table(path).to_pandas()
+        raw = [",".join("" if pd.isna(v) else str(v) for v in row) for row in df.itertuples(index=False)]
+        if not len(df):
+            raise DataError(f"{path.name}: no rows")
+        return df, np.full(len(df), None, dtype=object), raw
+    lines = [ln for ln in path.read_bytes().decode("utf-8", "surrogateescape").splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path.name}: empty file; expected a header (user_id,item_id[,ts][,weight][,action]) and rows")
+    header = next(csv.reader([lines[0]]))
+    if len(lines) == 1:
+        raise DataError(f"{path.name}: only a header line, no rows")
+    body = lines[1:]
+    reasons = np.full(len(body), None, dtype=object)
+    raw, cols = [], [[] for _ in header]
+    for i, (ln, fields) in enumerate(zip(body, csv.reader(body))):
+        try:
+            ln.encode("utf-8")
+            ok_text = True
+        except UnicodeEncodeError:
+            ok_text = False
+        raw.append(ln.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:500])
+        if not ok_text:
+            reasons[i] = "malformed line: not valid UTF-8"
+        elif len(fields) != len(header):
+            reasons[i] = f"malformed line: expected {len(header)} fields, got {len(fields)}"
+        if reasons[i] is not None:
+            fields = [None] * len(header)
+        for c, v in zip(cols, fields):
+            c.append(v if v != "" else None)
+    return pd.DataFrame({h: pd.Series(c, dtype=object) for h, c in zip(header, cols)}), reasons, raw
 
 
 def _ids_only_tables(w: SourceWriter, users: pd.Series, items: pd.Series) -> None:
@@ -177,11 +209,12 @@ def _ids_only_tables(w: SourceWriter, users: pd.Series, items: pd.Series) -> Non
     w.seal("users")
 
 
-def import_interactions(ws: Workspace, path: Path, source: str = "interactions", strict: bool = False) -> dict:
+def import_interactions(ws: Workspace, path: Path, source: str = "interactions", strict: bool = False,
+                        max_future_days: float | None = DEFAULT_MAX_FUTURE_DAYS) -> dict:
     """CSV/Parquet with columns user_id, item_id and optional ts (unix seconds or ISO-8601),
     weight and action (default click)."""
     path = Path(path)
-    df = _read_frame(path)
+    df, reasons, raw = _read_frame(path)
     missing = {"user_id", "item_id"} - set(df.columns)
     if missing:
         raise DataError(
@@ -189,9 +222,9 @@ def import_interactions(ws: Workspace, path: Path, source: str = "interactions",
             f"and optionally ts, weight, action (found: {', '.join(map(str, df.columns))})"
         )
     n = len(df)
-    reasons = np.full(n, None, dtype=object)
     if "ts" in df.columns:
         ts, bad_ts = parse_timestamps(df["ts"].tolist())
+        bad_ts &= pd.isna(reasons)
         reasons[bad_ts] = [f"malformed timestamp {v!r}" for v in df["ts"][bad_ts]]
     else:
         ts = pa.nulls(n, pa.timestamp("us", tz="UTC"))
@@ -199,22 +232,19 @@ def import_interactions(ws: Workspace, path: Path, source: str = "interactions",
     if "weight" in df.columns:
         badw = weight.isna().to_numpy() & df["weight"].notna().to_numpy() & pd.isna(reasons)
         reasons[badw] = [f"invalid weight {v!r}" for v in df["weight"][badw]]
-    raw = [",".join("" if pd.isna(v) else str(v) for v in row) for row in df.itertuples(index=False)]
-    with SourceWriter(ws, source, inputs=[path], strict=strict) as w:
-        _ids_only_tables(w, df["user_id"], df["item_id"])
-        w.write(
-            "engagements",
-            pa.table({
-                "user_id": _strs(df["user_id"]),
-                "pin_id": _strs(df["item_id"]),
-                "ts": ts,
-                "action": _strs(df["action"]) if "action" in df.columns else ["click"] * n,
-                "weight": weight.fillna(1.0).astype("float32").to_numpy(),
-                "surface": ["other"] * n,
-                RAW: raw,
-            }),
-            reasons,
-        )
+    eng = pa.table({
+        "user_id": _strs(df["user_id"]),
+        "pin_id": _strs(df["item_id"]),
+        "ts": ts,
+        "action": _strs(df["action"]) if "action" in df.columns else ["click"] * n,
+        "weight": weight.fillna(1.0).astype("float32").to_numpy(),
+        "surface": ["other"] * n,
+        RAW: raw,
+    })
+    with SourceWriter(ws, source, inputs=[path], strict=strict, max_future_days=max_future_days) as w:
+        ok = pd.isna(w.row_reasons("engagements", eng, reasons))  # pins and users from accepted rows only
+        _ids_only_tables(w, df["user_id"][ok], df["item_id"][ok])
+        w.write("engagements", eng, reasons)
         return w.commit()
 
 
@@ -246,17 +276,15 @@ def import_adjacency(
     part = ["train"] * len(tr[0]) + ["test"] * len(te[0])
     reasons = np.concatenate([tr[3], te[3]])
     n = len(users)
+    eng = pa.table({
+        "user_id": users, "pin_id": items, "ts": pa.nulls(n, pa.timestamp("us", tz="UTC")),
+        "action": ["click"] * n, "weight": np.ones(n, np.float32), "surface": ["other"] * n,
+        RAW: tr[2] + te[2],
+    })
     with SourceWriter(ws, source, inputs=[Path(train), Path(test)], strict=strict, params={"split": split}) as w:
-        _ids_only_tables(w, pd.Series(users, dtype=object), pd.Series(items, dtype=object))
-        w.write(
-            "engagements",
-            pa.table({
-                "user_id": users, "pin_id": items, "ts": pa.nulls(n, pa.timestamp("us", tz="UTC")),
-                "action": ["click"] * n, "weight": np.ones(n, np.float32), "surface": ["other"] * n,
-                RAW: tr[2] + te[2],
-            }),
-            reasons,
-        )
+        good = pd.isna(w.row_reasons("engagements", eng, reasons))  # pins and users from accepted rows only
+        _ids_only_tables(w, pd.Series(users, dtype=object)[good], pd.Series(items, dtype=object)[good])
+        w.write("engagements", eng, reasons)
         entry = w.commit()
     ok = np.array([r is None for r in reasons]) & np.array([u is not None and i is not None for u, i in zip(users, items)])
     # pos = the pair's place in the files (train lines, then test lines): the pseudo-time of data

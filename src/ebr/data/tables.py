@@ -24,6 +24,7 @@ def connect(
     ws: Workspace, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table (empty views for missing tables)."""
+    ws.recover_imports()
     con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads})
     con.execute("SET preserve_insertion_order = false")
     for t in TABLES:

@@ -22,11 +22,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ebr.data.schema import ACTIONS, SURFACES, TS, full_schema
+from ebr.data.schema import ACTIONS, SURFACES, TABLES, TS, full_schema
 from ebr.errors import EbrError
-from ebr.workspace import Workspace, file_sha256, library_versions, now_utc, read_json, write_json
+from ebr.workspace import (COMMIT_JOURNAL, Workspace, commit_hook, file_sha256, library_versions, now_utc, read_json,
+                           write_json)
 
 RAW = "_raw"  # optional column holding the source record, kept only in quarantine
+
+
+DEFAULT_MAX_FUTURE_DAYS = 1.0  # engagements later than the import time + this are quarantined
 
 
 class DataError(EbrError, ValueError):
@@ -98,11 +102,17 @@ def check_rows(
     refs: dict[str, pa.Array],
     embedding_dim: int | None,
     pre_reasons: np.ndarray | None = None,
+    max_ts: pd.Timestamp | None = None,
 ) -> np.ndarray:
-    """Reason per row (None = valid) for one batch of a table."""
+    """Reason per row (None = valid) for one batch of a table. Engagements after `max_ts` (the
+    import's clock plus a horizon) are quarantined: a future timestamp is a unit or clock mistake."""
     n = tbl.num_rows
     R = _Reasons(n, pre_reasons)
     if table == "engagements":
+        if max_ts is not None:
+            ts = tbl["ts"].cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            R.add(np.nan_to_num(ts, nan=-np.inf) > max_ts.value / 1e3, "timestamp in the future (after the import "
+                  "time + the horizon; --max-future-days)")
         R.add(_null_or_empty(tbl["user_id"]), "null user_id")
         R.add(_null_or_empty(tbl["pin_id"]), "null pin_id")
         act = tbl["action"]
@@ -169,6 +179,7 @@ class SourceWriter:
         strict: bool = False,
         embedding_dim: int | None = None,
         quiet: bool = False,
+        max_future_days: float | None = DEFAULT_MAX_FUTURE_DAYS,
     ):
         if not source or "/" in source or source.startswith("."):
             raise DataError(f"invalid source name {source!r}: use letters, digits, - or _")
@@ -176,7 +187,9 @@ class SourceWriter:
         self.inputs = [Path(p) for p in (inputs or [])]
         self.params = params or {}
         self.embedding_dim = embedding_dim
-        self.stage = ws.root / ".staging" / source
+        self.max_ts = None if max_future_days is None else pd.Timestamp(now_utc()) + pd.Timedelta(days=max_future_days)
+        ws.recover_imports()  # a crashed earlier commit is finished before its stage is reused
+        self.stage = ws.stage_dir(source)
         shutil.rmtree(self.stage, ignore_errors=True)
         self.stage.mkdir(parents=True)
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -196,6 +209,8 @@ class SourceWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._close_quarantine()
+            if (self.stage / COMMIT_JOURNAL).exists():
+                return  # committed: the next reader or import rolls it forward
             shutil.rmtree(self.stage, ignore_errors=True)
 
     def _conform(self, table: str, tbl: pa.Table) -> pa.Table:
@@ -224,7 +239,7 @@ class SourceWriter:
             if len(lens):
                 self.embedding_dim = int(pc.mode(lens)[0]["mode"].as_py())
         tbl = self._conform(table, tbl)
-        reasons = check_rows(table, tbl, self.refs, self.embedding_dim, pre_reasons)
+        reasons = check_rows(table, tbl, self.refs, self.embedding_dim, pre_reasons, self.max_ts)
         if table in self.KEY:  # duplicate keys within the source
             key = tbl[self.KEY[table]]
             prev = pa.chunked_array(self._seen[table], type=pa.string()) if self._seen[table] else None
@@ -259,6 +274,11 @@ class SourceWriter:
             pq.write_table(good, d / f"part-{self.parts[table]:05d}.parquet", row_group_size=1 << 20)
             self.parts[table] += 1
         return good.num_rows
+
+    def row_reasons(self, table: str, tbl: pa.Table, pre_reasons: np.ndarray | None = None) -> np.ndarray:
+        """The row-level checks of `write` without references to other tables and without writing:
+        which rows would be rejected on their own (so ids-only pins/users come from good rows only)."""
+        return check_rows(table, self._conform(table, tbl), {}, self.embedding_dim, pre_reasons, self.max_ts)
 
     def seal(self, table: str) -> None:
         """Declare a table complete: later tables are checked against its ids (dangling refs)."""
@@ -301,17 +321,6 @@ class SourceWriter:
                 f"--strict: {total_bad:,} bad rows in source {self.source!r}; nothing was written.\n"
                 + self.summary()
             )
-        self.ws.clear_source(self.source)
-        for t in self.counts:
-            src = self.stage / "tables" / t
-            dst = self.ws.source_dir(t, self.source)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.exists():
-                shutil.move(str(src), str(dst))
-        if (self.stage / "quarantine").exists():
-            self.ws.quarantine_dir(self.source).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.stage / "quarantine"), str(self.ws.quarantine_dir(self.source)))
-        shutil.rmtree(self.stage, ignore_errors=True)
         entry = {
             "imported_at": now_utc().isoformat(),
             "inputs": [
@@ -328,10 +337,19 @@ class SourceWriter:
             "libraries": library_versions(),
             **self.extra,
         }
+        # the complete new state is staged (every table folder, empty or not, the quarantine and
+        # the manifest); the journal makes the import roll forward from here, whatever happens
+        for t in TABLES:
+            (self.stage / "tables" / t).mkdir(parents=True, exist_ok=True)
+        (self.stage / "quarantine").mkdir(exist_ok=True)
         path = self.ws.root / "tables" / "manifest.json"
         manifest = read_json(path) if path.exists() else {"sources": {}}
         manifest["sources"][self.source] = entry
-        write_json(path, manifest)
+        write_json(self.stage / "manifest.json", manifest)
+        commit_hook("staged")
+        write_json(self.stage / COMMIT_JOURNAL, {"source": self.source, "at": now_utc().isoformat()})
+        commit_hook("journal")
+        self.ws.roll_forward(self.source)
         if not self.quiet:
             print(self.summary(), file=sys.stderr)
         return entry
