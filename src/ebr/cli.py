@@ -25,6 +25,15 @@ data flow (each stage writes under the workspace, with a manifest.json):
 """
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ebr")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -90,7 +99,14 @@ def cmd_synth(a) -> int:
 def cmd_sql(a) -> int:
     from ebr.data.tables import connect
 
-    rel = connect(Workspace.at(a.workspace)).sql(a.query)
+    import duckdb
+
+    from ebr.errors import EbrError
+
+    try:
+        rel = connect(Workspace.at(a.workspace)).sql(a.query)
+    except duckdb.Error as e:
+        raise EbrError(f"SQL error: {str(e).splitlines()[0]} (tables: engagements, pins, users, interests)") from None
     if rel is None:
         return 0
     if a.json:
@@ -144,7 +160,9 @@ def _overrides(a) -> dict:
     out = {}
     for item in a.set or []:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE (e.g. train.epochs=3), got {item!r}")
+            from ebr.errors import EbrError
+
+            raise EbrError(f"--set expects KEY=VALUE (e.g. train.epochs=3), got {item!r}")
         k, v = item.split("=", 1)
         import yaml
 
@@ -246,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=FLOW + "\nRun `ebr COMMAND --help` for each command's options and examples.",
         formatter_class=_Fmt,
     )
+    root.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    root.add_argument("--version", action="version", version=f"ebr {_version()}")
     stages = root.add_subparsers(dest="stage", metavar="STAGE", required=True)
 
     data = stages.add_parser("data", help="import, generate, split and query the tables",
@@ -473,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except EbrError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ebr.errors import EbrError
 
 
 class _Section(BaseModel):
@@ -112,15 +114,31 @@ class RunConfig(_Section):
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict | None = None) -> "RunConfig":
-        raw = yaml.safe_load(Path(path).read_text()) if path else {}
+        """A YAML file (or the defaults) with dotted overrides; any problem is an EbrError naming
+        the file or the field."""
+        name = Path(path).name if path else "the defaults"
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) if path else {}
+        except OSError as e:
+            raise EbrError(f"config {name}: cannot read it ({e.strerror or type(e).__name__})") from None
+        except yaml.YAMLError as e:
+            raise EbrError(f"config {name}: not valid YAML ({str(e).splitlines()[0]})") from None
         raw = raw or {}
+        if not isinstance(raw, dict):
+            raise EbrError(f"config {name}: must be a mapping of sections (data, features, model, train, ...)")
         for dotted, value in (overrides or {}).items():
             node = raw
             *parents, leaf = dotted.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise EbrError(f"--set {dotted}: {p} is not a section")
             node[leaf] = value
-        return cls.model_validate(raw)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
+            raise EbrError(f"config {name} with --set overrides: {problems}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ebr.data.schema import TABLES
+from ebr.errors import EbrError
 
 
 COMMIT_JOURNAL = "COMMIT"  # in a stage folder: the import is complete and rolls forward
@@ -78,8 +82,56 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on folder/.lock for the duration (released when the process dies);
+    a second holder gets an EbrError instead of mixing its files with the first's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise EbrError(f"{what} is in use by another process ({holder or 'unknown pid'}); wait for it to "
+                           "finish or use another name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def load_checkpoint_state(path: Path) -> dict:
+    """A run checkpoint (plain tensors and values: torch.load weights_only, so nothing is unpickled);
+    a missing, truncated or corrupt file is an EbrError that says so."""
+    import torch
+
+    if not Path(path).is_file():
+        raise EbrError(f"no checkpoint {Path(path).name} in run {Path(path).parent.parent.name!r}; train it first")
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise EbrError(f"checkpoint {Path(path).name} of run {Path(path).parent.parent.name!r} is truncated or "
+                       f"corrupt ({type(e).__name__}); train the run again") from None
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str, kind: str) -> str:
+    """A run, split or report name: one folder inside the workspace (no separators, no '..')."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise EbrError(f"invalid {kind} name {str(name)[:60]!r}: use letters, digits, '.', '-' or '_' "
+                       "(a name is one folder inside the workspace)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -159,14 +211,14 @@ class Workspace:
 
     # ---- later stages --------------------------------------------------------------------
     def split_dir(self, name: str) -> Path:
-        return self.root / "splits" / name
+        return self.root / "splits" / check_name(name, "split")
 
     def splits(self) -> list[str]:
         d = self.root / "splits"
         return sorted(p.name for p in d.iterdir() if (p / "manifest.json").exists()) if d.exists() else []
 
     def run_dir(self, run: str) -> Path:
-        return self.root / "runs" / run
+        return self.root / "runs" / check_name(run, "run")
 
     def bundles_dir(self) -> Path:
         return self.root / "bundles"
@@ -175,7 +227,7 @@ class Workspace:
         return self.root / "corpus"
 
     def report_dir(self, name: str) -> Path:
-        return self.root / "reports" / name
+        return self.root / "reports" / check_name(name, "report")
 
     def latest(self, kind: str) -> Path | None:
         """Highest VERSION folder under corpus/ or bundles/ (versions sort by time)."""

@@ -7,6 +7,8 @@ inputs, parameters, counts (including rows the corpus did not use, by reason) an
 
 from __future__ import annotations
 
+import math
+
 import datetime as dt
 import json
 import time
@@ -60,7 +62,12 @@ def parse_weights(text: str) -> dict[str, float]:
         a, w = part.split("=", 1)
         if a.strip() not in ACTIONS:
             raise DataError(f"--action-weights: unknown action {a.strip()!r}; actions are {', '.join(ACTIONS)}")
-        out[a.strip()] = float(w)
+        try:
+            out[a.strip()] = float(w)
+        except ValueError:
+            raise DataError(f"--action-weights: {part.strip()!r} needs a number after '=' (e.g. save=3)") from None
+        if not math.isfinite(out[a.strip()]) or out[a.strip()] < 0:
+            raise DataError(f"--action-weights: {part.strip()!r}: a weight must be a finite number >= 0")
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ebr.data.tables import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS, connect
+from ebr.data.tables import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS, connect, sql_str
 from ebr.workspace import Workspace
 
 ENGINES = ("duckdb", "spark")
@@ -44,7 +44,7 @@ class DuckDBEngine:
 
     def register(self, name: str, table: pa.Table | Path) -> None:
         if isinstance(table, Path):
-            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{table}')")
+            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{sql_str(table)}')")
         else:
             self.con.register(name, table)
 

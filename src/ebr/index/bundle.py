@@ -39,14 +39,16 @@ from ebr.index.backends import AnnIndex, SearchDefaults, build_index
 from ebr.index.verify import BUNDLE_FILES, content_hash
 from ebr.model.towers import TwoTower
 from ebr.ranking import topk_masked
-from ebr.workspace import Workspace, file_sha256, library_versions, now_utc, read_json, version_stamp, write_json
+from ebr.errors import EbrError
+from ebr.workspace import (Workspace, file_sha256, library_versions, load_checkpoint_state, now_utc, read_json,
+                           version_stamp, write_json)
 
 POPULARITY_HALF_LIFE_DAYS = 14.0
 
 
 def load_checkpoint(path: Path) -> tuple[TwoTower, dict[str, Any]]:
     """A run checkpoint -> (model in eval mode, checkpoint dict). Plain tensors: weights_only."""
-    ck = torch.load(path, weights_only=True)
+    ck = load_checkpoint_state(path)
     cfg = ModelConfig.model_validate(ck["config"]["model"])
     model = TwoTower(ck["sizes"], cfg)
     model.load_state_dict(ck["model"])
@@ -109,7 +111,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     t0 = time.time()
     ck_path = ws.run_dir(run) / "checkpoints" / "best.pt"
     if not ck_path.exists():
-        raise FileNotFoundError(f"run {run!r} has no best checkpoint at {ck_path}; train it first: ebr train --run {run}")
+        raise EbrError(f"run {run!r} has no best checkpoint; train it first: ebr train --run {run}")
     model, ck = load_checkpoint(ck_path)
     run_cfg = RunConfig.model_validate(ck["config"])
     fs = FeatureState.from_dict(ck["feature_state"])

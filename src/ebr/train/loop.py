@@ -31,8 +31,9 @@ from ebr.features.pinstats import PinStats, group_codes
 from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
+from ebr.errors import EbrError
 from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
-from ebr.workspace import Workspace, now_utc, write_json
+from ebr.workspace import Workspace, folder_lock, load_checkpoint_state, now_utc, write_json
 
 VAL_K = 100
 
@@ -121,8 +122,27 @@ def _save(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _ignored_settings(given: RunConfig, saved: RunConfig) -> list[str]:
+    """Settings given (not left at their default) that differ from the checkpoint's: a resume keeps
+    the checkpoint's, and says which it ignores."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b, d = flat(given.model_dump()), flat(saved.model_dump()), flat(RunConfig().model_dump())
+    return [f"{k} (given {a[k]!r}, checkpoint {b.get(k)!r})" for k in sorted(a) if a[k] != b.get(k) and a[k] != d.get(k)]
+
+
 def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False, progress: bool = True) -> dict:
-    """Train a two-tower model; returns the summary (best validation recall, steps, timings)."""
+    """Train a two-tower model; returns the summary (best validation recall, steps, timings). The run
+    folder is locked while training: a second `ebr train --run` of it is refused."""
+    with folder_lock(ws.run_dir(run), f"run {run!r}"):
+        return _train(ws, cfg, run, resume, progress)
+
+
+def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool) -> dict:
     from tqdm import tqdm
 
     rdir = ws.run_dir(run)
@@ -131,9 +151,13 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
     state = None
     if resume:
         if not last_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}; start the run without --resume")
-        state = torch.load(last_path, weights_only=True)
-        cfg = RunConfig.model_validate(state["config"])
+            raise EbrError(f"--resume: run {run!r} has no checkpoint to resume; start it without --resume")
+        state = load_checkpoint_state(last_path)
+        saved = RunConfig.model_validate(state["config"])
+        ignored = _ignored_settings(cfg, saved)
+        if ignored:
+            print(f"--resume keeps the checkpoint's settings; ignored: {'; '.join(ignored)}", file=sys.stderr)
+        cfg = saved
         fs = FeatureState.from_dict(json.loads((rdir / "feature_state.json").read_text()))
     else:
         fs = None
