@@ -10,7 +10,8 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
-from ebr.workspace import Workspace
+from ebr.log import log
+from ebr.workspace import Workspace, write_json
 
 FLOW = """\
 data flow (each stage writes under the workspace, with a manifest.json):
@@ -211,35 +212,26 @@ def cmd_index_check(a) -> int:
 
 
 def cmd_retrieve(a) -> int:
-
+    from ebr.errors import EbrError
     from ebr.serve.retriever import Retriever
 
-    r = Retriever(a.bundle)
-    users = [u.strip() for u in Path(a.users).read_text().splitlines() if u.strip()]
-    out = {}
-    codes = r.user_codes(users)
-    warm = [i for i, c in enumerate(codes) if r.is_warm(int(c))]
-    if warm:
-        scores, top = r.retrieve_codes(codes[warm], a.k)
-        for j, i in enumerate(warm):
-            keep = top[j] >= 0
-            out[users[i]] = {"items": [{"pin_id": r.pin_ids[c], "score": float(s), "source": "single"}
-                                       for c, s in zip(top[j][keep], scores[j][keep])], "cold_start": False}
-    for i, u in enumerate(users):
-        if u not in out:
-            res = r.retrieve(u, a.k)
-            out[u] = {"items": [{"pin_id": p, "score": s, "source": src} for p, s, src in
-                                zip(res.pin_ids, res.scores, res.sources)], "cold_start": res.cold_start}
-    payload = {"version": r.version, "k": a.k, "users": out}
-    Path(a.json).write_text(json.dumps(payload))
-    print(f"{len(users):,} users -> {a.json}", file=sys.stderr)
+    r = Retriever(Workspace.at(a.workspace).resolve_bundle(a.bundle))
+    try:
+        users = [u.strip() for u in Path(a.users).read_text().splitlines() if u.strip()]
+    except OSError as e:
+        raise EbrError(f"--users {Path(a.users).name}: cannot read it ({e.strerror})") from None
+    out = {u: {"items": [{"pin_id": p, "score": sc, "source": src} for p, sc, src in zip(x.pin_ids, x.scores, x.sources)],
+               "cold_start": x.cold_start} for u, x in zip(users, r.retrieve_batch(users, a.k))}
+    write_json(Path(a.json), {"version": r.version, "k": a.k, "users": out})
+    log.info("%s users -> %s", f"{len(users):,}", a.json)
     return 0
 
 
 def cmd_serve(a) -> int:
     from ebr.serve.app import serve
 
-    serve(a.bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads, a.expect_version)
+    serve(str(Workspace.at(a.workspace).resolve_bundle(a.bundle)), a.host, a.port, a.max_k, a.timeout_ms, a.threads,
+          a.expect_version)
     return 0
 
 
@@ -265,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Fmt,
     )
     root.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    root.add_argument("--verbose", "-v", action="store_true", help="more log lines (stderr)")
+    root.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only, no progress bars")
     root.add_argument("--version", action="version", version=f"ebr {_version()}")
     stages = root.add_subparsers(dest="stage", metavar="STAGE", required=True)
 
@@ -430,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
         example:  ebr retrieve --bundle workspace/bundles/VERSION --users users.txt --k 100 --json out.json
         """, cmd_retrieve)
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", default="latest", help="a folder, a VERSION under WORKSPACE/bundles, or 'latest'")
     p.add_argument("--users", required=True, help="file with one user id per line")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--json", required=True, help="output file")
@@ -444,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         example:  EBR_ADMIN_TOKEN=secret ebr serve workspace/bundles/VERSION --port 8000
         """, cmd_serve)
-    p.add_argument("bundle", help="bundle folder (bundles/VERSION)")
+    p.add_argument("bundle", nargs="?", default="latest",
+                   help="bundle: a folder, a VERSION under WORKSPACE/bundles, or 'latest'")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-k", type=int, default=1000)
@@ -489,7 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ebr.errors import EbrError
 
+    import logging
+
+    from ebr.log import setup
+
     args = build_parser().parse_args(argv)
+    setup(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.fn(args)
     except EbrError as e:

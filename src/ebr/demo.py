@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
+from ebr.log import log
 from ebr.workspace import Workspace
 
 
@@ -22,15 +22,15 @@ def cmd_demo(a) -> int:
     t0 = time.time()
 
     def step(i: int, msg: str) -> None:
-        print(f"[{i}/6] {msg}  ({time.time() - t0:.0f}s)", file=sys.stderr)
+        log.info("[%d/6] %s  (%.0fs)", i, msg, time.time() - t0)
 
     step(1, f"synthetic world ({a.preset}) -> {ws.root}/tables")
     generate(ws, a.preset, seed=0)
     split = make_temporal(ws)
     s = stats(ws)
-    print(f"  {s['engagements']:,} engagements, {s['pins']:,} pins ({s['coarse_signatures']:,} image signatures), "
-          f"{s['users']:,} users, {s['interests']} interests; split temporal: "
-          + ", ".join(f"{k} {v:,}" for k, v in split.manifest["counts"].items()), file=sys.stderr)
+    log.info(f"  {s['engagements']:,} engagements, {s['pins']:,} pins ({s['coarse_signatures']:,} image signatures), "
+             f"{s['users']:,} users, {s['interests']} interests; split temporal: "
+             + ", ".join(f"{k} {v:,}" for k, v in split.manifest["counts"].items()))
     step(2, "train the two-tower model (runs/main)")
     cfg = RunConfig.load(a.config, {"train.epochs": a.epochs} if a.epochs else None)
     summary = train(ws, cfg, run="main")

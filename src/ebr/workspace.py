@@ -223,6 +223,20 @@ class Workspace:
     def bundles_dir(self) -> Path:
         return self.root / "bundles"
 
+    def resolve_bundle(self, arg: str) -> Path:
+        """A bundle folder from a path, a VERSION under bundles/, or 'latest'."""
+        if arg == "latest":
+            found = self.latest("bundles")
+            if found is None:
+                raise EbrError(f"no bundle in {self.root.name}/bundles; build one with `ebr index build`")
+            return found
+        if Path(arg).is_dir():
+            return Path(arg)
+        if _NAME.fullmatch(arg) and (self.bundles_dir() / arg).is_dir():
+            return self.bundles_dir() / arg
+        raise EbrError(f"{Path(arg).name or arg}: not a bundle folder (give a path, a VERSION under "
+                       f"{self.root.name}/bundles, or 'latest')")
+
     def corpus_dir(self) -> Path:
         return self.root / "corpus"
 
@@ -234,5 +248,5 @@ class Workspace:
         d = self.root / kind
         if not d.exists():
             return None
-        versions = sorted(p for p in d.iterdir() if (p / "manifest.json").exists())
+        versions = sorted(p for p in d.iterdir() if not p.name.startswith(".") and (p / "manifest.json").exists())
         return versions[-1] if versions else None

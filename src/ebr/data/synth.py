@@ -391,7 +391,7 @@ def engagements_table(world: World, uc: UserChunk, chunk: int, slot_batch: int =
 
 def generate(ws: Workspace, preset: str = "small", seed: int = 0, progress: bool = True, **overrides) -> dict:
     """Write the synthetic world into the workspace as source 'synth' (replacing an earlier one)."""
-    from tqdm import tqdm
+    from ebr.log import bar as progress_bar
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -419,7 +419,7 @@ def generate(ws: Workspace, preset: str = "small", seed: int = 0, progress: bool
         user_truth = pa.concat_tables(user_parts)
         pq.write_table(user_truth, truth / "users.parquet")
         del user_parts, user_truth
-        bar = tqdm(total=cfg.n_users, unit="user", desc=f"synth {preset}", disable=not progress)
+        bar = progress_bar(cfg.n_users, f"synth {preset}", progress, unit="user")
         for ch in range(n_chunks):
             uc = make_users(world, ch)
             w.write("engagements", engagements_table(world, uc, ch))

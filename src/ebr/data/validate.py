@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ebr.data.schema import ACTIONS, SURFACES, TABLES, TS, full_schema
 from ebr.errors import EbrError
+from ebr.log import log
 from ebr.workspace import (COMMIT_JOURNAL, Workspace, commit_hook, file_sha256, library_versions, now_utc, read_json,
                            write_json)
 
@@ -351,5 +351,5 @@ class SourceWriter:
         commit_hook("journal")
         self.ws.roll_forward(self.source)
         if not self.quiet:
-            print(self.summary(), file=sys.stderr)
+            log.info(self.summary())
         return entry

@@ -4,7 +4,6 @@ counted identically: same users, same targets, same exclusions, same candidates.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ import torch
 
 from ebr.data.splits import Part, Split, load_split
 from ebr.errors import EbrError
+from ebr.log import bars_enabled, log
 from ebr.features.examples import eval_spec, load_engagements
 from ebr.features.state import user_arrays
 from ebr.index.bundle import build_bundle, find_bundle
@@ -117,7 +117,10 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
         scorers["interest_popular"] = pz.interest_popular(e, visible, P, r.pin_interests, user_arrays(ws, r.fs),
                                                           len(r.fs.interests))
     if "als" in peers:
-        scorers["als"] = pz.als(e, visible, len(r.fs.users), P, fcfg.action_weights, seed=cfg["train"]["seed"])
+        if progress:
+            log.info("fitting ALS on %s visible engagements", f"{int(visible.sum()):,}")
+        scorers["als"] = pz.als(e, visible, len(r.fs.users), P, fcfg.action_weights, seed=cfg["train"]["seed"],
+                                progress=bars_enabled(progress))
 
     # targets on pins that do not exist at the as-of time (first engaged later) are unreachable for all
     n_targets = sum(len(t) for t in spec.targets)
@@ -156,7 +159,7 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
         out["results"] = [{"name": "two_tower", **_sampled(tt_score, cands, list(ks))}] + [
             {"name": n, **_sampled(fn, cands, list(ks))} for n, fn in scorers.items()]
     if progress:
-        print(format_table(out), file=sys.stderr)
+        log.info(format_table(out))
     return out
 
 

@@ -64,7 +64,7 @@ def interest_popular(e: Engagements, visible: np.ndarray, n_pins: int, pin_inter
 
 def als(e: Engagements, visible: np.ndarray, n_users: int, n_pins: int, weights: dict[str, float],
         factors: int = 64, iterations: int = 15, regularization: float = 0.05, alpha: float = 10.0,
-        seed: int = 0) -> Scorer:
+        seed: int = 0, progress: bool = False) -> Scorer:
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
@@ -78,7 +78,7 @@ def als(e: Engagements, visible: np.ndarray, n_users: int, n_pins: int, weights:
     with threadpool_limits(1, "blas"):  # implicit runs its own threads; BLAS threads would fight them
         model = AlternatingLeastSquares(factors=factors, iterations=iterations, regularization=regularization,
                                         random_state=seed, num_threads=0)
-        model.fit(mat, show_progress=False)
+        model.fit(mat, show_progress=progress)
     U = torch.from_numpy(np.asarray(model.user_factors, dtype=np.float32))
     V = torch.from_numpy(np.asarray(model.item_factors, dtype=np.float32))
     return lambda codes: U[torch.from_numpy(codes)] @ V.T

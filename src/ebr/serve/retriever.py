@@ -141,6 +141,20 @@ class Retriever:
             out.append(i)
         return np.concatenate(scores), np.concatenate(out)
 
+    def retrieve_batch(self, user_ids: Sequence[str], k: int) -> list[Result]:
+        """`retrieve(u, k)` for many users: warm users through one batched search, the others
+        (cold, unknown) one by one through the cold-start path."""
+        codes = self.user_codes(list(user_ids))
+        warm = [i for i, c in enumerate(codes) if self.is_warm(int(c))]
+        out: list[Result | None] = [None] * len(codes)
+        if warm:
+            scores, top = self.retrieve_codes(codes[warm], k)
+            for j, i in enumerate(warm):
+                keep = top[j] >= 0
+                out[i] = Result([self.pin_ids[c] for c in top[j][keep]], scores[j][keep].tolist(),
+                                ["single"] * int(keep.sum()), False)
+        return [x if x is not None else self.retrieve(u, k) for u, x in zip(user_ids, out)]
+
     def allowed_for_interests(self, interests: Sequence[str]) -> np.ndarray:
         """Sorted pin codes carrying any of the interests; an unknown interest is a ValueError."""
         codes = self.fs.interests.encode(list(interests))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import (T_MAX, Examples, Histories, eval_spec, existing_pins, load_engagements,
                                    positive_examples)
 from ebr.features.pinstats import PinStats, group_codes
+from ebr.log import bar, log
 from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
@@ -143,8 +143,6 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
 
 
 def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool) -> dict:
-    from tqdm import tqdm
-
     rdir = ws.run_dir(run)
     ck = rdir / "checkpoints"
     last_path = ck / "last.pt"
@@ -156,7 +154,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         saved = RunConfig.model_validate(state["config"])
         ignored = _ignored_settings(cfg, saved)
         if ignored:
-            print(f"--resume keeps the checkpoint's settings; ignored: {'; '.join(ignored)}", file=sys.stderr)
+            log.warning("--resume keeps the checkpoint's settings; ignored: %s", "; ".join(ignored))
         cfg = saved
         fs = FeatureState.from_dict(json.loads((rdir / "feature_state.json").read_text()))
     else:
@@ -210,8 +208,8 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     model.train()
     while not done and epoch < cfg.train.epochs:
         perm = epoch_order(ex, B, cfg.train.seed, epoch, cfg.train.time_local_batches)
-        bar = tqdm(total=steps_per_epoch, initial=pos_in_epoch // B, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not progress, unit="step", file=sys.stderr, mininterval=2.0)
+        pbar = bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress, initial=pos_in_epoch // B,
+                   unit="step")
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
         while pos_in_epoch < n:
             idx = perm[pos_in_epoch: pos_in_epoch + B]
@@ -244,14 +242,14 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             seen_examples += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             loss_n += len(idx)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", ex_s=f"{seen_examples / (time.time() - t_start):,.0f}")
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", ex_s=f"{seen_examples / (time.time() - t_start):,.0f}")
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 done = True
                 break
             if step % cfg.train.checkpoint_every == 0:
                 snapshot("last")
-        bar.close()
+        pbar.close()
         epoch_done = pos_in_epoch >= n
         recall = validation_recall(model, d, L)
         improved = recall > best
@@ -265,8 +263,8 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         with open(rdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if progress:
-            print(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  val recall@{VAL_K} {recall:.4f}"
-                  f"{'  (best)' if improved else ''}", file=sys.stderr)
+            log.info("epoch %d: loss %.4f  val recall@%d %.4f%s", epoch + 1, rec["loss"], VAL_K, recall,
+                     "  (best)" if improved else "")
         if improved:
             snapshot("best")
         if epoch_done:
