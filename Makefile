@@ -1,19 +1,20 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install
-# everything from requirements.lock.txt (--no-deps: torch 2.13.0 CPU, torchrec + fbgemm-gpu-cpu as
-# ENV.md requires); a second run reinstalls nothing (the stamp depends on the lock and pyproject).
+# everything from requirements.lock.txt (generated from pyproject.toml by `make lock`) and
+# requirements-torchrec.lock.txt (torchrec + fbgemm-gpu-cpu, as ENV.md requires), all with --no-deps;
+# a second run reinstalls nothing (the stamp depends on the locks and pyproject).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ebr-installed
 WORKSPACE ?= ./workspace
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements.lock.txt pyproject.toml | $(PY)
-	$(PY) -m pip install --no-deps -r requirements.lock.txt
+$(STAMP): requirements.lock.txt requirements-torchrec.lock.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --no-deps -r requirements.lock.txt -r requirements-torchrec.lock.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -22,8 +23,19 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/ebr demo --workspace $(WORKSPACE)
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks tools
+
+# the speed and quality measurements of benchmarks/ (long: see each script's docstring)
+bench: install
+	for b in synth corpus train_throughput serve quality crossing; do $(PY) benchmarks/$$b.py || exit 1; done
+
+# regenerate requirements.lock.txt from pyproject.toml with pip's resolver
+lock: install
+	$(PY) tools/lock.py
 
 clean:
 	rm -rf $(VENV) $(WORKSPACE) .pytest_cache

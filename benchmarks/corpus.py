@@ -31,8 +31,9 @@ t = time.time()
 d = build_serving_corpus(ws, {engine!r}, top_n=1_000_000)
 s = time.time() - t
 m = json.load(open(d / "manifest.json"))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps({{"engine": {engine!r}, "engagements": n, "seconds": s, "query_seconds": m["seconds"]["corpus_query"],
-                  "pins": m["counts"]["pins"], "self_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
+                  "pins": m["counts"]["pins"], "self_peak_rss_gib": rss}}))
 """
 
 
@@ -66,17 +67,27 @@ def main() -> None:
         for _ in range(a.runs if engine == "duckdb" else 1):
             shutil.rmtree(Path(ws) / "corpus", ignore_errors=True)
             runs.append(run_child(CHILD.format(ws=str(ws), engine=engine), env))
-        r = {"engine": engine, "engagements": runs[0]["engagements"], "runs": len(runs),
-             "median_seconds": statistics.median(x["seconds"] for x in runs),
-             "median_query_seconds": statistics.median(x["query_seconds"] for x in runs),
-             "peak_rss_gib_python_process": round(max(x["self_peak_rss_gib"] for x in runs), 3),
-             "pins": runs[0]["pins"]}
+        r = {
+            "engine": engine,
+            "engagements": runs[0]["engagements"],
+            "runs": len(runs),
+            "median_seconds": statistics.median(x["seconds"] for x in runs),
+            "median_query_seconds": statistics.median(x["query_seconds"] for x in runs),
+            "peak_rss_gib_python_process": round(max(x["self_peak_rss_gib"] for x in runs), 3),
+            "pins": runs[0]["pins"],
+        }
         r["engagements_per_s"] = round(r["engagements"] / r["median_seconds"])
         results.append(r)
         print(r, flush=True)
-    write("corpus", {"results": results, "target": "100M <= 60 s, <= 4 GiB peak RSS (DuckDB)",
-                     "note": "peak RSS of the Python process that ran the query (DuckDB runs in it; Spark's JVM "
-                             "is a separate process with spark.driver.memory=2g)"})
+    write(
+        "corpus",
+        {
+            "results": results,
+            "target": "100M <= 60 s, <= 4 GiB peak RSS (DuckDB)",
+            "note": "peak RSS of the Python process that ran the query (DuckDB runs in it; Spark's JVM "
+            "is a separate process with spark.driver.memory=2g)",
+        },
+    )
 
 
 if __name__ == "__main__":

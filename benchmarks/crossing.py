@@ -105,15 +105,27 @@ def main() -> None:
                     print(ds, budget, kind, seed, runs[-1], flush=True)
                 agg = {k: (float(np.mean([x[k] for x in runs])), float(np.std([x[k] for x in runs], ddof=1)))
                        for k in ("recall@50", "recall@100", "examples_per_s", "tower_latency_ms")}
-                rows.append({"dataset": ds, "budget": budget, "crossing": kind, "seeds": len(runs),
-                             "params": runs[0]["crossing_params"], **{k: {"mean": m, "std": sd} for k, (m, sd) in agg.items()}})
-    md = ["| dataset | budget | crossing | crossing params | Recall@50 | Recall@100 | train ex/s | tower latency (ms) |",
-          "|---|---|---|---|---|---|---|---|"]
+                rows.append(
+                    {
+                        "dataset": ds,
+                        "budget": budget,
+                        "crossing": kind,
+                        "seeds": len(runs),
+                        "params": runs[0]["crossing_params"],
+                        **{k: {"mean": m, "std": sd} for k, (m, sd) in agg.items()},
+                    }
+                )
+    md = [
+        "| dataset | budget | crossing | crossing params | Recall@50 | Recall@100 | train ex/s | tower latency (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['dataset']} | {r['budget']} | {r['crossing']} | {r['params']:,} | "
-                  f"{r['recall@50']['mean']:.4f} ± {r['recall@50']['std']:.4f} | "
-                  f"{r['recall@100']['mean']:.4f} ± {r['recall@100']['std']:.4f} | "
-                  f"{r['examples_per_s']['mean']:,.0f} | {r['tower_latency_ms']['mean']:.2f} |")
+        md.append(
+            f"| {r['dataset']} | {r['budget']} | {r['crossing']} | {r['params']:,} | "
+            f"{r['recall@50']['mean']:.4f} ± {r['recall@50']['std']:.4f} | "
+            f"{r['recall@100']['mean']:.4f} ± {r['recall@100']['std']:.4f} | "
+            f"{r['examples_per_s']['mean']:,.0f} | {r['tower_latency_ms']['mean']:.2f} |"
+        )
     print("\n".join(md))
     write("crossing", {"rows": rows, "markdown": "\n".join(md), "steps": a.steps, "seeds": a.seeds})
 

@@ -26,7 +26,8 @@ from _common import write  # noqa: E402
 LOADGEN = r"""
 import json, sys, time, random, statistics
 import httpx
-url, users, k, seconds, conc = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+url, users, k = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+seconds, conc = float(sys.argv[4]), int(sys.argv[5])
 import concurrent.futures as cf
 def worker(i):
     lat, fails, versions = [], 0, set()
@@ -61,8 +62,11 @@ def free_port() -> int:
 
 
 def loadgen(url: str, users: list[str], k: int, seconds: float, conc: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", LOADGEN, url, json.dumps(users), str(k), str(seconds), str(conc)],
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", LOADGEN, url, json.dumps(users), str(k), str(seconds), str(conc)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def main() -> None:
@@ -98,8 +102,9 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "EBR_ADMIN_TOKEN": "bench"}
-    server = subprocess.Popen([sys.executable, "-m", "ebr.cli", "serve", str(hnsw), "--port", str(port),
-                               "--max-k", str(a.k)], env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ebr.cli", "serve", str(hnsw), "--port", str(port), "--max-k", str(a.k)], env=env
+    )
     try:
         for _ in range(600):
             try:
@@ -117,18 +122,28 @@ def main() -> None:
         reloads = []
         for _ in range(2):
             t = time.time()
-            res = httpx.post(url + "/v1/admin/reload", json={"bundle": str(hnsw)},
-                             headers={"Authorization": "Bearer bench"}, timeout=600)
+            res = httpx.post(
+                url + "/v1/admin/reload",
+                json={"bundle": str(hnsw)},
+                headers={"Authorization": "Bearer bench"},
+                timeout=600,
+            )
             reloads.append({"status": res.status_code, "seconds": round(time.time() - t, 2)})
         under_reload = json.loads(lg.communicate()[0])
     finally:
         server.terminate()
         server.wait(30)
     payload = {
-        "pins": m["counts"]["candidates"], "embedding_dim": m["embedding_dim"], "k": a.k,
-        "hnsw_build_seconds": m["index"]["build_seconds"], "bundle_seconds": round(bundle_s, 1),
-        "recall@100_vs_exact": m["index"]["recall@100_vs_exact"], "search": m["index"]["search"],
-        "concurrency_1": c1, "saturation": sat, "reload_under_load": {"load": under_reload, "reloads": reloads},
+        "pins": m["counts"]["candidates"],
+        "embedding_dim": m["embedding_dim"],
+        "k": a.k,
+        "hnsw_build_seconds": m["index"]["build_seconds"],
+        "bundle_seconds": round(bundle_s, 1),
+        "recall@100_vs_exact": m["index"]["recall@100_vs_exact"],
+        "search": m["index"]["search"],
+        "concurrency_1": c1,
+        "saturation": sat,
+        "reload_under_load": {"load": under_reload, "reloads": reloads},
         "targets": "p99 <= 10 ms at concurrency 1, recall@100 >= 0.95",
     }
     write("serve", payload)

@@ -7,8 +7,8 @@ import io
 import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ebr.index.verify import BUNDLE_FILES, content_hash
 from ebr.workspace import file_sha256, read_json, write_json

@@ -7,8 +7,8 @@ import datetime as dt
 import json
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ebr.log import log
 from ebr.workspace import Workspace, write_json
@@ -56,8 +56,8 @@ def _ts(value: str) -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO-8601 time, e.g. 2026-04-01T00:00:00Z")
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO-8601 time, e.g. 2026-04-01T00:00:00Z") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -76,14 +76,19 @@ def cmd_import_interactions(a) -> int:
     if a.format == "adjacency":
         if not (a.train and a.test):
             raise DataError("--format adjacency needs --train FILE and --test FILE (lines: 'user item item ...')")
-        e = import_adjacency(ws, Path(a.train), Path(a.test), source=a.source or "adjacency", split=a.split, strict=a.strict)
-        print(f"split {e['split']['name']!r}: {e['split']['train']:,} train pairs, {e['split']['test']:,} test pairs",
-              file=sys.stderr)
+        e = import_adjacency(
+            ws, Path(a.train), Path(a.test), source=a.source or "adjacency", split=a.split, strict=a.strict
+        )
+        print(
+            f"split {e['split']['name']!r}: {e['split']['train']:,} train pairs, {e['split']['test']:,} test pairs",
+            file=sys.stderr,
+        )
     else:
         if not a.file:
             raise DataError("give the interactions FILE (CSV or Parquet with user_id, item_id[, ts][, weight])")
-        import_interactions(ws, Path(a.file), source=a.source or "interactions", strict=a.strict,
-                            max_future_days=a.max_future_days)
+        import_interactions(
+            ws, Path(a.file), source=a.source or "interactions", strict=a.strict, max_future_days=a.max_future_days
+        )
     return 0
 
 
@@ -92,16 +97,18 @@ def cmd_synth(a) -> int:
 
     e = generate(Workspace.at(a.workspace), a.preset, seed=a.seed)
     n = e["tables"]["engagements"]["accepted"]
-    print(f"synth {a.preset} seed={a.seed}: {n:,} engagements in {e['wall_seconds']:.1f}s "
-          f"({n / max(e['wall_seconds'], 1e-9):,.0f}/s)", file=sys.stderr)
+    print(
+        f"synth {a.preset} seed={a.seed}: {n:,} engagements in {e['wall_seconds']:.1f}s "
+        f"({n / max(e['wall_seconds'], 1e-9):,.0f}/s)",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_sql(a) -> int:
-    from ebr.data.tables import connect
-
     import duckdb
 
+    from ebr.data.tables import connect
     from ebr.errors import EbrError
 
     try:
@@ -131,7 +138,9 @@ def cmd_split(a) -> int:
 
     ws = Workspace.at(a.workspace)
     if a.kind == "temporal":
-        s = make_temporal(ws, a.name or "temporal", cut=a.cut, test_fraction=a.test_fraction, val_fraction=a.val_fraction)
+        s = make_temporal(
+            ws, a.name or "temporal", cut=a.cut, test_fraction=a.test_fraction, val_fraction=a.val_fraction
+        )
     else:
         s = make_leave_last_out(ws, a.name or "leave_last_out")
     print(json.dumps(s.manifest, indent=2))
@@ -142,8 +151,16 @@ def cmd_split(a) -> int:
 def cmd_corpus_build(a) -> int:
     from ebr.corpus.build import build_serving_corpus, parse_weights, read_json
 
-    d = build_serving_corpus(Workspace.at(a.workspace), a.engine, a.as_of, a.window_days, a.half_life_days,
-                             not a.no_decay, a.top_n, parse_weights(a.action_weights))
+    d = build_serving_corpus(
+        Workspace.at(a.workspace),
+        a.engine,
+        a.as_of,
+        a.window_days,
+        a.half_life_days,
+        not a.no_decay,
+        a.top_n,
+        parse_weights(a.action_weights),
+    )
     m = read_json(d / "manifest.json")
     print(json.dumps({"corpus": str(d), "as_of": m["as_of"], "counts": m["counts"], "seconds": m["seconds"]}, indent=2))
     return 0
@@ -191,9 +208,18 @@ def cmd_index_build(a) -> int:
     from ebr.workspace import read_json
 
     m = read_json(path / "manifest.json")
-    print(json.dumps({"bundle": str(path), "backend": a.backend, "candidates": m["counts"]["candidates"],
-                      "recall@100_vs_exact": m["index"]["recall@100_vs_exact"],
-                      "index_build_seconds": m["index"]["build_seconds"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "bundle": str(path),
+                "backend": a.backend,
+                "candidates": m["counts"]["candidates"],
+                "recall@100_vs_exact": m["index"]["recall@100_vs_exact"],
+                "index_build_seconds": m["index"]["build_seconds"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -202,8 +228,12 @@ def cmd_index_check(a) -> int:
 
     m, problems = check_bundle(a.bundle, a.expect_version)
     if a.json:
-        print(json.dumps({"bundle": a.bundle, "version": (m or {}).get("version"), "ok": not problems,
-                          "problems": problems}, indent=2))
+        print(
+            json.dumps(
+                {"bundle": a.bundle, "version": (m or {}).get("version"), "ok": not problems, "problems": problems},
+                indent=2,
+            )
+        )
     else:
         for p in problems:
             print(f"problem: {p}")
@@ -220,8 +250,13 @@ def cmd_retrieve(a) -> int:
         users = [u.strip() for u in Path(a.users).read_text().splitlines() if u.strip()]
     except OSError as e:
         raise EbrError(f"--users {Path(a.users).name}: cannot read it ({e.strerror})") from None
-    out = {u: {"items": [{"pin_id": p, "score": sc, "source": src} for p, sc, src in zip(x.pin_ids, x.scores, x.sources)],
-               "cold_start": x.cold_start} for u, x in zip(users, r.retrieve_batch(users, a.k))}
+    out = {
+        u: {
+            "items": [{"pin_id": p, "score": sc, "source": src} for p, sc, src in zip(x.pin_ids, x.scores, x.sources)],
+            "cold_start": x.cold_start,
+        }
+        for u, x in zip(users, r.retrieve_batch(users, a.k))
+    }
     write_json(Path(a.json), {"version": r.version, "k": a.k, "users": out})
     log.info("%s users -> %s", f"{len(users):,}", a.json)
     return 0
@@ -230,8 +265,15 @@ def cmd_retrieve(a) -> int:
 def cmd_serve(a) -> int:
     from ebr.serve.app import serve
 
-    serve(str(Workspace.at(a.workspace).resolve_bundle(a.bundle)), a.host, a.port, a.max_k, a.timeout_ms, a.threads,
-          a.expect_version)
+    serve(
+        str(Workspace.at(a.workspace).resolve_bundle(a.bundle)),
+        a.host,
+        a.port,
+        a.max_k,
+        a.timeout_ms,
+        a.threads,
+        a.expect_version,
+    )
     return 0
 
 
@@ -239,9 +281,15 @@ def cmd_eval(a) -> int:
     from ebr.eval.evaluate import evaluate, write_report
 
     ws = Workspace.at(a.workspace)
-    res = evaluate(ws, a.run, a.split, peers=tuple(p for p in a.peers.split(",") if p),
-                   candidates=Path(a.candidates) if a.candidates else None, corpus=a.corpus,
-                   bundle=Path(a.bundle) if a.bundle else None)
+    res = evaluate(
+        ws,
+        a.run,
+        a.split,
+        peers=tuple(p for p in a.peers.split(",") if p),
+        candidates=Path(a.candidates) if a.candidates else None,
+        corpus=a.corpus,
+        bundle=Path(a.bundle) if a.bundle else None,
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     d = write_report(ws, res, a.run, a.report)
@@ -262,27 +310,45 @@ def build_parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"ebr {_version()}")
     stages = root.add_subparsers(dest="stage", metavar="STAGE", required=True)
 
-    data = stages.add_parser("data", help="import, generate, split and query the tables",
-                             description="Validated Parquet tables: engagements, pins, users, interests.",
-                             formatter_class=_Fmt)
+    data = stages.add_parser(
+        "data",
+        help="import, generate, split and query the tables",
+        description="Validated Parquet tables: engagements, pins, users, interests.",
+        formatter_class=_Fmt,
+    )
     dsub = data.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
-    imp = dsub.add_parser("import", help="import a real dataset", formatter_class=_Fmt,
-                          description="Import a dataset. Every row is validated: rows in = accepted + quarantined.")
+    imp = dsub.add_parser(
+        "import",
+        help="import a real dataset",
+        formatter_class=_Fmt,
+        description="Import a dataset. Every row is validated: rows in = accepted + quarantined.",
+    )
     isub = imp.add_subparsers(dest="kind", metavar="KIND", required=True)
     strict = argparse.ArgumentParser(add_help=False)
     strict.add_argument("--strict", action="store_true", help="fail (and write nothing) on any bad row")
-    p = _add(isub, "movielens", "MovieLens 100K or 1M folder", """\
+    p = _add(
+        isub,
+        "movielens",
+        "MovieLens 100K or 1M folder",
+        """\
         Import MovieLens: ML-100K (u.data, u.item, u.user) or ML-1M (ratings.dat, movies.dat, users.dat).
         Ratings become engagements: 5 -> save, 4 -> click, 3 -> closeup, 1-2 -> hide.
         Genres become interests, demographics user features (age bucket, gender, occupation, zip3).
 
         example:  ebr data import movielens ../shared/data/ml-100k
-        """, cmd_import_movielens, parents=[strict])
+        """,
+        cmd_import_movielens,
+        parents=[strict],
+    )
     p.add_argument("path", help="folder holding the MovieLens files")
     p.add_argument("--source", default="movielens", help="source name; importing a source again replaces its rows")
 
-    p = _add(isub, "interactions", "generic interactions (CSV/Parquet) or adjacency-list splits", """\
+    p = _add(
+        isub,
+        "interactions",
+        "generic interactions (CSV/Parquet) or adjacency-list splits",
+        """\
         Import interactions.
           csv/parquet: columns user_id, item_id, optional ts (unix seconds or ISO-8601), weight, action.
           adjacency:   --train F --test F, lines 'user item item ...' (no time); records a given split.
@@ -290,55 +356,93 @@ def build_parser() -> argparse.ArgumentParser:
         examples:
           ebr data import interactions clicks.csv
           ebr data import interactions --format adjacency --train train.txt --test test.txt
-        """, cmd_import_interactions, parents=[strict])
+        """,
+        cmd_import_interactions,
+        parents=[strict],
+    )
     p.add_argument("file", nargs="?", help="CSV or Parquet file (not used with --format adjacency)")
     p.add_argument("--format", choices=["table", "adjacency"], default="table")
     p.add_argument("--train", help="adjacency training file")
     p.add_argument("--test", help="adjacency test file")
     p.add_argument("--split", default="given", help="name of the split recorded by an adjacency import")
     p.add_argument("--source", default=None, help="source name (default: interactions / adjacency)")
-    p.add_argument("--max-future-days", type=float, default=1.0,
-                   help="quarantine engagements later than the import time + this many days")
+    p.add_argument(
+        "--max-future-days",
+        type=float,
+        default=1.0,
+        help="quarantine engagements later than the import time + this many days",
+    )
 
-    p = _add(dsub, "synth", "generate the synthetic homefeed world", """\
+    p = _add(
+        dsub,
+        "synth",
+        "generate the synthetic homefeed world",
+        """\
         Generate the synthetic homefeed world (SYNTH.md) as source 'synth', streamed to Parquet
         chunk by chunk (memory bounded by the chunk). Latent variables go to truth/ (diagnostics).
         Presets: tiny (tests, ~13k engagements), small (demo, ~1M), large (benchmarks, ~100M).
 
         example:  ebr data synth --preset small --seed 0
-        """, cmd_synth)
+        """,
+        cmd_synth,
+    )
     p.add_argument("--preset", choices=["tiny", "small", "large"], default="small")
     p.add_argument("--seed", type=int, default=0)
 
-    p = _add(dsub, "sql", "run DuckDB SQL over the tables", """\
+    p = _add(
+        dsub,
+        "sql",
+        "run DuckDB SQL over the tables",
+        """\
         Run a DuckDB query over views named engagements, pins, users, interests.
 
         example:  ebr data sql "SELECT action, count(*) FROM engagements GROUP BY 1" --json
-        """, cmd_sql)
+        """,
+        cmd_sql,
+    )
     p.add_argument("query")
     p.add_argument("--json", action="store_true", help="print rows as a JSON list of objects")
     p.add_argument("--max-rows", type=int, default=40)
 
     _add(dsub, "stats", "row counts and the shape of the data", "Print table statistics as JSON.", cmd_stats)
 
-    p = _add(dsub, "split", "create an evaluation split", """\
+    p = _add(
+        dsub,
+        "split",
+        "create an evaluation split",
+        """\
         Create a split under splits/NAME/.
           temporal:       train before the cut; default cut = last --test-fraction of the time range;
                           validation = the last --val-fraction of the training period.
           leave-last-out: each user's last positive engagement is the target.
 
         example:  ebr data split temporal --test-fraction 0.2
-        """, cmd_split)
+        """,
+        cmd_split,
+    )
     p.add_argument("kind", choices=["temporal", "leave-last-out"])
     p.add_argument("--name", help="split name (default: the kind)")
     p.add_argument("--cut", type=_ts, help="ISO-8601 cut time (temporal)")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--val-fraction", type=float, default=0.02, help="validation = this share of the training period, at its end (early stopping)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="validation = this share of the training period, at its end (early stopping)",
+    )
 
-    cor = stages.add_parser("corpus", help="build and evaluate the serving corpus", formatter_class=_Fmt,
-                            description="The serving corpus: what retrieval can ever return.")
+    cor = stages.add_parser(
+        "corpus",
+        help="build and evaluate the serving corpus",
+        formatter_class=_Fmt,
+        description="The serving corpus: what retrieval can ever return.",
+    )
     csub = cor.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
-    p = _add(csub, "build", "build corpus/VERSION/corpus.parquet", """\
+    p = _add(
+        csub,
+        "build",
+        "build corpus/VERSION/corpus.parquet",
+        """\
         Build the serving corpus: engagements in [as-of - window, as-of) -> time-decayed weighted
         score per pin (score = sum w(action) * 2^(-age / half-life); --no-decay = raw sum) -> remap
         fine image signatures to coarse ones -> one representative pin per coarse signature
@@ -348,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
         examples:
           ebr corpus build --top-n 50000
           ebr corpus build --engine spark --no-decay --action-weights save=3,click=2,closeup=1
-        """, cmd_corpus_build)
+        """,
+        cmd_corpus_build,
+    )
     p.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb")
     p.add_argument("--as-of", type=_ts, default=None, help="default: the temporal split's cut, else the last timestamp")
     p.add_argument("--window-days", type=float, default=90.0)
@@ -356,17 +462,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decay", action="store_true", help="rank by the raw weighted sum over the window")
     p.add_argument("--top-n", type=int, default=1_000_000)
     p.add_argument("--action-weights", default="save=3,click=2,closeup=1")
-    p = _add(csub, "eval", "share of next week's positives the corpus covers", """\
+    p = _add(
+        csub,
+        "eval",
+        "share of next week's positives the corpus covers",
+        """\
         Corpus coverage: the share of positive engagements in the --horizon-days after the corpus's
         as-of whose pin, or a duplicate of it (same coarse signature), is in the corpus.
 
         example:  ebr corpus eval --version latest
-        """, cmd_corpus_eval)
+        """,
+        cmd_corpus_eval,
+    )
     p.add_argument("--version", default="latest")
     p.add_argument("--horizon-days", type=float, default=7.0)
     p.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb")
 
-    p = _add(stages, "train", "train a two-tower model", """\
+    p = _add(
+        stages,
+        "train",
+        "train a two-tower model",
+        """\
         Train the two-tower retrieval model (sampled softmax over in-batch negatives, logQ
         correction from a streaming frequency estimator). Writes runs/RUN/: config.yaml,
         feature_state.json, metrics.jsonl, checkpoints/{best,last}.pt (best = validation recall@100).
@@ -375,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
           ebr train --run main --epochs 8
           ebr train --config run.yaml --set model.temperature=0.07 --set train.lr=0.001
           ebr train --run main --resume        # continue a crashed run from its last checkpoint
-        """, cmd_train)
+        """,
+        cmd_train,
+    )
     p.add_argument("--config", help="YAML run config (sections data, features, model, train, index, eval)")
     p.add_argument("--run", default="main")
     p.add_argument("--resume", action="store_true", help="continue from runs/RUN/checkpoints/last.pt")
@@ -384,10 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
 
-    idx = stages.add_parser("index", help="build bundles", formatter_class=_Fmt,
-                            description="Bundles: the exported user tower, pin embeddings, index and user state.")
+    idx = stages.add_parser(
+        "index",
+        help="build bundles",
+        formatter_class=_Fmt,
+        description="Bundles: the exported user tower, pin embeddings, index and user state.",
+    )
     isub2 = idx.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
-    p = _add(isub2, "build", "build a bundle from a run's best checkpoint", """\
+    p = _add(
+        isub2,
+        "build",
+        "build a bundle from a run's best checkpoint",
+        """\
         Build bundles/VERSION/ from runs/RUN/checkpoints/best.pt. The user state is taken as of
         the split's cut (what evaluation uses), or of the latest data with --split latest
         (what serving uses). The manifest records the index's recall@100 against exact search on
@@ -396,13 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
         examples:
           ebr index build --run main --split latest --backend hnsw
           ebr index build --backend ivfpq --corpus latest
-        """, cmd_index_build)
+        """,
+        cmd_index_build,
+    )
     p.add_argument("--run", default="main")
     p.add_argument("--split", default=None, help="split name, or 'latest' for all data (default: the run's split)")
-    p.add_argument("--backend", choices=["exact", "hnsw", "ivfpq"], default="exact",
-                   help="exact = brute force; hnsw = graph (M=32, efSearch 512); ivfpq = inverted lists + PQ, re-ranked")
+    p.add_argument(
+        "--backend",
+        choices=["exact", "hnsw", "ivfpq"],
+        default="exact",
+        help="exact = brute force; hnsw = graph (M=32, efSearch 512); ivfpq = inverted lists + PQ, re-ranked",
+    )
     p.add_argument("--corpus", default=None, help="index only this serving corpus (VERSION or 'latest')")
-    p = _add(isub2, "check", "verify a bundle: every problem, exit 1 if any", """\
+    p = _add(
+        isub2,
+        "check",
+        "verify a bundle: every problem, exit 1 if any",
+        """\
         Run the checks the loader runs, and report every problem found (not only the first):
         unsafe user-tower archive contents (pickled or custom weights, sample inputs, non-ATen
         calls), files that are missing, unexpected, links or not regular, checksum mismatches, a
@@ -413,23 +549,35 @@ def build_parser() -> argparse.ArgumentParser:
         examples:
           ebr index check workspace/bundles/VERSION
           ebr index check workspace/bundles/VERSION --expect-version VERSION --json
-        """, cmd_index_check)
+        """,
+        cmd_index_check,
+    )
     p.add_argument("bundle", help="bundle folder (bundles/VERSION)")
     p.add_argument("--expect-version", default=None, help="also require this exact version")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = _add(stages, "retrieve", "batch retrieval through a bundle", """\
+    p = _add(
+        stages,
+        "retrieve",
+        "batch retrieval through a bundle",
+        """\
         Offline candidate generation: k pins per user through the bundle's Retriever (the same code
         the service runs). Users without history get the cold-start path (popular pins).
 
         example:  ebr retrieve --bundle workspace/bundles/VERSION --users users.txt --k 100 --json out.json
-        """, cmd_retrieve)
+        """,
+        cmd_retrieve,
+    )
     p.add_argument("--bundle", default="latest", help="a folder, a VERSION under WORKSPACE/bundles, or 'latest'")
     p.add_argument("--users", required=True, help="file with one user id per line")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--json", required=True, help="output file")
 
-    p = _add(stages, "serve", "serve a bundle over HTTP", """\
+    p = _add(
+        stages,
+        "serve",
+        "serve a bundle over HTTP",
+        """\
         Start the retrieval service (FastAPI on uvicorn) over a bundle:
           POST /v1/retrieve  {"user_id": "u1", "k": 100, "mode": "single", "interests": [], "exclude": [],
                               "history": [...], "features": {...}}
@@ -437,18 +585,28 @@ def build_parser() -> argparse.ArgumentParser:
           POST /v1/admin/reload {"bundle": PATH} with 'Authorization: Bearer $EBR_ADMIN_TOKEN'
 
         example:  EBR_ADMIN_TOKEN=secret ebr serve workspace/bundles/VERSION --port 8000
-        """, cmd_serve)
-    p.add_argument("bundle", nargs="?", default="latest",
-                   help="bundle: a folder, a VERSION under WORKSPACE/bundles, or 'latest'")
+        """,
+        cmd_serve,
+    )
+    p.add_argument(
+        "bundle", nargs="?", default="latest", help="bundle: a folder, a VERSION under WORKSPACE/bundles, or 'latest'"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--timeout-ms", type=int, default=2000, help="per-request time limit")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads per request")
-    p.add_argument("--expect-version", default=None,
-                   help="refuse to start unless the bundle's version is this (catches a bundle rewritten as a whole)")
+    p.add_argument(
+        "--expect-version",
+        default=None,
+        help="refuse to start unless the bundle's version is this (catches a bundle rewritten as a whole)",
+    )
 
-    p = _add(stages, "eval", "offline evaluation against peers", """\
+    p = _add(
+        stages,
+        "eval",
+        "offline evaluation against peers",
+        """\
         Evaluate a run through the serving Retriever over its exact bundle (built or reused), with
         peers counted identically (EVALUATION.md). Writes a report under reports/NAME/.
 
@@ -457,24 +615,35 @@ def build_parser() -> argparse.ArgumentParser:
           ebr eval --split given --peers popularity,als --json eval.json
           ebr eval --candidates cands.txt --json sampled.json   # sampled protocol: 'user target cand ...'
           ebr eval --bundle workspace/bundles/VERSION --json hnsw.json   # what an ANN bundle loses
-        """, cmd_eval)
+        """,
+        cmd_eval,
+    )
     p.add_argument("--run", default="main")
     p.add_argument("--split", default=None)
     p.add_argument("--peers", default="popularity,interest_popular,als")
     p.add_argument("--candidates", help="sampled protocol: lines 'user target cand1 cand2 ...'")
     p.add_argument("--corpus", help="restrict candidates to a serving corpus (VERSION or 'latest')")
-    p.add_argument("--bundle", help="measure this bundle (e.g. HNSW, IVF-PQ) instead of the run's exact one; "
-                                    "it must be built as of the split (refused if it can see the test part)")
+    p.add_argument(
+        "--bundle",
+        help="measure this bundle (e.g. HNSW, IVF-PQ) instead of the run's exact one; "
+        "it must be built as of the split (refused if it can see the test part)",
+    )
     p.add_argument("--json", help="write the results JSON here")
     p.add_argument("--report", default="latest", help="report name under reports/")
 
     from ebr import demo as _demo
 
-    p = _add(stages, "demo", "run every built stage on the synthetic world", """\
+    p = _add(
+        stages,
+        "demo",
+        "run every built stage on the synthetic world",
+        """\
         The end-to-end demo (what `make demo` runs): generate the small synthetic world, train the
         two-tower model, build its bundle, evaluate it against popularity, interest-popular and ALS,
         print the results table and write a report (Markdown + PNG) under reports/demo/.
-        """, _demo.cmd_demo)
+        """,
+        _demo.cmd_demo,
+    )
     p.add_argument("--preset", choices=["tiny", "small"], default="small")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
     p.add_argument("--config", help="YAML run config")
@@ -482,10 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ebr.errors import EbrError
-
     import logging
 
+    from ebr.errors import EbrError
     from ebr.log import setup
 
     args = build_parser().parse_args(argv)

@@ -113,7 +113,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: dict | None = None) -> "RunConfig":
+    def load(cls, path: str | Path | None, overrides: dict | None = None) -> RunConfig:
         """A YAML file (or the defaults) with dotted overrides; any problem is an EbrError naming
         the file or the field."""
         name = Path(path).name if path else "the defaults"

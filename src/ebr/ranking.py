@@ -8,7 +8,7 @@ interests of the user's targets present among the top K's interests. All average
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

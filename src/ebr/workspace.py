@@ -11,13 +11,13 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ebr.data.schema import TABLES
 from ebr.errors import EbrError
-
 
 COMMIT_JOURNAL = "COMMIT"  # in a stage folder: the import is complete and rolls forward
 
@@ -33,7 +33,7 @@ def commit_hook(step: str) -> None:
 
 
 def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:
@@ -139,7 +139,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def at(cls, path: str | os.PathLike) -> "Workspace":
+    def at(cls, path: str | os.PathLike) -> Workspace:
         return cls(Path(path).resolve())
 
     # ---- tables -------------------------------------------------------------------------

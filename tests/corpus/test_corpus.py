@@ -14,7 +14,7 @@ from ebr.corpus.build import build_serving_corpus, corpus_coverage, pin_statisti
 from ebr.data.validate import SourceWriter
 from ebr.workspace import Workspace, read_json
 
-AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+AS_OF = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
 
 def _hand_world(tmp_path) -> Workspace:

@@ -20,8 +20,9 @@ def test_ml100k_accounts_for_everything(ml100k_ws):
     assert m["users"]["accepted"] == 943 and m["pins"]["accepted"] == 1_682
     assert m["interests"]["accepted"] == 19
     con = connect(ml100k_ws)
-    assert con.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT pin_id) FROM engagements").fetchone() == (
-        100_000, 943, 1_682)
+    assert con.execute(
+        "SELECT count(*), count(DISTINCT user_id), count(DISTINCT pin_id) FROM engagements"
+    ).fetchone() == (100_000, 943, 1_682)
     # the documented rating -> action mapping, checked against the raw file's rating histogram
     raw: dict[str, int] = {}
     for ln in (ML100K / "u.data").read_text().splitlines():
@@ -29,8 +30,15 @@ def test_ml100k_accounts_for_everything(ml100k_ws):
         raw[RATING_TO_ACTION[r]] = raw.get(RATING_TO_ACTION[r], 0) + 1
     assert dict(con.execute("SELECT action, count(*) FROM engagements GROUP BY 1").fetchall()) == raw
     # pins without images: image signatures are the pin id; genres are interests
-    assert con.execute("SELECT count(*) FROM pins WHERE image_sig <> pin_id OR image_sig_coarse <> pin_id").fetchone()[0] == 0
-    assert con.execute("SELECT interests FROM pins WHERE pin_id = '1'").fetchone()[0] == ["Animation", "Children's", "Comedy"]
+    assert (
+        con.execute("SELECT count(*) FROM pins WHERE image_sig <> pin_id OR image_sig_coarse <> pin_id").fetchone()[0]
+        == 0
+    )
+    assert con.execute("SELECT interests FROM pins WHERE pin_id = '1'").fetchone()[0] == [
+        "Animation",
+        "Children's",
+        "Comedy",
+    ]
     assert con.execute("SELECT cat_age_bucket, cat_gender FROM users WHERE user_id = '1'").fetchone() == ("18-24", "M")
 
 
@@ -53,8 +61,7 @@ def test_adjacency_accounts_for_every_pair(tmp_path):
 
 
 def test_cli_sql_json(tiny_ws, capsys):
-    assert main(["data", "sql", "--workspace", str(tiny_ws.root),
-                 "SELECT count(*) AS n FROM interests", "--json"]) == 0
+    assert main(["data", "sql", "--workspace", str(tiny_ws.root), "SELECT count(*) AS n FROM interests", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"n": 16}]
 
 
@@ -77,11 +84,18 @@ def test_ml1m_layout(tmp_path):
     assert (e["tables"]["engagements"]["accepted"], e["tables"]["engagements"]["quarantined"]) == (3, 1)
     con = connect(ws)
     assert sorted(con.execute("SELECT interest_id FROM interests").fetchall()) == [
-        ("Adventure",), ("Animation",), ("Children's",), ("Comedy",)]
+        ("Adventure",),
+        ("Animation",),
+        ("Children's",),
+        ("Comedy",),
+    ]
     assert con.execute("SELECT cat_age_bucket, cat_gender FROM users WHERE user_id = '2'").fetchone() == ("56+", "M")
     assert con.execute("SELECT num_release_year FROM pins WHERE pin_id = '2'").fetchone()[0] == 1995.0
     assert dict(con.execute("SELECT pin_id || '/' || user_id, action FROM engagements").fetchall()) == {
-        "1/1": "save", "2/1": "closeup", "1/2": "hide"}
+        "1/1": "save",
+        "2/1": "closeup",
+        "1/2": "hide",
+    }
 
 
 def test_leave_last_out_split(tmp_path):
@@ -92,8 +106,11 @@ def test_leave_last_out_split(tmp_path):
     from ebr.features.state import build_feature_state
 
     csv = tmp_path / "x.csv"
-    csv.write_text("user_id,item_id,ts\n" + "".join(f"a,p{i},{1700000000 + i}\n" for i in range(5))
-                   + "b,p1,1700000100\nb,p2,1700000200\n")
+    csv.write_text(
+        "user_id,item_id,ts\n"
+        + "".join(f"a,p{i},{1700000000 + i}\n" for i in range(5))
+        + "b,p1,1700000100\nb,p2,1700000200\n"
+    )
     ws = Workspace.at(tmp_path / "ws")
     import_interactions(ws, csv)
     split = make_leave_last_out(ws)
@@ -117,8 +134,12 @@ def test_rejected_rows_create_no_pins_or_users_and_malformed_lines_are_quarantin
     lines = [b"user_id,item_id,ts,action"]
     lines += [f"u{i % 40},p{i % 90},2026-01-{1 + i % 28:02d}T12:00:00Z,click".encode() for i in range(990)]
     lines += [f"ghost{i},phantom{i},2026-01-05T00:00:00Z,teleport".encode() for i in range(6)]  # bad action
-    lines += [b"u1,p1,2026-01-05T00:00:00Z,click,EXTRA", b"u2,p2", b"u3,p\xff\xfe,2026-01-05T00:00:00Z,click",
-              b"future,pfuture,2099-01-01T00:00:00Z,save"]
+    lines += [
+        b"u1,p1,2026-01-05T00:00:00Z,click,EXTRA",
+        b"u2,p2",
+        b"u3,p\xff\xfe,2026-01-05T00:00:00Z,click",
+        b"future,pfuture,2099-01-01T00:00:00Z,save",
+    ]
     (tmp_path / "x.csv").write_bytes(b"\n".join(lines) + b"\n")
     ws = Workspace.at(tmp_path / "ws")
     entry = import_interactions(ws, tmp_path / "x.csv")

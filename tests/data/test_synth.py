@@ -13,10 +13,15 @@ from ebr.workspace import Workspace
 
 
 def _table_hash(ws: Workspace, table: str) -> str:
-    return connect(ws).execute(
-        f"SELECT count(*)::VARCHAR || '-' || sum(hash(COLUMNS(*)))::VARCHAR FROM (SELECT * EXCLUDE (embedding) FROM {table})"
-        if table == "pins" else f"SELECT count(*)::VARCHAR || '-' || sum(hash(t))::VARCHAR FROM {table} t"
-    ).fetchone()[0]
+    return (
+        connect(ws)
+        .execute(
+            f"SELECT count(*)::VARCHAR || '-' || sum(hash(COLUMNS(*)))::VARCHAR FROM (SELECT * EXCLUDE (embedding) FROM {table})"  # noqa: E501
+            if table == "pins"
+            else f"SELECT count(*)::VARCHAR || '-' || sum(hash(t))::VARCHAR FROM {table} t"
+        )
+        .fetchone()[0]
+    )
 
 
 def test_same_seed_same_tables(tiny_ws, tmp_path):
@@ -36,9 +41,15 @@ def test_tables_have_every_property(tiny_ws):
     actions = dict(con.execute("SELECT action, count(*) FROM engagements GROUP BY 1").fetchall())
     assert set(actions) == {"impression", "closeup", "click", "save", "hide"}
     assert actions["impression"] > actions["closeup"] > actions["click"] > actions["save"] > 0
-    assert {r[0] for r in con.execute("SELECT DISTINCT surface FROM engagements").fetchall()} == {"homefeed", "search", "related"}
+    assert {r[0] for r in con.execute("SELECT DISTINCT surface FROM engagements").fetchall()} == {
+        "homefeed",
+        "search",
+        "related",
+    }
     # the sourcing interest is logged for search and part of homefeed, never for related pins
-    share = dict(con.execute("SELECT surface, avg((condition_interest IS NOT NULL)::INT) FROM engagements GROUP BY 1").fetchall())
+    share = dict(
+        con.execute("SELECT surface, avg((condition_interest IS NOT NULL)::INT) FROM engagements GROUP BY 1").fetchall()
+    )
     assert share["search"] == 1.0 and 0.15 < share["homefeed"] < 0.5 and share["related"] == 0.0
     n_int = con.execute("SELECT min(len(interests)), max(len(interests)) FROM pins").fetchone()
     assert n_int == (1, 3)
@@ -94,8 +105,11 @@ def test_decayed_ranking_predicts_next_week_better(small_ws):
         SELECT pin_id, ts, CASE action WHEN 'save' THEN 3 WHEN 'click' THEN 2 WHEN 'closeup' THEN 1 ELSE 0 END AS w
         FROM engagements WHERE ts < ? AND ts >= ? - INTERVAL 90 DAY) GROUP BY 1"""
     con.execute(f"CREATE TABLE s AS {scores}", [asof, asof, asof])
-    con.execute("""CREATE TABLE nxt AS SELECT pin_id FROM engagements WHERE ts >= ? AND ts < ? + INTERVAL 7 DAY
-                   AND action IN ('closeup','click','save')""", [asof, asof])
+    con.execute(
+        """CREATE TABLE nxt AS SELECT pin_id FROM engagements WHERE ts >= ? AND ts < ? + INTERVAL 7 DAY
+                   AND action IN ('closeup','click','save')""",
+        [asof, asof],
+    )
     n = 2000
     share = {}
     for col in ("decayed", "raw"):
@@ -133,10 +147,13 @@ def test_cross_terms_carry_signal(small_ws):
 
     loc, age, lang, fmt = (onehot(c) for c in cols[:4])
     main_effects = np.concatenate([loc, age, lang, fmt], axis=1)
-    cross = np.concatenate([
-        (loc[:, :, None] * lang[:, None, :]).reshape(len(y), -1),
-        (age[:, :, None] * fmt[:, None, :]).reshape(len(y), -1),
-    ], axis=1)
+    cross = np.concatenate(
+        [
+            (loc[:, :, None] * lang[:, None, :]).reshape(len(y), -1),
+            (age[:, :, None] * fmt[:, None, :]).reshape(len(y), -1),
+        ],
+        axis=1,
+    )
     half = len(y) // 2
     aucs = {}
     for name, x in {"main": main_effects, "cross": np.concatenate([main_effects, cross], axis=1)}.items():

@@ -63,7 +63,10 @@ def test_embedding_width_dangling_and_duplicate(tmp_path):
             "ts": pa.array([1, 2, 3], pa.timestamp("s", tz="UTC")), "action": ["click"] * 3,
         }))
         entry = w.commit()
-    pins = {r["pin_id"] + str(r["interests"]): r["reason"] for r in pq.read_table(ws.quarantine_dir("src") / "pins.parquet").to_pylist()}
+    pins = {
+        r["pin_id"] + str(r["interests"]): r["reason"]
+        for r in pq.read_table(ws.quarantine_dir("src") / "pins.parquet").to_pylist()
+    }
     assert pins == {
         "p3['zzz']": "dangling interest (not in interests)",
         "p4['a']": "wrong embedding width (expected 2)",
@@ -82,8 +85,9 @@ def test_movielens_bad_lines(tmp_path):
     (d / "u.genre").write_text("unknown|0\nAction|1\n\n")
     (d / "u.item").write_text("1|Film A (1995)|01-Jan-1995||url|0|1\n2|Film B (1996)|01-Jan-1996||url|1|0\n")
     (d / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
-    (d / "u.data").write_text("1\t1\t5\t881250949\n2\t2\t1\t881250950\n1\t99\t4\t881250951\n"
-                              "2\t1\t7\t881250952\n1\t2\t3\tnot-a-time\n1\t2\n")
+    (d / "u.data").write_text(
+        "1\t1\t5\t881250949\n2\t2\t1\t881250950\n1\t99\t4\t881250951\n2\t1\t7\t881250952\n1\t2\t3\tnot-a-time\n1\t2\n"
+    )
     ws = Workspace.at(tmp_path / "ws")
     entry = import_movielens(ws, d)
     q = _quarantine(ws, "movielens", "engagements")
@@ -93,7 +97,13 @@ def test_movielens_bad_lines(tmp_path):
         "1\t2\t3\tnot-a-time": "malformed timestamp 'not-a-time'",
         "1\t2": "malformed line: expected 4 fields separated by '\\t', got 2",
     }
-    assert entry["tables"]["engagements"] == {"in": 6, "accepted": 2, "quarantined": 4, "parts": 1, "reasons": entry["tables"]["engagements"]["reasons"]}
+    assert entry["tables"]["engagements"] == {
+        "in": 6,
+        "accepted": 2,
+        "quarantined": 4,
+        "parts": 1,
+        "reasons": entry["tables"]["engagements"]["reasons"],
+    }
     actions = dict(connect(ws).execute("SELECT pin_id, action FROM engagements").fetchall())
     assert actions == {"1": "save", "2": "hide"}
 
@@ -124,8 +134,14 @@ def test_reimport_replaces_source_rows(tmp_path):
 
 
 def test_parse_timestamps_formats():
-    ts, bad = parse_timestamps(["0", "1700000000", "2024-03-01T10:00:00+02:00", "2024-03-01", "", None, "13/45/2024", "99999999999999"])
+    ts, bad = parse_timestamps(
+        ["0", "1700000000", "2024-03-01T10:00:00+02:00", "2024-03-01", "", None, "13/45/2024", "99999999999999"]
+    )
     got = [t.isoformat() if t else None for t in ts.to_pylist()]
-    assert got[:4] == ["1970-01-01T00:00:00+00:00", "2023-11-14T22:13:20+00:00", "2024-03-01T08:00:00+00:00",
-                       "2024-03-01T00:00:00+00:00"]
+    assert got[:4] == [
+        "1970-01-01T00:00:00+00:00",
+        "2023-11-14T22:13:20+00:00",
+        "2024-03-01T08:00:00+00:00",
+        "2024-03-01T00:00:00+00:00",
+    ]
     assert bad.tolist() == [False, False, False, False, False, False, True, True]

@@ -93,7 +93,7 @@ def test_checkpoint_and_bundle_load_without_train_package(trained):
         "import sys\n"
         "from ebr.index.bundle import load_checkpoint\n"
         "from ebr.serve.retriever import Retriever\n"
-        f"m, ck = load_checkpoint(__import__('pathlib').Path({str(trained.run_dir('e2e') / 'checkpoints' / 'best.pt')!r}))\n"
+        f"m, ck = load_checkpoint(__import__('pathlib').Path({str(trained.run_dir('e2e') / 'checkpoints' / 'best.pt')!r}))\n"  # noqa: E501
         f"r = Retriever({str(bundle)!r})\n"
         "assert not any(k.startswith('ebr.train') for k in sys.modules), [k for k in sys.modules if 'ebr.train' in k]\n"
         "print('ok', ck['feature_state']['pins'][:1])\n"
@@ -109,7 +109,10 @@ def test_cli_retrieve_and_eval(trained, tmp_path, capsys):
     users = tmp_path / "users.txt"
     users.write_text("u1\nu2\nnobody\n")
     out = tmp_path / "cands.json"
-    assert main(["retrieve", "-w", ws, "--bundle", str(bundle), "--users", str(users), "--k", "7", "--json", str(out)]) == 0
+    assert (
+        main(["retrieve", "-w", ws, "--bundle", str(bundle), "--users", str(users), "--k", "7", "--json", str(out)])
+        == 0
+    )
     got = json.loads(out.read_text())
     assert set(got["users"]) == {"u1", "u2", "nobody"} and got["users"]["nobody"]["cold_start"]
     assert all(len(v["items"]) == 7 for v in got["users"].values())
@@ -134,7 +137,9 @@ def test_request_history_is_read_as_training_reads_it(trained):
     assert len(hist) == r.L, "the test needs a full history"
     stored = r.retrieve(user, 30)
     assert r.retrieve(user, 30, history=hist).pin_ids == stored.pin_ids
-    noisy = hist + [{"pin_id": r.pin_ids[5 + i], "action": "impression"} for i in range(5)] + ["no-such-pin", "nor-this"]
+    noisy = (
+        hist + [{"pin_id": r.pin_ids[5 + i], "action": "impression"} for i in range(5)] + ["no-such-pin", "nor-this"]
+    )
     again = r.retrieve(user, 30, history=noisy)
     assert again.pin_ids == stored.pin_ids and np.allclose(again.scores, stored.scores, atol=1e-6)
 

@@ -110,6 +110,8 @@ def test_filtered_retriever_path_falls_back_to_exact(tiny_ws):
             want = exact.retrieve(u, 1000, interests=[interest])
             res = r.retrieve(u, 1000, interests=[interest])
             assert res.pin_ids == want.pin_ids, f"{backend}: filtered answers differ from exact"
-            engaged = len(np.intersect1d(r.engaged_pins(int(r.user_codes([u])[0])), r.allowed_for_interests([interest])))
+            engaged = len(
+                np.intersect1d(r.engaged_pins(int(r.user_codes([u])[0])), r.allowed_for_interests([interest]))
+            )
             assert len(res.pin_ids) == min(1000, n_allowed - engaged)
             assert all(code in r.pin_interests[r._pin_code[p]] for p in res.pin_ids)

@@ -84,8 +84,13 @@ def test_dhen_user_tower_exports_and_reloads(tiny_ws, tmp_path):
     loaded = torch.export.load(path).module()
     again = torch.export.load(path).module()
     for B in (1, 7):
-        args = (torch.randn(B, 20, model.items.out_dim), torch.randint(0, 6, (B, 20)),
-                torch.randint(0, 3, (B, len(fs.user_cat))), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long))
+        args = (
+            torch.randn(B, 20, model.items.out_dim),
+            torch.randint(0, 6, (B, 20)),
+            torch.randint(0, 3, (B, len(fs.user_cat))),
+            torch.zeros(B, dtype=torch.long),
+            torch.zeros(B, dtype=torch.long),
+        )
         with torch.no_grad():
             out = loaded(*args)
             assert torch.equal(out, again(*args))  # a reloaded export is deterministic, bit for bit
@@ -99,8 +104,16 @@ def test_bundles_of_crossing_runs_serve(tiny_ws, kind):
     from ebr.serve.retriever import Retriever
     from ebr.train.loop import train
 
-    cfg = RunConfig.load(None, {"model.crossing": kind, "train.epochs": 1, "train.batch_size": 256,
-                                "model.dhen.width": 64, "model.masknet.q": 32})
+    cfg = RunConfig.load(
+        None,
+        {
+            "model.crossing": kind,
+            "train.epochs": 1,
+            "train.batch_size": 256,
+            "model.dhen.width": 64,
+            "model.masknet.q": 32,
+        },
+    )
     train(tiny_ws, cfg, run=f"x-{kind}", progress=False)
     r = Retriever(build_bundle(tiny_ws, f"x-{kind}", "latest", backend="hnsw"))
     user = next(u for u in r.fs.users.ids if r.is_warm(int(r.user_codes([u])[0])))

@@ -97,21 +97,26 @@ def test_retrieve_contract(server, bundles):
     assert filt["items"] and all(code in r.pin_interests[r._pin_code[i["pin_id"]]] for i in filt["items"])
     cold = server.post({"user_id": "never-seen", "k": 5}).json()
     assert cold["cold_start"] is True and len(cold["items"]) == 5
-    feats = server.post({"user_id": "never-seen", "k": 5, "features": {"locale": "fr-FR", "age_bucket": "18-24"}}).json()
+    feats = server.post(
+        {"user_id": "never-seen", "k": 5, "features": {"locale": "fr-FR", "age_bucket": "18-24"}}
+    ).json()
     assert feats["cold_start"] is True and {i["source"] for i in feats["items"]} == {"features"}
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ("{not json", "not valid JSON"),
-    ({"user_id": "u1", "k": "many"}, "integer"),
-    ({"user_id": "u1", "k": 0}, "k must be between 1 and 500"),
-    ({"user_id": "u1", "k": 501}, "k must be between 1 and 500"),
-    ({"user_id": "u1", "k": 5, "mode": "sideways"}, "single"),
-    ({"user_id": "u1", "k": 5, "mode": "multi"}, "is not served by bundle"),
-    ({"user_id": "u1", "k": 5, "interests": ["no-such-interest"]}, "unknown interest"),
-    ({"k": 5}, "user_id"),
-    ([1, 2], "dict"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ({"user_id": "u1", "k": "many"}, "integer"),
+        ({"user_id": "u1", "k": 0}, "k must be between 1 and 500"),
+        ({"user_id": "u1", "k": 501}, "k must be between 1 and 500"),
+        ({"user_id": "u1", "k": 5, "mode": "sideways"}, "single"),
+        ({"user_id": "u1", "k": 5, "mode": "multi"}, "is not served by bundle"),
+        ({"user_id": "u1", "k": 5, "interests": ["no-such-interest"]}, "unknown interest"),
+        ({"k": 5}, "user_id"),
+        ([1, 2], "dict"),
+    ],
+)
 def test_bad_requests_are_422_with_a_message(server, body, fragment):
     res = server.post(body)
     assert res.status_code == 422, res.text
@@ -143,8 +148,12 @@ def test_admin_reload_auth_and_refusal(server, bundles, tmp_path):
 
 
 def _reload(server, bundle, **kw) -> httpx.Response:
-    return httpx.post(server.url + "/v1/admin/reload", json={"bundle": str(bundle), **kw},
-                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    return httpx.post(
+        server.url + "/v1/admin/reload",
+        json={"bundle": str(bundle), **kw},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
 
 
 def test_reload_refuses_crafted_and_broken_bundles_with_422(server, bundles, tmp_path):
@@ -168,15 +177,19 @@ def test_reload_refuses_crafted_and_broken_bundles_with_422(server, bundles, tmp
     res = _reload(server, crafted)
     assert res.status_code == 422 and "pickled" in res.text and not marker.exists()
     broken = {}
-    for name, edit in [("list", lambda b: (b / "manifest.json").write_text("[1]")),
-                       ("sums", lambda b: write_json(b / "manifest.json", {**read_json(b / "manifest.json"), "checksums": []})),
-                       ("trunc", lambda b: ((b / "index.faiss").write_bytes((b / "index.faiss").read_bytes()[:100]), reseal(b))),
-                       ("tower", lambda b: ((b / "user_tower.pt2").write_bytes(b"junk"), reseal(b)))]:
+    for name, edit in [
+        ("list", lambda b: (b / "manifest.json").write_text("[1]")),
+        ("sums", lambda b: write_json(b / "manifest.json", {**read_json(b / "manifest.json"), "checksums": []})),
+        ("trunc", lambda b: ((b / "index.faiss").write_bytes((b / "index.faiss").read_bytes()[:100]), reseal(b))),
+        ("tower", lambda b: ((b / "user_tower.pt2").write_bytes(b"junk"), reseal(b))),
+    ]:
         b = tmp_path / name
         shutil.copytree(exact, b)
         edit(b)
         broken[name] = _reload(server, b)
-    assert {k: v.status_code for k, v in broken.items()} == dict.fromkeys(broken, 422), {k: v.text for k, v in broken.items()}
+    assert {k: v.status_code for k, v in broken.items()} == dict.fromkeys(broken, 422), {
+        k: v.text for k, v in broken.items()
+    }
     assert _reload(server, exact, expect_version="20990101T000000000000Z-0").status_code == 422
     assert _reload(server, tmp_path / "no-such-bundle").status_code == 422
     assert httpx.get(server.url + "/readyz").json()["version"] == hnsw.name
@@ -196,8 +209,14 @@ def test_admin_checks_token_before_body_and_limits_size(server):
         assert f'status="{status}"' in text, status
 
 
-@pytest.mark.parametrize("raw", [b'{"user_id": "\\ud800", "k": 5}', b'{"user_id": "u1", "k": 5, "interests": ["\\udfff"]}',
-                                 b'{"user_id": "u1", "k": 5, "history": ["\\ud800"]}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"user_id": "\\ud800", "k": 5}',
+        b'{"user_id": "u1", "k": 5, "interests": ["\\udfff"]}',
+        b'{"user_id": "u1", "k": 5, "history": ["\\ud800"]}',
+    ],
+)
 def test_lone_surrogates_are_422_not_500(server, raw):
     """Mutation caught: the 422 handler echoing the input (encoding the surrogate fails: a 500)."""
     res = server.post(raw)
@@ -233,8 +252,12 @@ def test_reload_under_load_fails_no_request(server, bundles):
         futs = [pool.submit(load) for _ in range(3)]
         time.sleep(1.0)
         for target in (exact, hnsw):
-            res = httpx.post(server.url + "/v1/admin/reload", json={"bundle": str(target)},
-                             headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            res = httpx.post(
+                server.url + "/v1/admin/reload",
+                json={"bundle": str(target)},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=60,
+            )
             assert res.status_code == 200, res.text
             time.sleep(1.0)
         results = [f.result() for f in futs]
@@ -246,8 +269,9 @@ def test_reload_under_load_fails_no_request(server, bundles):
 def test_reload_without_token_configured_is_403(bundles):
     s = Server(bundles[1], env={"EBR_ADMIN_TOKEN": ""})
     try:
-        res = httpx.post(s.url + "/v1/admin/reload", json={"bundle": str(bundles[2])},
-                         headers={"Authorization": "Bearer anything"})
+        res = httpx.post(
+            s.url + "/v1/admin/reload", json={"bundle": str(bundles[2])}, headers={"Authorization": "Bearer anything"}
+        )
         assert res.status_code == 403
     finally:
         s.stop()
@@ -256,15 +280,35 @@ def test_reload_without_token_configured_is_403(bundles):
 def test_http_answers_equal_batch_retrieve(server, bundles, tmp_path):
     """Parity: the server's answers = `ebr retrieve` run in another process on the same bundle."""
     ws, hnsw, _ = bundles
-    httpx.post(server.url + "/v1/admin/reload", json={"bundle": str(hnsw)},
-               headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    httpx.post(
+        server.url + "/v1/admin/reload",
+        json={"bundle": str(hnsw)},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
     from ebr.serve.retriever import Retriever
 
     users = Retriever(hnsw).fs.users.ids[:25] + ["nobody-at-all"]
     (tmp_path / "users.txt").write_text("\n".join(users))
     out = tmp_path / "batch.json"
-    subprocess.run([sys.executable, "-m", "ebr.cli", "retrieve", "--bundle", str(hnsw), "--users",
-                    str(tmp_path / "users.txt"), "--k", "40", "--json", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ebr.cli",
+            "retrieve",
+            "--bundle",
+            str(hnsw),
+            "--users",
+            str(tmp_path / "users.txt"),
+            "--k",
+            "40",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     batch = json.loads(out.read_text())
     assert batch["version"] == hnsw.name
     for u in users:
@@ -279,7 +323,21 @@ def test_fuzz_openapi_schema_no_server_errors(server):
     """schemathesis over the live OpenAPI schema, bounded: no input produces a 5xx."""
     exe = Path(sys.executable).parent / "schemathesis"
     res = subprocess.run(
-        [str(exe), "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "-n", "40",
-         "--seed", "1", "--max-time", "30"],
-        capture_output=True, text=True, timeout=180)
+        [
+            str(exe),
+            "run",
+            server.url + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            "40",
+            "--seed",
+            "1",
+            "--max-time",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

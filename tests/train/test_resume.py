@@ -41,5 +41,7 @@ def test_resume_is_bit_for_bit(tiny_ws, monkeypatch, single_thread):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_ws):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    from ebr.errors import EbrError
+
+    with pytest.raises(EbrError, match="no checkpoint"):
         train(tiny_ws, RunConfig(), run="never-started", resume=True, progress=False)

@@ -7,10 +7,9 @@ inputs, parameters, counts (including rows the corpus did not use, by reason) an
 
 from __future__ import annotations
 
-import math
-
 import datetime as dt
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,7 +81,7 @@ def default_as_of(ws: Workspace) -> tuple[int, str]:
 
 
 def _us(t: dt.datetime) -> int:
-    t = t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    t = t if t.tzinfo else t.replace(tzinfo=dt.UTC)
     return int(t.timestamp() * 1e6)
 
 
@@ -110,7 +109,7 @@ def build_serving_corpus(ws: Workspace, engine: str = "duckdb", as_of: dt.dateti
               for t in ("engagements", "pins") for f in sorted(ws.table_dir(t).glob("*/*.parquet"))[:50]]
     manifest = {
         "version": version, "engine": engine, "created_at": now_utc().isoformat(),
-        "as_of": dt.datetime.fromtimestamp(as_of_us / 1e6, dt.timezone.utc).isoformat(), "as_of_source": as_of_source,
+        "as_of": dt.datetime.fromtimestamp(as_of_us / 1e6, dt.UTC).isoformat(), "as_of_source": as_of_source,
         "params": asdict(p), "inputs": inputs,
         "counts": {"pins": corpus.num_rows, **{k: int(v or 0) for k, v in bad.items()}},
         "seconds": {"corpus_query": round(t_corpus, 3), "total": round(time.time() - t0, 3)},
@@ -147,17 +146,27 @@ def corpus_coverage(ws: Workspace, version: str | None = None, horizon_days: flo
     eng.close()
     pos, cov = int(row["positives"] or 0), int(row["covered"] or 0)
     return {"corpus": m["version"], "as_of": m["as_of"], "pins": m["counts"]["pins"], "decay": m["params"]["decay"],
-            "horizon_days": horizon_days, "positives": pos, "covered": cov, "coverage": cov / pos if pos else float("nan")}
+            "horizon_days": horizon_days, "positives": pos, "covered": cov, "coverage": cov / pos if pos else float("nan")}  # noqa: E501
 
 
-def pin_statistics(ws: Workspace, as_of_us: int, engine: str = "duckdb", windows_days: tuple[int, ...] = (7, 30, 90),
-                   actions: tuple[str, ...] = POSITIVE_ACTIONS) -> pa.Table:
+def pin_statistics(
+    ws: Workspace,
+    as_of_us: int,
+    engine: str = "duckdb",
+    windows_days: tuple[int, ...] = (7, 30, 90),
+    actions: tuple[str, ...] = POSITIVE_ACTIONS,
+) -> pa.Table:
     """Per coarse signature: count of each action over each window before as_of (serving side)."""
     cols = ",\n".join(
-        f"  SUM(CASE WHEN e.action = '{a}' AND unix_micros(e.ts) >= {as_of_us - w * DAY_US} THEN 1 ELSE 0 END) AS {a}_{w}d"
-        for a in actions for w in windows_days)
+        f"  SUM(CASE WHEN e.action = '{a}' AND unix_micros(e.ts) >= {as_of_us - w * DAY_US} THEN 1 ELSE 0 END) AS {a}_{w}d"  # noqa: E501
+        for a in actions
+        for w in windows_days
+    )
     eng = make_engine(engine, ws)
-    out = eng.run(load_sql("pin_stats", {"as_of_us": as_of_us, "max_window_us": max(windows_days) * DAY_US,
-                                         "count_columns": cols}))
+    out = eng.run(
+        load_sql(
+            "pin_stats", {"as_of_us": as_of_us, "max_window_us": max(windows_days) * DAY_US, "count_columns": cols}
+        )
+    )
     eng.close()
     return out

@@ -67,18 +67,23 @@ class SparkEngine:
         if SparkEngine._session is None:
             os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
             SparkEngine._session = (
-                SparkSession.builder.master(f"local[{threads}]").appName("ebr-corpus")
-                .config("spark.sql.session.timeZone", "UTC").config("spark.driver.memory", memory)
+                SparkSession.builder.master(f"local[{threads}]")
+                .appName("ebr-corpus")
+                .config("spark.sql.session.timeZone", "UTC")
+                .config("spark.driver.memory", memory)
                 .config("spark.sql.shuffle.partitions", str(max(2, threads * 2)))
-                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").config("spark.sql.ansi.enabled", "false")
+                .config("spark.ui.enabled", "false")
+                .config("spark.ui.showConsoleProgress", "false")
+                .config("spark.sql.ansi.enabled", "false")
                 .getOrCreate()
             )
             SparkEngine._session.sparkContext.setLogLevel("ERROR")
         self.spark = SparkEngine._session
         for t in ("engagements", "pins"):
             if ws.has_table(t):
-                self.spark.read.parquet(*[str(p) for p in sorted(ws.table_dir(t).glob("*/*.parquet"))]) \
-                    .createOrReplaceTempView(t)
+                self.spark.read.parquet(
+                    *[str(p) for p in sorted(ws.table_dir(t).glob("*/*.parquet"))]
+                ).createOrReplaceTempView(t)
 
     def register(self, name: str, table: pa.Table | Path) -> None:
         if isinstance(table, Path):

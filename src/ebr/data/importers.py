@@ -64,7 +64,9 @@ def _ratings_table(lines: list[str], sep: str) -> tuple[pa.Table, np.ndarray]:
     reasons[bad_rating] = [f"unknown rating {r[2]!r} (expected 1-5)" for r, b in zip(rows, bad_rating) if b]
     ts, bad_ts = parse_timestamps([r[3] for r in rows])
     bad_ts |= np.array([r[3] is None or not str(r[3]).strip() for r in rows])
-    reasons[bad_ts & pd.isna(reasons)] = [f"malformed timestamp {r[3]!r}" for r, b in zip(rows, bad_ts & pd.isna(reasons)) if b]
+    reasons[bad_ts & pd.isna(reasons)] = [
+        f"malformed timestamp {r[3]!r}" for r, b in zip(rows, bad_ts & pd.isna(reasons)) if b
+    ]
     tbl = pa.table(
         {
             "user_id": users,
@@ -129,19 +131,22 @@ def import_movielens(ws: Workspace, path: Path, source: str = "movielens", stric
             "cat_occupation": [r[3] for r in user_rows],
             "cat_zip3": [(r[4] or "")[:3] or None for r in user_rows],
         }
-    with SourceWriter(ws, source, inputs=files, params={"layout": layout, "rating_to_action": RATING_TO_ACTION},
-                      strict=strict) as w:
+    with SourceWriter(
+        ws, source, inputs=files, params={"layout": layout, "rating_to_action": RATING_TO_ACTION}, strict=strict
+    ) as w:
         w.write("interests", pa.table({"interest_id": genres, "name": genres}))
         w.seal("interests")
         w.write(
             "pins",
-            pa.table({
-                "pin_id": pin_ids,
-                "image_sig": pin_ids,
-                "image_sig_coarse": pin_ids,
-                "interests": pa.array(pin_genres, type=pa.list_(pa.string())),
-                "num_release_year": years,
-            }),
+            pa.table(
+                {
+                    "pin_id": pin_ids,
+                    "image_sig": pin_ids,
+                    "image_sig_coarse": pin_ids,
+                    "interests": pa.array(pin_genres, type=pa.list_(pa.string())),
+                    "num_release_year": years,
+                }
+            ),
             item_reasons,
         )
         w.seal("pins")
@@ -201,16 +206,33 @@ def _ids_only_tables(w: SourceWriter, users: pd.Series, items: pd.Series) -> Non
     """An ids-only dataset: pins and users are the distinct ids seen (no features, no images)."""
     w.write("interests", pa.table({"interest_id": pa.array([], pa.string()), "name": pa.array([], pa.string())}))
     pins = pd.unique(items.dropna().astype(str))
-    w.write("pins", pa.table({"pin_id": pins, "image_sig": pins, "image_sig_coarse": pins,
-                              "interests": pa.array([[]] * len(pins), type=pa.list_(pa.string()))}))
+    w.write(
+        "pins",
+        pa.table(
+            {
+                "pin_id": pins,
+                "image_sig": pins,
+                "image_sig_coarse": pins,
+                "interests": pa.array([[]] * len(pins), type=pa.list_(pa.string())),
+            }
+        ),
+    )
     w.seal("pins")
     uids = pd.unique(users.dropna().astype(str))
-    w.write("users", pa.table({"user_id": uids, "followed_interests": pa.array([[]] * len(uids), type=pa.list_(pa.string()))}))
+    w.write(
+        "users",
+        pa.table({"user_id": uids, "followed_interests": pa.array([[]] * len(uids), type=pa.list_(pa.string()))}),
+    )
     w.seal("users")
 
 
-def import_interactions(ws: Workspace, path: Path, source: str = "interactions", strict: bool = False,
-                        max_future_days: float | None = DEFAULT_MAX_FUTURE_DAYS) -> dict:
+def import_interactions(
+    ws: Workspace,
+    path: Path,
+    source: str = "interactions",
+    strict: bool = False,
+    max_future_days: float | None = DEFAULT_MAX_FUTURE_DAYS,
+) -> dict:
     """CSV/Parquet with columns user_id, item_id and optional ts (unix seconds or ISO-8601),
     weight and action (default click)."""
     path = Path(path)
@@ -232,15 +254,17 @@ def import_interactions(ws: Workspace, path: Path, source: str = "interactions",
     if "weight" in df.columns:
         badw = weight.isna().to_numpy() & df["weight"].notna().to_numpy() & pd.isna(reasons)
         reasons[badw] = [f"invalid weight {v!r}" for v in df["weight"][badw]]
-    eng = pa.table({
-        "user_id": _strs(df["user_id"]),
-        "pin_id": _strs(df["item_id"]),
-        "ts": ts,
-        "action": _strs(df["action"]) if "action" in df.columns else ["click"] * n,
-        "weight": weight.fillna(1.0).astype("float32").to_numpy(),
-        "surface": ["other"] * n,
-        RAW: raw,
-    })
+    eng = pa.table(
+        {
+            "user_id": _strs(df["user_id"]),
+            "pin_id": _strs(df["item_id"]),
+            "ts": ts,
+            "action": _strs(df["action"]) if "action" in df.columns else ["click"] * n,
+            "weight": weight.fillna(1.0).astype("float32").to_numpy(),
+            "surface": ["other"] * n,
+            RAW: raw,
+        }
+    )
     with SourceWriter(ws, source, inputs=[path], strict=strict, max_future_days=max_future_days) as w:
         ok = pd.isna(w.row_reasons("engagements", eng, reasons))  # pins and users from accepted rows only
         _ids_only_tables(w, df["user_id"][ok], df["item_id"][ok])
@@ -276,30 +300,45 @@ def import_adjacency(
     part = ["train"] * len(tr[0]) + ["test"] * len(te[0])
     reasons = np.concatenate([tr[3], te[3]])
     n = len(users)
-    eng = pa.table({
-        "user_id": users, "pin_id": items, "ts": pa.nulls(n, pa.timestamp("us", tz="UTC")),
-        "action": ["click"] * n, "weight": np.ones(n, np.float32), "surface": ["other"] * n,
-        RAW: tr[2] + te[2],
-    })
+    eng = pa.table(
+        {
+            "user_id": users,
+            "pin_id": items,
+            "ts": pa.nulls(n, pa.timestamp("us", tz="UTC")),
+            "action": ["click"] * n,
+            "weight": np.ones(n, np.float32),
+            "surface": ["other"] * n,
+            RAW: tr[2] + te[2],
+        }
+    )
     with SourceWriter(ws, source, inputs=[Path(train), Path(test)], strict=strict, params={"split": split}) as w:
         good = pd.isna(w.row_reasons("engagements", eng, reasons))  # pins and users from accepted rows only
         _ids_only_tables(w, pd.Series(users, dtype=object)[good], pd.Series(items, dtype=object)[good])
         w.write("engagements", eng, reasons)
         entry = w.commit()
-    ok = np.array([r is None for r in reasons]) & np.array([u is not None and i is not None for u, i in zip(users, items)])
+    ok = np.array([r is None for r in reasons]) & np.array(
+        [u is not None and i is not None for u, i in zip(users, items)]
+    )
     # pos = the pair's place in the files (train lines, then test lines): the pseudo-time of data
     # without timestamps, stored because no query engine keeps insertion order for us
-    assign = pa.table({"user_id": users, "pin_id": items, "part": part,
-                       "pos": np.arange(n, dtype=np.int64)}).filter(pa.array(ok))
+    assign = pa.table({"user_id": users, "pin_id": items, "part": part, "pos": np.arange(n, dtype=np.int64)}).filter(
+        pa.array(ok)
+    )
     d = ws.split_dir(split)
     d.mkdir(parents=True, exist_ok=True)
     pq.write_table(assign, d / "assignment.parquet")
     counts = {p: int(sum(1 for x, o in zip(part, ok) if o and x == p)) for p in ("train", "test")}
-    write_json(d / "manifest.json", {
-        "kind": "given", "name": split, "source": source, "counts": counts,
-        "validation": f"a random {GIVEN_VAL_FRACTION:.0%} of each user's training pins (seeded by train.seed)",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "inputs": [str(train), str(test)],
-    })
+    write_json(
+        d / "manifest.json",
+        {
+            "kind": "given",
+            "name": split,
+            "source": source,
+            "counts": counts,
+            "validation": f"a random {GIVEN_VAL_FRACTION:.0%} of each user's training pins (seeded by train.seed)",
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "inputs": [str(train), str(test)],
+        },
+    )
     entry["split"] = {"name": split, **counts}
     return entry

@@ -65,7 +65,9 @@ def _range(ws: Workspace) -> tuple[dt.datetime, dt.datetime]:
         "SELECT min(ts), max(ts), count(*) FILTER (WHERE ts IS NULL) FROM engagements"
     ).fetchone()
     if lo is None:
-        raise DataError("no timestamped engagements: a temporal split needs ts (use the given split of an adjacency import)")
+        raise DataError(
+            "no timestamped engagements: a temporal split needs ts (use the given split of an adjacency import)"
+        )
     return lo, hi
 
 
@@ -83,7 +85,7 @@ def make_temporal(
             raise DataError("--test-fraction must be in (0, 1)")
         cut = lo + (hi - lo) * (1 - test_fraction)
     if cut.tzinfo is None:
-        cut = cut.replace(tzinfo=dt.timezone.utc)
+        cut = cut.replace(tzinfo=dt.UTC)
     if not lo < cut <= hi:
         raise DataError(f"cut {cut.isoformat()} is outside the data's time range [{lo}, {hi}]")
     val_cut = cut - (cut - lo) * val_fraction
@@ -93,9 +95,17 @@ def make_temporal(
         "count(*) FILTER (WHERE ts >= ?) FROM engagements",
         [val_cut, val_cut, cut, cut],
     ).fetchone()
-    m = {"kind": "temporal", "name": name, "cut": cut.isoformat(), "val_cut": val_cut.isoformat(),
-         "test_fraction": test_fraction, "val_fraction": val_fraction, "data_range": [str(lo), str(hi)],
-         "counts": {"train": c[0], "validation": c[1], "test": c[2]}, "created_at": now_utc().isoformat()}
+    m = {
+        "kind": "temporal",
+        "name": name,
+        "cut": cut.isoformat(),
+        "val_cut": val_cut.isoformat(),
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "data_range": [str(lo), str(hi)],
+        "counts": {"train": c[0], "validation": c[1], "test": c[2]},
+        "created_at": now_utc().isoformat(),
+    }
     write_json(ws.split_dir(name) / "manifest.json", m)
     return load_split(ws, name)
 
@@ -113,8 +123,12 @@ def make_leave_last_out(ws: Workspace, name: str = "leave_last_out") -> Split:
     d.mkdir(parents=True, exist_ok=True)
     pq.write_table(tbl, d / "targets.parquet")
     rk = tbl["rk"].to_pylist()
-    m = {"kind": "leave_last_out", "name": name, "counts": {"test": rk.count(1), "validation": rk.count(2)},
-         "created_at": now_utc().isoformat()}
+    m = {
+        "kind": "leave_last_out",
+        "name": name,
+        "counts": {"test": rk.count(1), "validation": rk.count(2)},
+        "created_at": now_utc().isoformat(),
+    }
     write_json(d / "manifest.json", m)
     return load_split(ws, name)
 
@@ -128,8 +142,10 @@ def load_split(ws: Workspace, name: str | None = None) -> Split:
         if name not in available:
             return make_temporal(ws)
     if name not in available:
-        raise DataError(f"no split {name!r} in {ws.root}/splits; have: {', '.join(available) or 'none'}. "
-                        "Create one with `ebr data split temporal|leave-last-out`.")
+        raise DataError(
+            f"no split {name!r} in {ws.root}/splits; have: {', '.join(available) or 'none'}. "
+            "Create one with `ebr data split temporal|leave-last-out`."
+        )
     d = ws.split_dir(name)
     m = read_json(d / "manifest.json")
     return Split(name=name, kind=m["kind"], manifest=m, path=str(d))

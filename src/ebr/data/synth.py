@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,7 @@ from ebr.data.validate import SourceWriter
 from ebr.workspace import Workspace, write_json
 
 DAY = 86400.0
-START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 PARENT_NAMES = (
     "home decor", "recipes", "womens fashion", "travel", "diy crafts", "beauty", "fitness", "art",
@@ -201,7 +201,9 @@ class World:
                     "image_sig": np.char.add("f", idx.astype(str)),
                     "image_sig_coarse": np.char.add("c", coarse_src.astype(str)),
                     "interests": pa.array(lists, type=pa.list_(pa.string())),
-                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), c.emb_dim).cast(pa.list_(pa.float32())),
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), c.emb_dim).cast(
+                        pa.list_(pa.float32())
+                    ),
                     "cat_language": np.array(LANGUAGES)[self.language[idx]],
                     "cat_format": np.array(FORMATS)[self.format[idx]],
                     "cat_domain": np.char.add("d", self.domain[idx].astype(str)),
@@ -292,8 +294,8 @@ def users_table(uc: UserChunk) -> pa.Table:
 
 def users_truth(world: World, uc: UserChunk) -> pa.Table:
     ints = [[f"i{k}" for k in row if k >= 0] for row in uc.interests]
-    w0 = [list(r[: n]) for r, n in zip(uc.w0.astype(np.float32), uc.n_int)]
-    w1 = [list(r[: n]) for r, n in zip(uc.w1.astype(np.float32), uc.n_int)]
+    w0 = [list(r[:n]) for r, n in zip(uc.w0.astype(np.float32), uc.n_int)]
+    w1 = [list(r[:n]) for r, n in zip(uc.w1.astype(np.float32), uc.n_int)]
     return pa.table(
         {"user_id": uc.ids, "interests": ints, "weights_start": w0, "weights_end": w1, "sessions_per_week": uc.activity}
     )
@@ -427,7 +429,14 @@ def generate(ws: Workspace, preset: str = "small", seed: int = 0, progress: bool
         bar.close()
         w.extra = {"preset": preset, "seed": seed}
         entry = w.commit()
-    write_json(truth / "manifest.json", {"preset": preset, "seed": seed, "config": asdict(cfg),
-                                          "note": "latent variables, for diagnostics only: models never read them"})
+    write_json(
+        truth / "manifest.json",
+        {
+            "preset": preset,
+            "seed": seed,
+            "config": asdict(cfg),
+            "note": "latent variables, for diagnostics only: models never read them",
+        },
+    )
     entry["wall_seconds"] = round(time.time() - t0, 2)
     return entry

@@ -49,8 +49,12 @@ def stats(ws: Workspace) -> dict[str, Any]:
         ).fetchone()
         out["active_users"], out["engaged_pins"] = row[0], row[1]
         out["first_ts"], out["last_ts"] = str(row[2]), str(row[3])
-        out["actions"] = dict(con.execute("SELECT action, count(*) FROM engagements GROUP BY 1 ORDER BY 2 DESC").fetchall())
-        out["surfaces"] = dict(con.execute("SELECT surface, count(*) FROM engagements GROUP BY 1 ORDER BY 2 DESC").fetchall())
+        out["actions"] = dict(
+            con.execute("SELECT action, count(*) FROM engagements GROUP BY 1 ORDER BY 2 DESC").fetchall()
+        )
+        out["surfaces"] = dict(
+            con.execute("SELECT surface, count(*) FROM engagements GROUP BY 1 ORDER BY 2 DESC").fetchall()
+        )
         out["with_condition_interest"] = con.execute(
             "SELECT count(*) FROM engagements WHERE condition_interest IS NOT NULL"
         ).fetchone()[0]

@@ -24,8 +24,16 @@ import pyarrow.parquet as pq
 from ebr.data.schema import ACTIONS, SURFACES, TABLES, TS, full_schema
 from ebr.errors import EbrError
 from ebr.log import log
-from ebr.workspace import (COMMIT_JOURNAL, Workspace, commit_hook, file_sha256, library_versions, now_utc, read_json,
-                           write_json)
+from ebr.workspace import (
+    COMMIT_JOURNAL,
+    Workspace,
+    commit_hook,
+    file_sha256,
+    library_versions,
+    now_utc,
+    read_json,
+    write_json,
+)
 
 RAW = "_raw"  # optional column holding the source record, kept only in quarantine
 
@@ -203,7 +211,7 @@ class SourceWriter:
         self.t0 = time.time()
 
     # -- context manager: a failure discards the staging folder, the old source stays -----------
-    def __enter__(self) -> "SourceWriter":
+    def __enter__(self) -> SourceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -261,9 +269,12 @@ class SourceWriter:
             q = tbl.filter(pa.array(bad))
             for f in list(q.schema):  # quarantine keeps values readable whatever their type
                 if pa.types.is_list(f.type):
-                    q = q.set_column(q.schema.get_field_index(f.name), f.name, pc.cast(q[f.name], pa.list_(pa.string())))
+                    as_text = pc.cast(q[f.name], pa.list_(pa.string()))
+                    q = q.set_column(q.schema.get_field_index(f.name), f.name, as_text)
             q = q.append_column("reason", pa.array(reasons[bad].astype(str)))
-            q = q.append_column("raw", raw.filter(pa.array(bad)).cast(pa.string()) if raw is not None else pa.nulls(n_bad, pa.string()))
+            q = q.append_column(
+                "raw", raw.filter(pa.array(bad)).cast(pa.string()) if raw is not None else pa.nulls(n_bad, pa.string())
+            )
             self.reasons[table].update(collections.Counter(reasons[bad].tolist()))
             self._quarantine(table, q)
         if table in self.KEY:
@@ -318,19 +329,16 @@ class SourceWriter:
         if self.strict and total_bad:
             shutil.rmtree(self.stage, ignore_errors=True)
             raise DataError(
-                f"--strict: {total_bad:,} bad rows in source {self.source!r}; nothing was written.\n"
-                + self.summary()
+                f"--strict: {total_bad:,} bad rows in source {self.source!r}; nothing was written.\n" + self.summary()
             )
         entry = {
             "imported_at": now_utc().isoformat(),
             "inputs": [
-                {"path": str(p), "sha256": file_sha256(p, limit=1 << 30) if p.is_file() else None}
-                for p in self.inputs
+                {"path": str(p), "sha256": file_sha256(p, limit=1 << 30) if p.is_file() else None} for p in self.inputs
             ],
             "params": self.params,
             "tables": {
-                t: {**dict(c), "parts": self.parts[t], "reasons": dict(self.reasons[t])}
-                for t, c in self.counts.items()
+                t: {**dict(c), "parts": self.parts[t], "reasons": dict(self.reasons[t])} for t, c in self.counts.items()
             },
             "embedding_dim": self.embedding_dim,
             "seconds": round(time.time() - self.t0, 3),

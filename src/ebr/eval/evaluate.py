@@ -5,18 +5,19 @@ counted identically: same users, same targets, same exclusions, same candidates.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ebr.data.splits import Part, Split, load_split
 from ebr.errors import EbrError
-from ebr.log import bars_enabled, log
 from ebr.features.examples import eval_spec, load_engagements
 from ebr.features.state import user_arrays
 from ebr.index.bundle import build_bundle, find_bundle
+from ebr.log import bars_enabled, log
 from ebr.ranking import metrics_at_k, topk_masked
 from ebr.serve.retriever import Retriever
 from ebr.workspace import Workspace, write_json
@@ -166,10 +167,12 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
 def format_table(res: dict[str, Any], cols: tuple[str, ...] = ("recall@20", "recall@100", "recall@500", "ndcg@100",
                                                                   "hr@100", "coverage@100")) -> str:
     cols = tuple(c for c in cols if any(c in r for r in res["results"]))
-    lines = [f"{res['dataset']} / {res['protocol']}: {res['n_users']:,} users ({res['n_cold_users']:,} cold); "
-             f"{res.get('backend', 'exact')} bundle; {res.get('unreachable_target_share', 0):.1%} of targets are on pins "
-             "that did not exist yet",
-             f"{'model':<18}" + "".join(f"{c:>14}" for c in cols)]
+    lines = [
+        f"{res['dataset']} / {res['protocol']}: {res['n_users']:,} users ({res['n_cold_users']:,} cold); "
+        f"{res.get('backend', 'exact')} bundle; {res.get('unreachable_target_share', 0):.1%} of targets are on pins "
+        "that did not exist yet",
+        f"{'model':<18}" + "".join(f"{c:>14}" for c in cols),
+    ]
     for r in res["results"]:
         lines.append(f"{r['name']:<18}" + "".join(f"{r.get(c, float('nan')):>14.4f}" for c in cols))
     return "\n".join(lines)
@@ -215,10 +218,19 @@ def write_report(ws: Workspace, res: dict[str, Any], run: str = "main", name: st
         fig.tight_layout()
         fig.savefig(d / "training.png", dpi=110)
         plt.close(fig)
-    md = [f"# ebr report: {res['dataset']}", "",
-          f"Protocol `{res['protocol']}` (split `{res.get('split')}`), {res['n_users']:,} warm users, "
-          f"{res['n_cold_users']:,} cold users; bundle `{res.get('bundle')}`.", "", "```", format_table(res), "```", "",
-          "![recall@K](recall_at_k.png)", ""]
+    md = [
+        f"# ebr report: {res['dataset']}",
+        "",
+        f"Protocol `{res['protocol']}` (split `{res.get('split')}`), {res['n_users']:,} warm users, "
+        f"{res['n_cold_users']:,} cold users; bundle `{res.get('bundle')}`.",
+        "",
+        "```",
+        format_table(res),
+        "```",
+        "",
+        "![recall@K](recall_at_k.png)",
+        "",
+    ]
     if rows:
         md += ["![training](training.png)", ""]
     (d / "report.md").write_text("\n".join(md))

@@ -10,7 +10,7 @@ user codes (B,) -> scores (B, P) over pin codes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp

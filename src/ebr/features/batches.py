@@ -18,7 +18,7 @@ class PinInputs:
     emb: torch.Tensor
 
     @classmethod
-    def from_arrays(cls, p: PinArrays) -> "PinInputs":
+    def from_arrays(cls, p: PinArrays) -> PinInputs:
         return cls(torch.from_numpy(p.cat), torch.from_numpy(p.num), torch.from_numpy(p.emb))
 
     def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,7 +38,9 @@ class Engagements:
         return len(self.user)
 
 
-def given_validation(user: np.ndarray, train: np.ndarray, seed: int, fraction: float = GIVEN_VAL_FRACTION) -> np.ndarray:
+def given_validation(
+    user: np.ndarray, train: np.ndarray, seed: int, fraction: float = GIVEN_VAL_FRACTION
+) -> np.ndarray:
     """A seeded random `fraction` of each user's training rows (rounded, per user); rows must be in a
     deterministic order (here: by user, then file position). Returns a bool mask."""
     idx = np.flatnonzero(train)
@@ -60,7 +62,9 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     con = connect(ws)
     given = split.kind == "given"
     if given:
-        con.execute(f"CREATE VIEW assignment AS SELECT * FROM read_parquet('{sql_str(split.path + '/assignment.parquet')}')")
+        con.execute(
+            f"CREATE VIEW assignment AS SELECT * FROM read_parquet('{sql_str(split.path + '/assignment.parquet')}')"
+        )
         if "pos" not in [c[0] for c in con.execute("DESCRIBE assignment").fetchall()]:
             raise DataError(f"split {split.name!r} predates stored file positions: import the adjacency files again")
     t = con.sql(
@@ -68,8 +72,12 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
                   {"a.pos, coalesce(a.is_test, false) AS is_test" if given else "NULL AS pos, false AS is_test"},
                   row_number() OVER (PARTITION BY e.user_id ORDER BY e.ts NULLS LAST, e.pin_id, e.action) AS rn
            FROM engagements e
-           {"LEFT JOIN (SELECT user_id, pin_id, min(pos) AS pos, bool_or(part = 'test') AS is_test FROM assignment "
-            "GROUP BY user_id, pin_id) a ON a.user_id = e.user_id AND a.pin_id = e.pin_id" if given else ""}
+           {
+            "LEFT JOIN (SELECT user_id, pin_id, min(pos) AS pos, bool_or(part = 'test') AS is_test FROM assignment "
+            "GROUP BY user_id, pin_id) a ON a.user_id = e.user_id AND a.pin_id = e.pin_id"
+            if given
+            else ""
+        }
            ORDER BY e.user_id, e.ts NULLS LAST, pos NULLS FIRST, e.pin_id, e.action, e.weight"""
     ).to_arrow_table()
     user = fs.users.encode(t["user_id"])
@@ -125,7 +133,7 @@ class Histories:
     R: int
 
     @classmethod
-    def build(cls, e: Engagements, n_users: int, visible: np.ndarray | None = None) -> "Histories":
+    def build(cls, e: Engagements, n_users: int, visible: np.ndarray | None = None) -> Histories:
         m = e.action != ACTION_CODE["impression"]
         if visible is not None:
             m &= visible
@@ -195,8 +203,14 @@ class EvalSpec:
     cold_targets: list[np.ndarray]
 
 
-def eval_spec(e: Engagements, cfg: FeaturesConfig, target_part: int = Part.TEST, train_parts: tuple[int, ...] = (Part.TRAIN, Part.VALIDATION),
-              max_users: int | None = None, seed: int = 0) -> EvalSpec:
+def eval_spec(
+    e: Engagements,
+    cfg: FeaturesConfig,
+    target_part: int = Part.TEST,
+    train_parts: tuple[int, ...] = (Part.TRAIN, Part.VALIDATION),
+    max_users: int | None = None,
+    seed: int = 0,
+) -> EvalSpec:
     """Targets = positive engagements in `target_part` whose pin the user did not engage with
     (any non-impression action) in the training parts. Warm users have at least one training
     engagement; the others are cold."""

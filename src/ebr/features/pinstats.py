@@ -56,7 +56,7 @@ class PinStats:
         return len(self.keys) * len(self.windows_us)
 
     @classmethod
-    def build(cls, e: Engagements, group: np.ndarray, visible: np.ndarray, windows_days: list[int]) -> "PinStats":
+    def build(cls, e: Engagements, group: np.ndarray, visible: np.ndarray, windows_days: list[int]) -> PinStats:
         m = visible & np.isin(e.action, [ACTION_CODE[a] for a in STAT_ACTIONS])
         t = e.t[m]
         times = np.unique(t)
@@ -65,7 +65,9 @@ class PinStats:
         windows = [T_MAX // 4] * len(windows_days) if pseudo else [d * DAY_US for d in windows_days]
         g = group[e.pin[m]].astype(np.int64)
         rank = np.searchsorted(times, t)
-        keys = [np.sort(g[e.action[m] == ACTION_CODE[a]] * R + rank[e.action[m] == ACTION_CODE[a]]) for a in STAT_ACTIONS]
+        keys = [
+            np.sort(g[e.action[m] == ACTION_CODE[a]] * R + rank[e.action[m] == ACTION_CODE[a]]) for a in STAT_ACTIONS
+        ]
         return cls(group.astype(np.int64), keys, times, R, windows, int(t.max()) + 1 if len(t) else 0)
 
     def at(self, pins: np.ndarray, t: np.ndarray) -> np.ndarray:

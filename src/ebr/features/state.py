@@ -41,7 +41,11 @@ class Vocab:
         arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(list(values), type=pa.string())
         idx = pc.index_in(arr.cast(pa.string()), value_set=self.array)
         out = idx.to_numpy(zero_copy_only=False)
-        out = np.where(np.isnan(out.astype(np.float64)), -1, out).astype(np.int64) if idx.null_count else out.astype(np.int64)
+        out = (
+            np.where(np.isnan(out.astype(np.float64)), -1, out).astype(np.int64)
+            if idx.null_count
+            else out.astype(np.int64)
+        )
         return np.where(out < 0, OOV, out + 2)
 
     def decode(self, codes: np.ndarray) -> list[str | None]:
@@ -62,29 +66,38 @@ class FeatureState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "pins": self.pins.ids, "users": self.users.ids, "interests": self.interests.ids,
+            "pins": self.pins.ids,
+            "users": self.users.ids,
+            "interests": self.interests.ids,
             "pin_cat": {k: v.ids for k, v in self.pin_cat.items()},
             "user_cat": {k: v.ids for k, v in self.user_cat.items()},
-            "pin_num": self.pin_num, "emb_dim": self.emb_dim,
+            "pin_num": self.pin_num,
+            "emb_dim": self.emb_dim,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureState":
+    def from_dict(cls, d: dict[str, Any]) -> FeatureState:
         return cls(
-            pins=Vocab(d["pins"]), users=Vocab(d["users"]), interests=Vocab(d["interests"]),
+            pins=Vocab(d["pins"]),
+            users=Vocab(d["users"]),
+            interests=Vocab(d["interests"]),
             pin_cat={k: Vocab(v) for k, v in d["pin_cat"].items()},
             user_cat={k: Vocab(v) for k, v in d["user_cat"].items()},
-            pin_num={k: tuple(v) for k, v in d["pin_num"].items()}, emb_dim=int(d["emb_dim"]),
+            pin_num={k: tuple(v) for k, v in d["pin_num"].items()},
+            emb_dim=int(d["emb_dim"]),
         )
 
     @property
     def sizes(self) -> dict[str, Any]:
         """What the model needs to know to build its tables."""
         return {
-            "n_pins": len(self.pins), "n_users": len(self.users), "n_interests": len(self.interests),
+            "n_pins": len(self.pins),
+            "n_users": len(self.users),
+            "n_interests": len(self.interests),
             "pin_cat": [len(v) for v in self.pin_cat.values()],
             "user_cat": [len(v) for v in self.user_cat.values()],
-            "n_pin_num": len(self.pin_num), "emb_dim": self.emb_dim,
+            "n_pin_num": len(self.pin_num),
+            "emb_dim": self.emb_dim,
         }
 
 
@@ -132,8 +145,9 @@ class UserArrays:
     followed: list[list[int]]  # followed interest codes per user
 
 
-def _rows(t: pa.Table, key: str, rows: Vocab, cats: dict[str, Vocab], list_col: str,
-          interests: Vocab) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+def _rows(
+    t: pa.Table, key: str, rows: Vocab, cats: dict[str, Vocab], list_col: str, interests: Vocab
+) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
     """Row codes, categorical codes (rows, C) and interest-code lists, indexed by row code."""
     code = rows.encode(t[key])
     cat = np.zeros((len(rows), len(cats)), dtype=np.int64)

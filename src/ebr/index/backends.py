@@ -11,9 +11,9 @@ the search falls back to exact scoring over the allowed pins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
@@ -44,7 +44,7 @@ class AnnIndex:
         np.save(path / "index_codes.npy", self.codes)
 
     @classmethod
-    def load(cls, path: Path, backend: str, vectors: np.ndarray) -> "AnnIndex":
+    def load(cls, path: Path, backend: str, vectors: np.ndarray) -> AnnIndex:
         """An index saved by `save`, with the pin vectors (by code) its exact fallback scores."""
         return cls(faiss.read_index(str(path / "index.faiss")), np.load(path / "index_codes.npy"), backend, vectors)
 
@@ -88,8 +88,8 @@ class AnnIndex:
         if allowed_codes is not None:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(np.searchsorted(self.codes, pool), dtype=np.int64))
         kk = min(k + max(len(x) for x in ex), len(pool))
-        D, I = self.index.search(queries, kk, params=self._params(defaults, sel))
-        codes = np.where(I >= 0, self.codes[np.maximum(I, 0)], -1)
+        D, pos = self.index.search(queries, kk, params=self._params(defaults, sel))
+        codes = np.where(pos >= 0, self.codes[np.maximum(pos, 0)], -1)
         scores = np.full((B, k), -np.inf, dtype=np.float32)
         out = np.full((B, k), -1, dtype=np.int64)
         for b in range(B):
@@ -111,7 +111,9 @@ class AnnIndex:
         kk = min(k, len(pool))
         if kk < len(pool):  # partition first: the pool may be the whole index
             part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-            top = np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable"), axis=1)
+            top = np.take_along_axis(
+                part, np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable"), axis=1
+            )
         else:
             top = np.argsort(-scores, axis=1, kind="stable")
         D = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -121,8 +123,9 @@ class AnnIndex:
         return D, C
 
 
-def build_index(backend: str, emb: np.ndarray, codes: np.ndarray, hnsw_m: int = 32, ef_construction: int = 200,
-                seed: int = 0) -> AnnIndex:
+def build_index(
+    backend: str, emb: np.ndarray, codes: np.ndarray, hnsw_m: int = 32, ef_construction: int = 200, seed: int = 0
+) -> AnnIndex:
     """An index over emb[codes] (codes sorted ascending)."""
     codes = np.sort(np.asarray(codes, dtype=np.int64))
     x = np.ascontiguousarray(emb[codes], dtype=np.float32)

@@ -31,6 +31,7 @@ import torch
 
 from ebr.config import ModelConfig, RunConfig
 from ebr.data.splits import Part, load_split
+from ebr.errors import EbrError
 from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import T_MAX, Histories, existing_pins, load_engagements
 from ebr.features.pinstats import PinStats, group_codes
@@ -39,9 +40,16 @@ from ebr.index.backends import AnnIndex, SearchDefaults, build_index
 from ebr.index.verify import BUNDLE_FILES, content_hash
 from ebr.model.towers import TwoTower
 from ebr.ranking import topk_masked
-from ebr.errors import EbrError
-from ebr.workspace import (Workspace, file_sha256, library_versions, load_checkpoint_state, now_utc, read_json,
-                           version_stamp, write_json)
+from ebr.workspace import (
+    Workspace,
+    file_sha256,
+    library_versions,
+    load_checkpoint_state,
+    now_utc,
+    read_json,
+    version_stamp,
+    write_json,
+)
 
 POPULARITY_HALF_LIFE_DAYS = 14.0
 
@@ -134,7 +142,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     if run_cfg.features.pin_stats:
         stats = PinStats.build(e, group_codes(ws, fs, run_cfg.features.stats_granularity), visible,
                                run_cfg.features.stats_windows_days)
-    all_stats = None if stats is None else torch.from_numpy(stats.at(np.arange(len(fs.pins)), np.full(len(fs.pins), T_MAX)))
+    n = len(fs.pins)
+    all_stats = None if stats is None else torch.from_numpy(stats.at(np.arange(n), np.full(n, T_MAX)))
     item_repr, pin_emb = (x.numpy() for x in model.encode_all_pins(pins.cat, pins.num, pins.emb, all_stats))
     hist = Histories.build(e, len(fs.users), visible=visible)
     U = len(fs.users)
@@ -173,25 +182,52 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
         index.save(tmp)
         ann_recall = index_recall(index, ub, model, item_repr, pin_emb, candidate, recall_sample, run_cfg.train.seed)
         pin_ids = ["<pad>", "<oov>"] + fs.pins.ids
-        pq.write_table(pa.table({"pin_id": pin_ids, "code": np.arange(len(pin_ids)), "candidate": candidate,
-                                 "interests": pa.array(pin_interests, type=pa.list_(pa.int64()))}), tmp / "pins.parquet")
-        np.savez(tmp / "user_state.npz", hist=ub.hist.numpy().astype(np.int32), actions=ub.actions.numpy().astype(np.int8),
-                 cat=ua.cat.astype(np.int32), engaged_ptr=ptr.astype(np.int64), engaged=ep.astype(np.int32))
+        pq.write_table(
+            pa.table(
+                {
+                    "pin_id": pin_ids,
+                    "code": np.arange(len(pin_ids)),
+                    "candidate": candidate,
+                    "interests": pa.array(pin_interests, type=pa.list_(pa.int64())),
+                }
+            ),
+            tmp / "pins.parquet",
+        )
+        np.savez(
+            tmp / "user_state.npz",
+            hist=ub.hist.numpy().astype(np.int32),
+            actions=ub.actions.numpy().astype(np.int8),
+            cat=ua.cat.astype(np.int32),
+            engaged_ptr=ptr.astype(np.int64),
+            engaged=ep.astype(np.int32),
+        )
         np.save(tmp / "popular.npy", popular)
         (tmp / "feature_state.json").write_text(json.dumps(fs.to_dict()))
         manifest = {
-            "run": run, "split": split_name, "created_at": now_utc().isoformat(),
-            "as_of_us": as_of, "history_len": L, "embedding_dim": int(pin_emb.shape[1]),
+            "run": run,
+            "split": split_name,
+            "created_at": now_utc().isoformat(),
+            "as_of_us": as_of,
+            "history_len": L,
+            "embedding_dim": int(pin_emb.shape[1]),
             "user_tower": {"file": "user_tower.pt2", "model_version": model_version},
-            "index": {"file": "index.faiss", "backend": backend, "model_version": model_version, "metric": "inner_product",
-                      "search": asdict(SearchDefaults()), "build_seconds": round(index_seconds, 2),
-                      "recall@100_vs_exact": ann_recall, "corpus": corpus_version},
+            "index": {
+                "file": "index.faiss",
+                "backend": backend,
+                "model_version": model_version,
+                "metric": "inner_product",
+                "search": asdict(SearchDefaults()),
+                "build_seconds": round(index_seconds, 2),
+                "recall@100_vs_exact": ann_recall,
+                "corpus": corpus_version,
+            },
             "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
             "counts": {"pins": len(fs.pins) - 2, "candidates": int(candidate.sum()), "users": U - 2},
             "modes": ["single"],
             "config": ck["config"],
             "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},
-            "libraries": library_versions(), "seconds": round(time.time() - t0, 2),
+            "libraries": library_versions(),
+            "seconds": round(time.time() - t0, 2),
         }
         # the version's hash part covers the manifest, which covers every file (index/verify.py)
         manifest["version"] = version = f"{version_stamp()}-{content_hash(manifest)}"
@@ -202,7 +238,6 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
 
 
 def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> Path | None:
@@ -216,8 +251,13 @@ def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> 
         if d.name.startswith(".") or not m.exists():
             continue
         man = read_json(m)
-        key = (man["run"], man["split"], man["index"]["backend"], man["index"].get("corpus"), man["checkpoint"]["sha256"])
+        key = (
+            man["run"],
+            man["split"],
+            man["index"]["backend"],
+            man["index"].get("corpus"),
+            man["checkpoint"]["sha256"],
+        )
         if key == (run, split, backend, None, sha):
             return d
     return None
-

@@ -55,7 +55,9 @@ class BundleError(EbrError, RuntimeError):
 def content_hash(manifest: dict[str, Any]) -> str:
     """The version's hash part: sha256 of the manifest without its own version (16 hex digits)."""
     body = {k: v for k, v in manifest.items() if k != "version"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def _regular(path: Path) -> str | None:
@@ -83,8 +85,15 @@ def _read_manifest(root: Path, problems: list[str]) -> dict[str, Any] | None:
     if not isinstance(m, dict):
         problems.append(f"{MANIFEST}: must be a JSON object, got {type(m).__name__}")
         return None
-    shape = {"version": str, "checksums": dict, "user_tower": dict, "index": dict, "history_len": int,
-             "modes": list, "config": dict}
+    shape = {
+        "version": str,
+        "checksums": dict,
+        "user_tower": dict,
+        "index": dict,
+        "history_len": int,
+        "modes": list,
+        "config": dict,
+    }
     for key, typ in shape.items():
         if not isinstance(m.get(key), typ):
             problems.append(f"{MANIFEST}: field {key!r} missing or not a {typ.__name__}")
@@ -121,15 +130,19 @@ def check_pt2(path: Path) -> list[str]:
         if len(roots) != 1:
             return problems + [f"{name}: archive entries must share one top-level folder, found {len(roots)}"]
         root = roots.pop()
-        sizes = {i.filename[len(root) + 1:]: i.file_size for i in infos}
+        sizes = {i.filename[len(root) + 1 :]: i.file_size for i in infos}
         for rel, size in sizes.items():
             if not _PT2_RE.fullmatch(rel):
-                problems.append(f"{name}: unexpected archive entry {rel!r} (pickles, custom objects, extra files "
-                                "and compiled code are refused)")
+                problems.append(
+                    f"{name}: unexpected archive entry {rel!r} (pickles, custom objects, extra files "
+                    "and compiled code are refused)"
+                )
             elif rel.startswith("data/sample_inputs/") and size:
                 problems.append(f"{name}: non-empty {rel} (sample inputs are unpickled on load; export with none)")
-        for kind, cfg_name in (("weights", f"data/weights/{MODEL_NAME}_weights_config.json"),
-                               ("constants", f"data/constants/{MODEL_NAME}_constants_config.json")):
+        for kind, cfg_name in (
+            ("weights", f"data/weights/{MODEL_NAME}_weights_config.json"),
+            ("constants", f"data/constants/{MODEL_NAME}_constants_config.json"),
+        ):
             if cfg_name not in sizes:
                 problems.append(f"{name}: missing {cfg_name}")
                 continue
@@ -146,8 +159,10 @@ def check_pt2(path: Path) -> list[str]:
                 if meta.get("use_pickle") is not False:
                     problems.append(f"{name}: {kind} entry {str(fqn)[:80]!r} is pickled (use_pickle)")
                 if not (isinstance(meta.get("path_name"), str) and _PAYLOAD_RE[kind].fullmatch(meta["path_name"])):
-                    problems.append(f"{name}: {kind} entry {str(fqn)[:80]!r} is not a plain tensor "
-                                    f"(path {str(meta.get('path_name'))[:80]!r})")
+                    problems.append(
+                        f"{name}: {kind} entry {str(fqn)[:80]!r} is not a plain tensor "
+                        f"(path {str(meta.get('path_name'))[:80]!r})"
+                    )
                 elif not isinstance(meta.get("tensor_meta"), dict):
                     problems.append(f"{name}: {kind} entry {str(fqn)[:80]!r} has no tensor metadata")
         model_json = f"models/{MODEL_NAME}.json"
@@ -163,8 +178,11 @@ def check_pt2(path: Path) -> list[str]:
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 problems.append(f"{name}: {model_json} is not an exported program")
             else:
-                bad = sorted(str(t)[:80] for t in targets
-                             if not (isinstance(t, str) and _SAFE_TARGET.fullmatch(t)) or _IO_OP.search(str(t)))
+                bad = sorted(
+                    str(t)[:80]
+                    for t in targets
+                    if not (isinstance(t, str) and _SAFE_TARGET.fullmatch(t)) or _IO_OP.search(str(t))
+                )
                 if bad:
                     problems.append(f"{name}: graph calls non-ATen targets: {', '.join(bad[:5])}")
     return problems
@@ -197,11 +215,15 @@ def check_bundle(path: str | os.PathLike, expect_version: str | None = None) -> 
             problems.append(f"{f}: checksum mismatch (corrupt, or modified after the bundle was built)")
     tv, iv = m["user_tower"].get("model_version"), m["index"].get("model_version")
     if tv != iv:
-        problems.append(f"user tower model version {str(tv)[:40]} != index model version {str(iv)[:40]}: "
-                        "rebuild the bundle from one checkpoint")
+        problems.append(
+            f"user tower model version {str(tv)[:40]} != index model version {str(iv)[:40]}: "
+            "rebuild the bundle from one checkpoint"
+        )
     if not m["version"].endswith("-" + content_hash(m)):
-        problems.append(f"version {m['version'][:60]!r} does not match the manifest's content hash "
-                        f"{content_hash(m)} (the manifest was edited)")
+        problems.append(
+            f"version {m['version'][:60]!r} does not match the manifest's content hash "
+            f"{content_hash(m)} (the manifest was edited)"
+        )
     if expect_version is not None and m["version"] != expect_version:
         problems.append(f"version {m['version'][:60]!r} is not the expected {expect_version!r}")
     if not _regular(root / TOWER):
@@ -213,7 +235,9 @@ def verified_manifest(path: str | os.PathLike, expect_version: str | None = None
     """The manifest of a bundle that passed every check; BundleError listing all problems otherwise."""
     m, problems = check_bundle(path, expect_version)
     if problems:
-        raise BundleError(f"bundle {Path(path).name!r} refused ({len(problems)} problem"
-                          f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
+        raise BundleError(
+            f"bundle {Path(path).name!r} refused ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems)
+        )
     assert m is not None
     return m

@@ -15,7 +15,7 @@ per-field LayerNorm first (fields arrive on very different scales), and returns 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -12,7 +12,7 @@ import hmac
 import os
 import threading
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -54,9 +54,9 @@ class RetrieveRequest(BaseModel):
     interests: list[Text] = Field(default_factory=list, max_length=64,
                                  description="conditional: the conditions; otherwise a filter")
     exclude: list[Text] = Field(default_factory=list, max_length=10000)
-    history: list[Union[Text, HistoryItem]] | None = Field(default=None, max_length=1000,
+    history: list[Text | HistoryItem] | None = Field(default=None, max_length=1000,
                                                           description="overrides the stored history, most recent last")
-    features: dict[Text, Union[Text, int, float, bool, None]] | None = Field(
+    features: dict[Text, Text | int | float | bool | None] | None = Field(
         default=None, description="overrides stored user features, e.g. {\"age_bucket\": \"25-34\"}")
 
 
@@ -92,15 +92,23 @@ def _problems(exc: ValidationError | RequestValidationError, skip: int = 1) -> l
     out = []
     for e in exc.errors():
         if e.get("type") == "json_invalid":
-            out.append({"field": "body", "problem": f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}"})
+            out.append(
+                {"field": "body", "problem": f"the request body is not valid JSON: {e.get('ctx', {}).get('error', '')}"}
+            )
         else:
             out.append({"field": ".".join(str(x) for x in e.get("loc", ())[skip:]) or "body", "problem": e.get("msg")})
     return out
 
 
-def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: int = 1,
-               admin_token: str | None = None, expect_version: str | None = None,
-               reload_timeout_s: float = 120.0) -> FastAPI:
+def create_app(
+    bundle: str,
+    max_k: int = 1000,
+    timeout_s: float = 2.0,
+    threads: int = 1,
+    admin_token: str | None = None,
+    expect_version: str | None = None,
+    reload_timeout_s: float = 120.0,
+) -> FastAPI:
     """The service over one bundle; `admin_token` defaults to $EBR_ADMIN_TOKEN (unset: reload refused)."""
     import faiss
     import torch
@@ -113,12 +121,20 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
     reg = CollectorRegistry()
     requests = Counter("ebr_requests", "requests by endpoint and status", ["endpoint", "status"], registry=reg)
     errors = Counter("ebr_errors", "requests answered with an error status", ["endpoint", "status"], registry=reg)
-    latency = Histogram("ebr_request_latency_seconds", "request latency", ["endpoint"], registry=reg,
-                        buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+    latency = Histogram(
+        "ebr_request_latency_seconds",
+        "request latency",
+        ["endpoint"],
+        registry=reg,
+        buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+    )
     reloads = Counter("ebr_reloads", "bundle reloads by outcome", ["outcome"], registry=reg)
 
-    app = FastAPI(title="ebr retrieval service", version="1",
-                  description="Candidate retrieval over an ebr bundle (two-tower user tower + ANN index).")
+    app = FastAPI(
+        title="ebr retrieval service",
+        version="1",
+        description="Candidate retrieval over an ebr bundle (two-tower user tower + ANN index).",
+    )
 
     async def bounded_body(request: Request) -> JSONResponse | None:
         """Read the body (cached for the endpoint) unless it exceeds MAX_BODY_BYTES: then a 413."""
@@ -157,26 +173,40 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
     async def invalid(request: Request, exc: RequestValidationError):
         return _error(422, _problems(exc))
 
-    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses={422: {"model": Problem}, 504: {"model": Problem}})
+    @app.post(
+        "/v1/retrieve", response_model=RetrieveResponse, responses={422: {"model": Problem}, 504: {"model": Problem}}
+    )
     async def retrieve(req: RetrieveRequest):
         r = state["r"]  # this request keeps this Retriever even if a reload swaps it
         if not 1 <= req.k <= max_k:
             return _error(422, f"k must be between 1 and {max_k} (got {req.k})")
         mode = "single" if req.mode == "auto" else req.mode
         if mode not in r.manifest["modes"]:
-            return _error(422, f"mode {req.mode!r} is not served by bundle {r.version}; it serves "
-                               f"{', '.join(r.manifest['modes'] + ['auto'])}")
+            return _error(
+                422,
+                f"mode {req.mode!r} is not served by bundle {r.version}; it serves "
+                f"{', '.join(r.manifest['modes'] + ['auto'])}",
+            )
         history = None if req.history is None else [h if isinstance(h, str) else h.model_dump() for h in req.history]
         try:
-            res = await asyncio.wait_for(run_in_threadpool(
-                r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None),
-                timeout=timeout_s)
-        except asyncio.TimeoutError:
+            res = await asyncio.wait_for(
+                run_in_threadpool(
+                    r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None
+                ),
+                timeout=timeout_s,
+            )
+        except TimeoutError:
             return _error(504, f"retrieval exceeded the time limit of {timeout_s:.3f}s")
         except ValueError as e:
             return _error(422, str(e))
-        return {"items": [{"pin_id": p, "score": s, "source": src} for p, s, src in zip(res.pin_ids, res.scores, res.sources)],
-                "version": r.version, "mode": mode, "cold_start": res.cold_start}
+        return {
+            "items": [
+                {"pin_id": p, "score": s, "source": src} for p, s, src in zip(res.pin_ids, res.scores, res.sources)
+            ],
+            "version": r.version,
+            "mode": mode,
+            "cold_start": res.cold_start,
+        }
 
     @app.get("/healthz")
     async def healthz():
@@ -195,9 +225,17 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
 
     reload_schema = {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}, "required": True}
 
-    @app.post("/v1/admin/reload", openapi_extra={"requestBody": reload_schema},
-              responses={401: {"model": Problem}, 403: {"model": Problem}, 413: {"model": Problem},
-                         422: {"model": Problem}, 504: {"model": Problem}})
+    @app.post(
+        "/v1/admin/reload",
+        openapi_extra={"requestBody": reload_schema},
+        responses={
+            401: {"model": Problem},
+            403: {"model": Problem},
+            413: {"model": Problem},
+            422: {"model": Problem},
+            504: {"model": Problem},
+        },
+    )
     async def reload(request: Request):
         """Swap to another bundle after it passed every check; the token is checked before the body is read."""
         if token is None:
@@ -214,9 +252,10 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
             return _error(422, _problems(e, skip=0))
         current = state["r"].version
         try:  # load and verify before the swap; a slow or hanging load does not block serving
-            new = await asyncio.wait_for(run_in_threadpool(Retriever, req.bundle, req.expect_version),
-                                         timeout=reload_timeout_s)
-        except asyncio.TimeoutError:
+            new = await asyncio.wait_for(
+                run_in_threadpool(Retriever, req.bundle, req.expect_version), timeout=reload_timeout_s
+            )
+        except TimeoutError:
             reloads.labels("timeout").inc()
             return _error(504, f"bundle load exceeded {reload_timeout_s:.0f}s; still serving {current}")
         except BundleError as e:
@@ -234,8 +273,15 @@ def create_app(bundle: str, max_k: int = 1000, timeout_s: float = 2.0, threads: 
     return app
 
 
-def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_k: int = 1000, timeout_ms: int = 2000,
-          threads: int = 1, expect_version: str | None = None) -> None:
+def serve(
+    bundle: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_k: int = 1000,
+    timeout_ms: int = 2000,
+    threads: int = 1,
+    expect_version: str | None = None,
+) -> None:
     import uvicorn
 
     app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads, expect_version=expect_version)

@@ -5,9 +5,10 @@ what is served."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,18 +70,29 @@ class Retriever:
                     by_interest.setdefault(i, []).append(code)
         self.interest_pins = {i: np.array(v, dtype=np.int64) for i, v in by_interest.items()}
         s = np.load(self.path / "user_state.npz")
-        self.hist, self.actions, self.cat = s["hist"].astype(np.int64), s["actions"].astype(np.int64), s["cat"].astype(np.int64)
+        self.hist, self.actions, self.cat = (
+            s["hist"].astype(np.int64),
+            s["actions"].astype(np.int64),
+            s["cat"].astype(np.int64),
+        )
         self.engaged_ptr, self.engaged = s["engaged_ptr"], s["engaged"].astype(np.int64)
         self.popular = np.load(self.path / "popular.npy")
         self.fs = FeatureState.from_dict(json.loads((self.path / "feature_state.json").read_text()))
         self.interest_ids = ["<pad>", "<oov>"] + self.fs.interests.ids
         self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= 2}
         P, U = len(self.pin_ids), len(self.fs.users)
-        consistent = (self.item_repr.shape[0] == P and self.pin_emb.shape[0] == P and len(self.candidate) == P
-                      and self.hist.shape == (U, self.L) and self.actions.shape == (U, self.L) and len(self.cat) == U
-                      and len(self.engaged_ptr) == U + 1 and bool(np.all(np.diff(self.engaged_ptr) >= 0))
-                      and all(_codes_below(x, P) for x in (self.hist, self.engaged, self.popular, self.index.codes))
-                      and self.index.index.ntotal == len(self.index.codes))
+        consistent = (
+            self.item_repr.shape[0] == P
+            and self.pin_emb.shape[0] == P
+            and len(self.candidate) == P
+            and self.hist.shape == (U, self.L)
+            and self.actions.shape == (U, self.L)
+            and len(self.cat) == U
+            and len(self.engaged_ptr) == U + 1
+            and bool(np.all(np.diff(self.engaged_ptr) >= 0))
+            and all(_codes_below(x, P) for x in (self.hist, self.engaged, self.popular, self.index.codes))
+            and self.index.index.ntotal == len(self.index.codes)
+        )
         if not consistent:
             raise BundleError(f"bundle {self.path.name!r} refused: its arrays disagree in shape or pin codes")
 
@@ -92,15 +104,21 @@ class Retriever:
         return np.array([self._pin_code.get(str(p), OOV) for p in pin_ids], dtype=np.int64)
 
     def engaged_pins(self, code: int) -> np.ndarray:
-        return self.engaged[self.engaged_ptr[code]: self.engaged_ptr[code + 1]]
+        return self.engaged[self.engaged_ptr[code] : self.engaged_ptr[code + 1]]
 
     def is_warm(self, code: int) -> bool:
         return code >= 2 and bool((self.hist[code] > 0).any())
 
     # ---- the tower and the search ----------------------------------------------------------
     @torch.no_grad()
-    def embed(self, hist: np.ndarray, actions: np.ndarray, cat: np.ndarray, condition: np.ndarray | None = None,
-              users: np.ndarray | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        hist: np.ndarray,
+        actions: np.ndarray,
+        cat: np.ndarray,
+        condition: np.ndarray | None = None,
+        users: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """hist/actions (B, L) pin/action codes, cat (B, Cu) -> (B, D) user embeddings."""
         B = hist.shape[0]
         h = self.item_repr[torch.from_numpy(hist)]
@@ -108,8 +126,9 @@ class Retriever:
         u = torch.zeros(B, dtype=torch.long) if users is None else torch.from_numpy(users)
         return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), cond, u)
 
-    def search(self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(B, D) user embeddings -> (scores (B, k), pin codes (B, k)); excluded codes never appear;
         `allowed` (sorted pin codes) restricts the candidates (an interest filter, a corpus).
         Exact bundles score densely; others go through the ANN index with a selector (which scores
@@ -128,14 +147,20 @@ class Retriever:
     def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.hist[codes], self.actions[codes], self.cat[codes]
 
-    def retrieve_codes(self, codes: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
-                       batch: int = 1024, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve_codes(
+        self,
+        codes: np.ndarray,
+        k: int,
+        exclude: Sequence[np.ndarray] | None = None,
+        batch: int = 1024,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Batch retrieval for known users (offline candidate generation and evaluation).
         exclude defaults to each user's engaged pins."""
         scores, out = [], []
         for lo in range(0, len(codes), batch):
-            c = codes[lo: lo + batch]
-            ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo: lo + batch]
+            c = codes[lo : lo + batch]
+            ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo : lo + batch]
             s, i = self.search(self.embed(*self.stored_inputs(c), users=c), k, ex, allowed)
             scores.append(s)
             out.append(i)
@@ -151,8 +176,12 @@ class Retriever:
             scores, top = self.retrieve_codes(codes[warm], k)
             for j, i in enumerate(warm):
                 keep = top[j] >= 0
-                out[i] = Result([self.pin_ids[c] for c in top[j][keep]], scores[j][keep].tolist(),
-                                ["single"] * int(keep.sum()), False)
+                out[i] = Result(
+                    [self.pin_ids[c] for c in top[j][keep]],
+                    scores[j][keep].tolist(),
+                    ["single"] * int(keep.sum()),
+                    False,
+                )
         return [x if x is not None else self.retrieve(u, k) for u, x in zip(user_ids, out)]
 
     def allowed_for_interests(self, interests: Sequence[str]) -> np.ndarray:
@@ -164,9 +193,16 @@ class Retriever:
         parts = [self.interest_pins.get(int(c), np.zeros(0, dtype=np.int64)) for c in codes]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
-    def retrieve(self, user_id: str | None, k: int, exclude: Sequence[str] = (), history: Sequence[Any] | None = None,
-                 features: dict[str, Any] | None = None, exclude_engaged: bool = True,
-                 interests: Sequence[str] | None = None) -> Result:
+    def retrieve(
+        self,
+        user_id: str | None,
+        k: int,
+        exclude: Sequence[str] = (),
+        history: Sequence[Any] | None = None,
+        features: dict[str, Any] | None = None,
+        exclude_engaged: bool = True,
+        interests: Sequence[str] | None = None,
+    ) -> Result:
         """One request: stored state for a known user, overridden by `history` (pin ids, most recent
         last, or {"pin_id", "action"} objects) and `features` ({cat_column: value}); `interests`
         filters the results to pins carrying one of them. A user with no history at all takes the
@@ -195,21 +231,25 @@ class Retriever:
         if not has_history and not (features and (cat >= 2).any()):
             return self._popular(k, set(excl.tolist()), allowed)
         # with history: the user tower; without (a new user who sent features): features only
-        s, i = self.search(self.embed(hist[None], actions[None], cat[None], users=np.array([code if known else 0])),
-                           k, [excl], allowed)
+        s, i = self.search(
+            self.embed(hist[None], actions[None], cat[None], users=np.array([code if known else 0])), k, [excl], allowed
+        )
         keep = i[0] >= 0
         source = "single" if has_history else "features"
-        return Result([self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), [source] * int(keep.sum()),
-                      not has_history)
+        return Result(
+            [self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), [source] * int(keep.sum()), not has_history
+        )
 
     def _history_codes(self, history: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """A request's history as the tower saw histories in training: impressions and pins unknown
         to the bundle are dropped first, then the last L kept (hides stay, marked by their action)."""
         items = [h if isinstance(h, dict) else {"pin_id": h} for h in history]
         codes = self.pin_codes([h["pin_id"] for h in items])
-        acts = np.array([ACTION_CODE.get(h.get("action", "click"), ACTION_CODE["click"]) for h in items], dtype=np.int64)
+        acts = np.array(
+            [ACTION_CODE.get(h.get("action", "click"), ACTION_CODE["click"]) for h in items], dtype=np.int64
+        )
         keep = (codes != OOV) & (acts != ACTION_CODE["impression"])
-        codes, acts = codes[keep][-self.L:], acts[keep][-self.L:]
+        codes, acts = codes[keep][-self.L :], acts[keep][-self.L :]
         hist = np.zeros(self.L, dtype=np.int64)
         act = np.zeros(self.L, dtype=np.int64)
         n = len(codes)
@@ -221,4 +261,6 @@ class Retriever:
         ok = None if allowed is None else set(allowed.tolist())
         picks = [int(c) for c in self.popular if int(c) not in exclude and (ok is None or int(c) in ok)][:k]
         n = len(picks)
-        return Result([self.pin_ids[c] for c in picks], [float(n - r) / max(n, 1) for r in range(n)], ["popular"] * n, True)
+        return Result(
+            [self.pin_ids[c] for c in picks], [float(n - r) / max(n, 1) for r in range(n)], ["popular"] * n, True
+        )

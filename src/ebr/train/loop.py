@@ -23,15 +23,22 @@ import torch
 
 from ebr.config import RunConfig
 from ebr.data.splits import Part, load_split
+from ebr.errors import EbrError
 from ebr.features.batches import PinInputs, user_batch
-from ebr.features.examples import (T_MAX, Examples, Histories, eval_spec, existing_pins, load_engagements,
-                                   positive_examples)
+from ebr.features.examples import (
+    T_MAX,
+    Examples,
+    Histories,
+    eval_spec,
+    existing_pins,
+    load_engagements,
+    positive_examples,
+)
 from ebr.features.pinstats import PinStats, group_codes
-from ebr.log import bar, log
 from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
+from ebr.log import bar, log
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
-from ebr.errors import EbrError
 from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
 from ebr.workspace import Workspace, folder_lock, load_checkpoint_state, now_utc, write_json
 
@@ -77,14 +84,29 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> Tr
     if len(ex.user) == 0:
         raise ValueError(f"split {split.name!r} has no positive training engagements "
                          f"({', '.join(cfg.features.positive_actions)})")
-    val = eval_spec(e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,), max_users=cfg.train.val_users,
-                    seed=cfg.train.seed)
+    val = eval_spec(
+        e,
+        cfg.features,
+        target_part=Part.VALIDATION,
+        train_parts=(Part.TRAIN,),
+        max_users=cfg.train.val_users,
+        seed=cfg.train.seed,
+    )
     stats = None
     if cfg.features.pin_stats:
         groups = group_codes(ws, fs, cfg.features.stats_granularity)
         stats = PinStats.build(e, groups, train_visible, cfg.features.stats_windows_days)
-    return TrainData(fs, PinInputs.from_arrays(pin_arrays(ws, fs)), user_arrays(ws, fs), hist, ex, val,
-                     split.name, stats, existing_pins(e, train_visible, len(fs.pins)))
+    return TrainData(
+        fs,
+        PinInputs.from_arrays(pin_arrays(ws, fs)),
+        user_arrays(ws, fs),
+        hist,
+        ex,
+        val,
+        split.name,
+        stats,
+        existing_pins(e, train_visible, len(fs.pins)),
+    )
 
 
 @torch.no_grad()
@@ -97,10 +119,11 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
     allowed = torch.from_numpy(d.candidates)  # pins that exist before the validation window
     tops = []
     for lo in range(0, len(spec.users), 512):
-        ub = user_batch(spec.users[lo:lo + 512], spec.t[lo:lo + 512], d.hist, d.users, L)
-        u, _ = model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user,
-                                          torch.zeros(0, dtype=torch.int64), d.pins.take)
-        tops.append(topk_masked(u @ P.T, VAL_K, spec.exclude[lo:lo + 512], allowed)[1].numpy())
+        ub = user_batch(spec.users[lo : lo + 512], spec.t[lo : lo + 512], d.hist, d.users, L)
+        u, _ = model.embed_users_and_pins(
+            ub.hist, ub.actions, ub.cat, ub.condition, ub.user, torch.zeros(0, dtype=torch.int64), d.pins.take
+        )
+        tops.append(topk_masked(u @ P.T, VAL_K, spec.exclude[lo : lo + 512], allowed)[1].numpy())
     model.train()
     return metrics_at_k(np.concatenate(tops), spec.targets, [VAL_K])[f"recall@{VAL_K}"]
 
@@ -125,6 +148,7 @@ def _save(path: Path, obj: dict) -> None:
 def _ignored_settings(given: RunConfig, saved: RunConfig) -> list[str]:
     """Settings given (not left at their default) that differ from the checkpoint's: a resume keeps
     the checkpoint's, and says which it ignores."""
+
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -132,7 +156,9 @@ def _ignored_settings(given: RunConfig, saved: RunConfig) -> list[str]:
         return out
 
     a, b, d = flat(given.model_dump()), flat(saved.model_dump()), flat(RunConfig().model_dump())
-    return [f"{k} (given {a[k]!r}, checkpoint {b.get(k)!r})" for k in sorted(a) if a[k] != b.get(k) and a[k] != d.get(k)]
+    return [
+        f"{k} (given {a[k]!r}, checkpoint {b.get(k)!r})" for k in sorted(a) if a[k] != b.get(k) and a[k] != d.get(k)
+    ]
 
 
 def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False, progress: bool = True) -> dict:
@@ -173,8 +199,9 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     sizes = d.sizes
     model = TwoTower(sizes, cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    est = FrequencyEstimator(cfg.train.estimator_buckets, cfg.train.estimator_hashes, cfg.train.estimator_alpha,
-                             seed=cfg.train.seed)
+    est = FrequencyEstimator(
+        cfg.train.estimator_buckets, cfg.train.estimator_hashes, cfg.train.estimator_alpha, seed=cfg.train.seed
+    )
     neg_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     epoch, pos_in_epoch, step, best, bad_epochs, done = 0, 0, 0, -1.0, 0, False
     if state is not None:
@@ -188,15 +215,33 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     fail_at = int(os.environ.get("EBR_FAIL_AT_STEP", "0")) or None
 
     def snapshot(kind: str) -> None:
-        base = {"model": model.state_dict(), "config": cfg.model_dump(), "sizes": sizes,
-                "feature_state": d.fs.to_dict(), "epoch": epoch, "step": step, "best": best,
-                "split": d.split_name, "created_at": now_utc().isoformat()}
+        base = {
+            "model": model.state_dict(),
+            "config": cfg.model_dump(),
+            "sizes": sizes,
+            "feature_state": d.fs.to_dict(),
+            "epoch": epoch,
+            "step": step,
+            "best": best,
+            "split": d.split_name,
+            "created_at": now_utc().isoformat(),
+        }
         if kind == "best":
             _save(ck / "best.pt", base)
         else:
-            _save(last_path, {**base, "optimizer": opt.state_dict(), "estimator": est.state_dict(),
-                              "torch_rng": torch.get_rng_state(), "neg_rng": neg_gen.get_state(),
-                              "pos_in_epoch": pos_in_epoch, "bad_epochs": bad_epochs, "done": done})
+            _save(
+                last_path,
+                {
+                    **base,
+                    "optimizer": opt.state_dict(),
+                    "estimator": est.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "neg_rng": neg_gen.get_state(),
+                    "pos_in_epoch": pos_in_epoch,
+                    "bad_epochs": bad_epochs,
+                    "done": done,
+                },
+            )
 
     ex, L, B = d.examples, cfg.features.history_len, cfg.train.batch_size
     n = len(ex.user)
@@ -208,11 +253,12 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     model.train()
     while not done and epoch < cfg.train.epochs:
         perm = epoch_order(ex, B, cfg.train.seed, epoch, cfg.train.time_local_batches)
-        pbar = bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress, initial=pos_in_epoch // B,
-                   unit="step")
+        pbar = bar(
+            steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress, initial=pos_in_epoch // B, unit="step"
+        )
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
         while pos_in_epoch < n:
-            idx = perm[pos_in_epoch: pos_in_epoch + B]
+            idx = perm[pos_in_epoch : pos_in_epoch + B]
             ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, L)
             pos = torch.from_numpy(ex.pin[idx])
             step += 1
@@ -227,14 +273,30 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                 negs = torch.randint(2, n_pins, (cfg.train.mixed_negatives,), generator=neg_gen)
             all_pins = pos if negs is None else torch.cat([pos, negs])
             pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
-            u, v = model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user, all_pins,
-                                              d.pins.take, d.pin_stats(all_pins.numpy(), pin_t))
+            u, v = model.embed_users_and_pins(
+                ub.hist,
+                ub.actions,
+                ub.cat,
+                ub.condition,
+                ub.user,
+                all_pins,
+                d.pins.take,
+                d.pin_stats(all_pins.numpy(), pin_t),
+            )
             neg_lq = None
             if negs is not None and cfg.train.logq:
                 neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - 2)))
-            loss = sampled_softmax_logq(u, v[: len(pos)], pos, log_q, cfg.model.temperature,
-                                        torch.from_numpy(ex.weight[idx]),
-                                        v[len(pos):] if negs is not None else None, negs, neg_lq)
+            loss = sampled_softmax_logq(
+                u,
+                v[: len(pos)],
+                pos,
+                log_q,
+                cfg.model.temperature,
+                torch.from_numpy(ex.weight[idx]),
+                v[len(pos) :] if negs is not None else None,
+                negs,
+                neg_lq,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -257,14 +319,25 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             best, bad_epochs = recall, 0
         else:
             bad_epochs += 1
-        rec = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(loss_n, 1), f"val_recall@{VAL_K}": recall,
-               "epoch_seconds": round(time.time() - t_epoch, 2),
-               "examples_per_s": round(loss_n / max(time.time() - t_epoch, 1e-9), 1)}
+        rec = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": loss_sum / max(loss_n, 1),
+            f"val_recall@{VAL_K}": recall,
+            "epoch_seconds": round(time.time() - t_epoch, 2),
+            "examples_per_s": round(loss_n / max(time.time() - t_epoch, 1e-9), 1),
+        }
         with open(rdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if progress:
-            log.info("epoch %d: loss %.4f  val recall@%d %.4f%s", epoch + 1, rec["loss"], VAL_K, recall,
-                     "  (best)" if improved else "")
+            log.info(
+                "epoch %d: loss %.4f  val recall@%d %.4f%s",
+                epoch + 1,
+                rec["loss"],
+                VAL_K,
+                recall,
+                "  (best)" if improved else "",
+            )
         if improved:
             snapshot("best")
         if epoch_done:
@@ -272,8 +345,15 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         if bad_epochs >= cfg.train.patience:
             done = True
         snapshot("last")
-    summary = {"run": run, "best_val_recall@100": best, "steps": step, "epochs": epoch,
-               "train_examples": n, "prep_seconds": round(prep_s, 2),
-               "train_seconds": round(time.time() - t_start, 2), "split": d.split_name}
+    summary = {
+        "run": run,
+        "best_val_recall@100": best,
+        "steps": step,
+        "epochs": epoch,
+        "train_examples": n,
+        "prep_seconds": round(prep_s, 2),
+        "train_seconds": round(time.time() - t_start, 2),
+        "split": d.split_name,
+    }
     write_json(rdir / "summary.json", summary)
     return summary
