@@ -139,7 +139,7 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     if len(spec.cold_users):
         tops = []
         for u in spec.cold_users.tolist():
-            res = r.retrieve(r.fs.users.ids[u - 2] if u >= 2 else None, K)
+            res = r.retrieve(r.fs.users.decode([u])[0], K)
             codes = r.pin_codes(res.pin_ids)
             tops.append(np.pad(codes, (0, K - len(codes)), constant_values=-1))
         cold.append({"name": "two_tower", **metrics_at_k(np.array(tops), spec.cold_targets, ks, r.pin_interests)})

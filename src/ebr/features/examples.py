@@ -17,7 +17,7 @@ from ebr.config import FeaturesConfig
 from ebr.data.splits import GIVEN_VAL_FRACTION, Part, Split
 from ebr.data.tables import connect, sql_str
 from ebr.data.validate import DataError
-from ebr.features.state import ACTION_CODE, FeatureState
+from ebr.features.state import ACTION_CODE, FIRST_ID, FeatureState
 from ebr.workspace import Workspace
 
 T_MAX = np.iinfo(np.int64).max
@@ -33,6 +33,7 @@ class Engagements:
     action: np.ndarray  # ACTION_CODE
     weight: np.ndarray
     part: np.ndarray  # Part per engagement (train, validation, test)
+    timed: bool = True  # t is microseconds of real time (False: a pseudo-time, the file order)
 
     def __len__(self) -> int:
         return len(self.user)
@@ -116,7 +117,8 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     action = np.array([ACTION_CODE.get(a, 0) for a in t["action"].to_pylist()], dtype=np.int64)
     w = t["weight"].to_numpy(zero_copy_only=False).astype(np.float32)
     order = np.lexsort((tt, user))  # stable: ties keep the query's deterministic order
-    return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order])
+    timed = has_time and not given  # given: pseudo-time = file position; no-time leave-last-out: row order
+    return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order], timed)
 
 
 @dataclass
@@ -165,7 +167,7 @@ def existing_pins(e: Engagements, visible: np.ndarray, n_pins: int) -> np.ndarra
     the visible ones. A pin first engaged with later is a candidate for no model and no peer."""
     out = np.zeros(n_pins, dtype=bool)
     out[e.pin[visible]] = True
-    out[:2] = False  # padding and out-of-vocabulary rows are not pins
+    out[:FIRST_ID] = False  # padding and out-of-vocabulary rows are not pins
     return out
 
 

@@ -15,6 +15,7 @@ from ebr.data.tables import connect
 from ebr.workspace import Workspace
 
 PAD, OOV = 0, 1
+FIRST_ID = 2  # codes below are reserved (padding, out-of-vocabulary); ids start here
 # action codes: 0 = padding; impression=1, closeup=2, click=3, save=4, hide=5
 ACTION_CODE = {a: i + 1 for i, a in enumerate(ACTIONS)}
 HIDE = ACTION_CODE["hide"]
@@ -46,10 +47,10 @@ class Vocab:
             if idx.null_count
             else out.astype(np.int64)
         )
-        return np.where(out < 0, OOV, out + 2)
+        return np.where(out < 0, OOV, out + FIRST_ID)
 
     def decode(self, codes: np.ndarray) -> list[str | None]:
-        return [self.ids[c - 2] if c >= 2 else None for c in np.asarray(codes).tolist()]
+        return [self.ids[c - FIRST_ID] if c >= FIRST_ID else None for c in np.asarray(codes).tolist()]
 
 
 @dataclass

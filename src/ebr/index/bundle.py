@@ -35,7 +35,7 @@ from ebr.errors import EbrError
 from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import T_MAX, Histories, existing_pins, load_engagements
 from ebr.features.pinstats import PinStats, group_codes
-from ebr.features.state import ACTION_CODE, FeatureState, pin_arrays, user_arrays
+from ebr.features.state import ACTION_CODE, FIRST_ID, FeatureState, pin_arrays, user_arrays
 from ebr.index.backends import AnnIndex, SearchDefaults, build_index
 from ebr.index.verify import BUNDLE_FILES, content_hash
 from ebr.model.towers import TwoTower
@@ -89,7 +89,7 @@ def decayed_popularity(e, as_of_t: int, half_life_days: float = POPULARITY_HALF_
     if visible is not None:
         m &= visible
     t = e.t[m].astype(np.float64)
-    if np.all(t < 1e13):  # pseudo-time (file order): no decay
+    if not e.timed:  # pseudo-time (file order): no decay
         decay = np.ones_like(t)
     else:
         ref = float(as_of_t) if as_of_t != T_MAX else t.max()
@@ -157,8 +157,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     ptr = np.searchsorted(eu, np.arange(U + 1))
     as_of = int(e.t[visible].max()) if visible.any() else 0
     pop = decayed_popularity(e, T_MAX, visible=visible, n_pins=len(fs.pins))
-    pop[:2] = -1  # padding / OOV rows
-    popular = np.argsort(-pop, kind="stable")[: min(10000, len(fs.pins) - 2)]
+    pop[:FIRST_ID] = -1  # padding / OOV rows
+    popular = np.argsort(-pop, kind="stable")[: min(10000, len(fs.pins) - FIRST_ID)]
 
     tmp = ws.bundles_dir() / f".{model_version}-{os.getpid()}-{time.time_ns()}.tmp"
     tmp.mkdir(parents=True)
@@ -222,7 +222,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
                 "corpus": corpus_version,
             },
             "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
-            "counts": {"pins": len(fs.pins) - 2, "candidates": int(candidate.sum()), "users": U - 2},
+            "counts": {"pins": len(fs.pins) - FIRST_ID, "candidates": int(candidate.sum()), "users": U - FIRST_ID},
             "modes": ["single"],
             "config": ck["config"],
             "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ebr.features.state import ACTION_CODE, OOV, FeatureState
+from ebr.features.state import ACTION_CODE, FIRST_ID, OOV, PAD, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults
 from ebr.index.verify import BundleError, verified_manifest
 
@@ -79,7 +79,7 @@ class Retriever:
         self.popular = np.load(self.path / "popular.npy")
         self.fs = FeatureState.from_dict(json.loads((self.path / "feature_state.json").read_text()))
         self.interest_ids = ["<pad>", "<oov>"] + self.fs.interests.ids
-        self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= 2}
+        self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= FIRST_ID}
         P, U = len(self.pin_ids), len(self.fs.users)
         consistent = (
             self.item_repr.shape[0] == P
@@ -107,7 +107,7 @@ class Retriever:
         return self.engaged[self.engaged_ptr[code] : self.engaged_ptr[code + 1]]
 
     def is_warm(self, code: int) -> bool:
-        return code >= 2 and bool((self.hist[code] > 0).any())
+        return code >= FIRST_ID and bool((self.hist[code] != PAD).any())
 
     # ---- the tower and the search ----------------------------------------------------------
     @torch.no_grad()
@@ -187,7 +187,7 @@ class Retriever:
     def allowed_for_interests(self, interests: Sequence[str]) -> np.ndarray:
         """Sorted pin codes carrying any of the interests; an unknown interest is a ValueError."""
         codes = self.fs.interests.encode(list(interests))
-        unknown = [i for i, c in zip(interests, codes) if c < 2]
+        unknown = [i for i, c in zip(interests, codes) if c < FIRST_ID]
         if unknown:
             raise ValueError(f"unknown interest(s): {', '.join(map(str, unknown))}")
         parts = [self.interest_pins.get(int(c), np.zeros(0, dtype=np.int64)) for c in codes]
@@ -208,7 +208,7 @@ class Retriever:
         filters the results to pins carrying one of them. A user with no history at all takes the
         cold-start path (popular pins)."""
         code = int(self.user_codes([user_id or ""])[0])
-        known = code >= 2
+        known = code >= FIRST_ID
         hist, actions, cat = (x[0] for x in self.stored_inputs(np.array([code if known else 0])))
         hist, actions, cat = hist.copy(), actions.copy(), cat.copy()
         if not known:
@@ -225,10 +225,10 @@ class Retriever:
         if exclude_engaged and known:
             excl = np.concatenate([excl, self.engaged_pins(code)])
         if history is not None:
-            excl = np.concatenate([excl, hist[hist >= 2]])
+            excl = np.concatenate([excl, hist[hist >= FIRST_ID]])
         allowed = self.allowed_for_interests(interests) if interests else None
-        has_history = bool((hist >= 2).any())
-        if not has_history and not (features and (cat >= 2).any()):
+        has_history = bool((hist >= FIRST_ID).any())
+        if not has_history and not (features and (cat >= FIRST_ID).any()):
             return self._popular(k, set(excl.tolist()), allowed)
         # with history: the user tower; without (a new user who sent features): features only
         s, i = self.search(

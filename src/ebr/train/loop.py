@@ -35,7 +35,7 @@ from ebr.features.examples import (
     positive_examples,
 )
 from ebr.features.pinstats import PinStats, group_codes
-from ebr.features.state import FeatureState, build_feature_state, pin_arrays, user_arrays
+from ebr.features.state import FIRST_ID, FeatureState, build_feature_state, pin_arrays, user_arrays
 from ebr.log import bar, log
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
@@ -168,11 +168,134 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
         return _train(ws, cfg, run, resume, progress)
 
 
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to replay exactly the steps an uninterrupted one takes."""
+
+    model: TwoTower
+    opt: torch.optim.Optimizer
+    est: FrequencyEstimator
+    neg_gen: torch.Generator
+    epoch: int = 0
+    pos_in_epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    bad_epochs: int = 0
+    done: bool = False
+
+    @classmethod
+    def fresh(cls, cfg: RunConfig, sizes: dict) -> TrainState:
+        model = TwoTower(sizes, cfg.model)
+        t = cfg.train
+        return cls(model, torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay),
+                   FrequencyEstimator(t.estimator_buckets, t.estimator_hashes, t.estimator_alpha, seed=t.seed),
+                   torch.Generator().manual_seed(t.seed + 1))
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.est.load_state_dict(state["estimator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.neg_gen.set_state(state["neg_rng"])
+        for k in ("epoch", "pos_in_epoch", "step", "best", "bad_epochs", "done"):
+            setattr(self, k, state[k])
+
+    def checkpoint(self, cfg: RunConfig, d: TrainData, full: bool) -> dict:
+        """The 'best' checkpoint (model, config, feature state) or, with full, the 'last' one."""
+        base = {"model": self.model.state_dict(), "config": cfg.model_dump(), "sizes": d.sizes,
+                "feature_state": d.fs.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
+                "split": d.split_name, "created_at": now_utc().isoformat()}
+        if not full:
+            return base
+        return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
+                "torch_rng": torch.get_rng_state(), "neg_rng": self.neg_gen.get_state(),
+                "pos_in_epoch": self.pos_in_epoch, "bad_epochs": self.bad_epochs, "done": self.done}
+
+
+def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor) -> float:
+    """One optimiser step on the examples `idx`; returns the batch loss."""
+    ex, n_pins = d.examples, d.sizes["n_pins"]
+    ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, cfg.features.history_len)
+    pos = torch.from_numpy(ex.pin[idx])
+    s.est.update(pos, s.step)
+    log_q = None
+    if cfg.train.logq:
+        log_q = s.est.log_prob(pos) if cfg.train.logq_estimator == "streaming" else exact_log_q[pos]
+    negs = neg_lq = None
+    if cfg.train.mixed_negatives:
+        negs = torch.randint(FIRST_ID, n_pins, (cfg.train.mixed_negatives,), generator=s.neg_gen)
+        if cfg.train.logq:
+            neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
+    all_pins = pos if negs is None else torch.cat([pos, negs])
+    pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
+    u, v = s.model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user, all_pins, d.pins.take,
+                                        d.pin_stats(all_pins.numpy(), pin_t))
+    loss = sampled_softmax_logq(u, v[: len(pos)], pos, log_q, cfg.model.temperature, torch.from_numpy(ex.weight[idx]),
+                                v[len(pos):] if negs is not None else None, negs, neg_lq)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt.step()
+    return float(loss.detach())
+
+
+def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True) -> float:
+    """Epochs of train_step with validation, early stopping and checkpoints; returns seconds spent."""
+    ck = rdir / "checkpoints"
+    ex, B = d.examples, cfg.train.batch_size
+    n = len(ex.user)
+    exact_log_q = inclusion_log_prob(np.bincount(ex.pin, minlength=d.sizes["n_pins"]), B)
+    fail_at = int(os.environ.get("EBR_FAIL_AT_STEP", "0")) or None
+    t_start, seen = time.time(), 0
+    s.model.train()
+    while not s.done and s.epoch < cfg.train.epochs:
+        perm = epoch_order(ex, B, cfg.train.seed, s.epoch, cfg.train.time_local_batches)
+        pbar = bar(math.ceil(n / B), f"epoch {s.epoch + 1}/{cfg.train.epochs}", progress,
+                   initial=s.pos_in_epoch // B, unit="step")
+        loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
+        while s.pos_in_epoch < n:
+            idx = perm[s.pos_in_epoch: s.pos_in_epoch + B]
+            s.step += 1
+            if fail_at is not None and s.step == fail_at:
+                raise InjectedFailure(f"injected failure at step {s.step} (EBR_FAIL_AT_STEP)")
+            loss = train_step(s, d, cfg, idx, exact_log_q)
+            s.pos_in_epoch += len(idx)
+            seen += len(idx)
+            loss_sum += loss * len(idx)
+            loss_n += len(idx)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", ex_s=f"{seen / (time.time() - t_start):,.0f}")
+            if cfg.train.max_steps and s.step >= cfg.train.max_steps:
+                s.done = True
+                break
+            if s.step % cfg.train.checkpoint_every == 0:
+                _save(ck / "last.pt", s.checkpoint(cfg, d, full=True))
+        pbar.close()
+        epoch_done = s.pos_in_epoch >= n
+        recall = validation_recall(s.model, d, cfg.features.history_len)
+        improved = recall > s.best
+        s.best, s.bad_epochs = (recall, 0) if improved else (s.best, s.bad_epochs + 1)
+        rec = {"epoch": s.epoch + 1, "step": s.step, "loss": loss_sum / max(loss_n, 1), f"val_recall@{VAL_K}": recall,
+               "epoch_seconds": round(time.time() - t_epoch, 2),
+               "examples_per_s": round(loss_n / max(time.time() - t_epoch, 1e-9), 1)}
+        with open(rdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if progress:
+            log.info("epoch %d: loss %.4f  val recall@%d %.4f%s", s.epoch + 1, rec["loss"], VAL_K, recall,
+                     "  (best)" if improved else "")
+        if improved:
+            _save(ck / "best.pt", s.checkpoint(cfg, d, full=False))
+        if epoch_done:
+            s.epoch, s.pos_in_epoch = s.epoch + 1, 0
+        if s.bad_epochs >= cfg.train.patience:
+            s.done = True
+        _save(ck / "last.pt", s.checkpoint(cfg, d, full=True))
+    return time.time() - t_start
+
+
 def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool) -> dict:
     rdir = ws.run_dir(run)
-    ck = rdir / "checkpoints"
-    last_path = ck / "last.pt"
-    state = None
+    last_path = rdir / "checkpoints" / "last.pt"
+    state, fs = None, None
     if resume:
         if not last_path.exists():
             raise EbrError(f"--resume: run {run!r} has no checkpoint to resume; start it without --resume")
@@ -183,177 +306,23 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             log.warning("--resume keeps the checkpoint's settings; ignored: %s", "; ".join(ignored))
         cfg = saved
         fs = FeatureState.from_dict(json.loads((rdir / "feature_state.json").read_text()))
-    else:
-        fs = None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     t_prep = time.time()
     d = prepare(ws, cfg, fs)
     prep_s = time.time() - t_prep
-    ck.mkdir(parents=True, exist_ok=True)
+    (rdir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not resume:
         (rdir / "config.yaml").write_text(cfg.to_yaml())
         (rdir / "feature_state.json").write_text(json.dumps(d.fs.to_dict()))
         (rdir / "metrics.jsonl").write_text("")
-    sizes = d.sizes
-    model = TwoTower(sizes, cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    est = FrequencyEstimator(
-        cfg.train.estimator_buckets, cfg.train.estimator_hashes, cfg.train.estimator_alpha, seed=cfg.train.seed
-    )
-    neg_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    epoch, pos_in_epoch, step, best, bad_epochs, done = 0, 0, 0, -1.0, 0, False
+    s = TrainState.fresh(cfg, d.sizes)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        est.load_state_dict(state["estimator"])
-        torch.set_rng_state(state["torch_rng"])
-        neg_gen.set_state(state["neg_rng"])
-        epoch, pos_in_epoch, step = state["epoch"], state["pos_in_epoch"], state["step"]
-        best, bad_epochs, done = state["best"], state["bad_epochs"], state["done"]
-    fail_at = int(os.environ.get("EBR_FAIL_AT_STEP", "0")) or None
-
-    def snapshot(kind: str) -> None:
-        base = {
-            "model": model.state_dict(),
-            "config": cfg.model_dump(),
-            "sizes": sizes,
-            "feature_state": d.fs.to_dict(),
-            "epoch": epoch,
-            "step": step,
-            "best": best,
-            "split": d.split_name,
-            "created_at": now_utc().isoformat(),
-        }
-        if kind == "best":
-            _save(ck / "best.pt", base)
-        else:
-            _save(
-                last_path,
-                {
-                    **base,
-                    "optimizer": opt.state_dict(),
-                    "estimator": est.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "neg_rng": neg_gen.get_state(),
-                    "pos_in_epoch": pos_in_epoch,
-                    "bad_epochs": bad_epochs,
-                    "done": done,
-                },
-            )
-
-    ex, L, B = d.examples, cfg.features.history_len, cfg.train.batch_size
-    n = len(ex.user)
-    steps_per_epoch = math.ceil(n / B)
-    n_pins = sizes["n_pins"]
-    exact_log_q = inclusion_log_prob(np.bincount(ex.pin, minlength=n_pins), B)
-    t_start = time.time()
-    seen_examples = 0
-    model.train()
-    while not done and epoch < cfg.train.epochs:
-        perm = epoch_order(ex, B, cfg.train.seed, epoch, cfg.train.time_local_batches)
-        pbar = bar(
-            steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress, initial=pos_in_epoch // B, unit="step"
-        )
-        loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
-        while pos_in_epoch < n:
-            idx = perm[pos_in_epoch : pos_in_epoch + B]
-            ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, L)
-            pos = torch.from_numpy(ex.pin[idx])
-            step += 1
-            if fail_at is not None and step == fail_at:
-                raise InjectedFailure(f"injected failure at step {step} (EBR_FAIL_AT_STEP)")
-            est.update(pos, step)
-            log_q = None
-            if cfg.train.logq:
-                log_q = est.log_prob(pos) if cfg.train.logq_estimator == "streaming" else exact_log_q[pos]
-            negs = None
-            if cfg.train.mixed_negatives:
-                negs = torch.randint(2, n_pins, (cfg.train.mixed_negatives,), generator=neg_gen)
-            all_pins = pos if negs is None else torch.cat([pos, negs])
-            pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
-            u, v = model.embed_users_and_pins(
-                ub.hist,
-                ub.actions,
-                ub.cat,
-                ub.condition,
-                ub.user,
-                all_pins,
-                d.pins.take,
-                d.pin_stats(all_pins.numpy(), pin_t),
-            )
-            neg_lq = None
-            if negs is not None and cfg.train.logq:
-                neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - 2)))
-            loss = sampled_softmax_logq(
-                u,
-                v[: len(pos)],
-                pos,
-                log_q,
-                cfg.model.temperature,
-                torch.from_numpy(ex.weight[idx]),
-                v[len(pos) :] if negs is not None else None,
-                negs,
-                neg_lq,
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            pos_in_epoch += len(idx)
-            seen_examples += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            loss_n += len(idx)
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", ex_s=f"{seen_examples / (time.time() - t_start):,.0f}")
-            if cfg.train.max_steps and step >= cfg.train.max_steps:
-                done = True
-                break
-            if step % cfg.train.checkpoint_every == 0:
-                snapshot("last")
-        pbar.close()
-        epoch_done = pos_in_epoch >= n
-        recall = validation_recall(model, d, L)
-        improved = recall > best
-        if improved:
-            best, bad_epochs = recall, 0
-        else:
-            bad_epochs += 1
-        rec = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": loss_sum / max(loss_n, 1),
-            f"val_recall@{VAL_K}": recall,
-            "epoch_seconds": round(time.time() - t_epoch, 2),
-            "examples_per_s": round(loss_n / max(time.time() - t_epoch, 1e-9), 1),
-        }
-        with open(rdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if progress:
-            log.info(
-                "epoch %d: loss %.4f  val recall@%d %.4f%s",
-                epoch + 1,
-                rec["loss"],
-                VAL_K,
-                recall,
-                "  (best)" if improved else "",
-            )
-        if improved:
-            snapshot("best")
-        if epoch_done:
-            epoch, pos_in_epoch = epoch + 1, 0
-        if bad_epochs >= cfg.train.patience:
-            done = True
-        snapshot("last")
-    summary = {
-        "run": run,
-        "best_val_recall@100": best,
-        "steps": step,
-        "epochs": epoch,
-        "train_examples": n,
-        "prep_seconds": round(prep_s, 2),
-        "train_seconds": round(time.time() - t_start, 2),
-        "split": d.split_name,
-    }
+        s.load(state)
+    seconds = fit(s, d, cfg, rdir, progress)
+    summary = {"run": run, "best_val_recall@100": s.best, "steps": s.step, "epochs": s.epoch,
+               "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
+               "train_seconds": round(seconds, 2), "split": d.split_name}
     write_json(rdir / "summary.json", summary)
     return summary
