@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ebr.config import FeaturesConfig
 from ebr.data.splits import Part, Split, load_split
 from ebr.errors import EbrError
-from ebr.features.examples import eval_spec, load_engagements
-from ebr.features.state import user_arrays
+from ebr.features.examples import eval_spec
+from ebr.features.snapshot import build_snapshot
 from ebr.index.bundle import build_bundle, find_bundle
 from ebr.log import bars_enabled, log
 from ebr.ranking import metrics_at_k, topk_masked
@@ -89,12 +90,11 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     r = Retriever(bundle)
     check_bundle_for_split(r.manifest, sp)
     cfg = r.manifest["config"]
-    e = load_engagements(ws, r.fs, sp, seed=cfg["train"]["seed"])
-    from ebr.config import FeaturesConfig
-
     fcfg = FeaturesConfig.model_validate(cfg["features"])
+    # the same features snapshot as the bundle's: the peers read what the model's state reads
+    snap = build_snapshot(ws, r.fs, sp, fcfg, cfg["train"]["seed"], (Part.TRAIN, Part.VALIDATION))
+    e, visible = snap.e, snap.visible
     spec = eval_spec(e, fcfg, target_part=Part.TEST, train_parts=(Part.TRAIN, Part.VALIDATION), max_users=max_users)
-    visible = e.part != Part.TEST
     K = max(ks)
     P = len(r.pin_ids)
     allowed = r.candidate
@@ -115,7 +115,7 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     if "popularity" in peers:
         scorers["popularity"] = pz.popularity(e, visible, P)
     if "interest_popular" in peers:
-        scorers["interest_popular"] = pz.interest_popular(e, visible, P, r.pin_interests, user_arrays(ws, r.fs),
+        scorers["interest_popular"] = pz.interest_popular(e, visible, P, r.pin_interests, snap.users,
                                                           len(r.fs.interests))
     if "als" in peers:
         if progress:

@@ -32,10 +32,10 @@ import torch
 from ebr.config import ModelConfig, RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
-from ebr.features.batches import PinInputs, user_batch
-from ebr.features.examples import T_MAX, Histories, existing_pins, load_engagements
-from ebr.features.pinstats import PinStats, group_codes
-from ebr.features.state import ACTION_CODE, FIRST_ID, FeatureState, pin_arrays, user_arrays
+from ebr.features.batches import user_batch
+from ebr.features.examples import T_MAX
+from ebr.features.snapshot import ALL_PARTS, build_snapshot
+from ebr.features.state import ACTION_CODE, FIRST_ID, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults, build_index
 from ebr.index.verify import BUNDLE_FILES, content_hash
 from ebr.model.towers import TwoTower
@@ -125,30 +125,20 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     fs = FeatureState.from_dict(ck["feature_state"])
     model_version = file_sha256(ck_path)[:16]
     L = run_cfg.features.history_len
-    parr = pin_arrays(ws, fs)
-    pins, pin_interests = PinInputs.from_arrays(parr), parr.interests
-    ua = user_arrays(ws, fs)
-    # user state: histories and engaged pins from everything visible at the bundle's time
+    # user state, histories, statistics and candidates from what is visible at the bundle's time
     if split == "latest":
-        e = load_engagements(ws, fs, load_split(ws, None), seed=run_cfg.train.seed)
-        visible = np.ones(len(e), dtype=bool)
+        snap = build_snapshot(ws, fs, load_split(ws, None), run_cfg.features, run_cfg.train.seed, ALL_PARTS)
         split_name = "latest"
     else:
-        sp = load_split(ws, split or ck.get("split"))
-        e = load_engagements(ws, fs, sp, seed=run_cfg.train.seed)
-        visible = e.part != Part.TEST
-        split_name = sp.name
-    stats = None
-    if run_cfg.features.pin_stats:
-        stats = PinStats.build(e, group_codes(ws, fs, run_cfg.features.stats_granularity), visible,
-                               run_cfg.features.stats_windows_days)
-    n = len(fs.pins)
-    all_stats = None if stats is None else torch.from_numpy(stats.at(np.arange(n), np.full(n, T_MAX)))
+        snap = build_snapshot(ws, fs, load_split(ws, split or ck.get("split")), run_cfg.features,
+                              run_cfg.train.seed, (Part.TRAIN, Part.VALIDATION))
+        split_name = snap.split.name
+    e, visible, pins, pin_interests, ua = snap.e, snap.visible, snap.pins, snap.pin_interests, snap.users
+    stats_all = snap.pin_stats_all()
+    all_stats = None if stats_all is None else torch.from_numpy(stats_all)
     item_repr, pin_emb = (x.numpy() for x in model.encode_all_pins(pins.cat, pins.num, pins.emb, all_stats))
-    hist = Histories.build(e, len(fs.users), visible=visible)
     U = len(fs.users)
-    codes = np.arange(U)
-    ub = user_batch(codes, np.full(U, T_MAX), hist, ua, L)
+    ub = user_batch(np.arange(U), np.full(U, T_MAX), snap.hist, ua, L)
     engaged = visible & (e.action != ACTION_CODE["impression"])
     order = np.lexsort((e.pin[engaged], e.user[engaged]))
     eu, ep = e.user[engaged][order], e.pin[engaged][order]
@@ -166,7 +156,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
         export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
         np.save(tmp / "item_repr.npy", item_repr)
         np.save(tmp / "pin_embeddings.npy", pin_emb)
-        candidate = existing_pins(e, visible, len(fs.pins))  # born after the bundle's time: not yet
+        candidate = snap.candidates.copy()  # a pin born after the bundle's time is not a candidate yet
         corpus_version = None
         if corpus:
             from ebr.corpus.build import resolve

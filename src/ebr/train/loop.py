@@ -30,12 +30,11 @@ from ebr.features.examples import (
     Examples,
     Histories,
     eval_spec,
-    existing_pins,
-    load_engagements,
     positive_examples,
 )
-from ebr.features.pinstats import PinStats, group_codes
-from ebr.features.state import FIRST_ID, FeatureState, build_feature_state, pin_arrays, user_arrays
+from ebr.features.pinstats import PinStats
+from ebr.features.snapshot import build_snapshot
+from ebr.features.state import FIRST_ID, FeatureState, build_feature_state
 from ebr.log import bar, log
 from ebr.model.towers import TwoTower
 from ebr.ranking import metrics_at_k, topk_masked
@@ -75,38 +74,17 @@ class TrainData:
 
 
 def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> TrainData:
+    """Training's view of the features snapshot: it reads the TRAIN part only (validation picks the
+    model, so nothing of it may reach training examples, histories or statistics)."""
     split = load_split(ws, cfg.data.split)
-    fs = fs or build_feature_state(ws)
-    e = load_engagements(ws, fs, split, seed=cfg.train.seed)
-    train_visible = e.part == Part.TRAIN
-    hist = Histories.build(e, len(fs.users), visible=train_visible)
-    ex = positive_examples(e, cfg.features, parts=(Part.TRAIN,))
+    snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, (Part.TRAIN,))
+    ex = positive_examples(snap.e, cfg.features, parts=(Part.TRAIN,))
     if len(ex.user) == 0:
-        raise ValueError(f"split {split.name!r} has no positive training engagements "
-                         f"({', '.join(cfg.features.positive_actions)})")
-    val = eval_spec(
-        e,
-        cfg.features,
-        target_part=Part.VALIDATION,
-        train_parts=(Part.TRAIN,),
-        max_users=cfg.train.val_users,
-        seed=cfg.train.seed,
-    )
-    stats = None
-    if cfg.features.pin_stats:
-        groups = group_codes(ws, fs, cfg.features.stats_granularity)
-        stats = PinStats.build(e, groups, train_visible, cfg.features.stats_windows_days)
-    return TrainData(
-        fs,
-        PinInputs.from_arrays(pin_arrays(ws, fs)),
-        user_arrays(ws, fs),
-        hist,
-        ex,
-        val,
-        split.name,
-        stats,
-        existing_pins(e, train_visible, len(fs.pins)),
-    )
+        raise EbrError(f"split {split.name!r} has no positive training engagements "
+                       f"({', '.join(cfg.features.positive_actions)})")
+    val = eval_spec(snap.e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,),
+                    max_users=cfg.train.val_users, seed=cfg.train.seed)
+    return TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates)
 
 
 @torch.no_grad()
