@@ -23,6 +23,7 @@ from ebr.data.schema import POSITIVE_ACTIONS
 from ebr.data.splits import load_split
 from ebr.data.tables import connect
 from ebr.data.validate import DataError
+from ebr.log import log
 from ebr.workspace import Workspace, file_sha256, library_versions, new_version, now_utc, read_json, write_json
 
 DAY_US = 86400 * 10**6
@@ -94,6 +95,7 @@ def build_serving_corpus(ws: Workspace, engine: str = "duckdb", as_of: dt.dateti
     p = CorpusParams(as_of_us, window_days, half_life_days, decay, top_n, action_weights or dict(DEFAULT_WEIGHTS))
     eng = make_engine(engine, ws)
     t_q = time.time()
+    log.info("corpus: scoring engagements with %s (as of %s, %g-day window)", engine, as_of_source, p.window_days)
     corpus = eng.run(load_sql("corpus", p.sql()))
     t_corpus = time.time() - t_q
     bad = eng.run(load_sql("bad_rows", p.sql())).to_pylist()[0]

@@ -38,6 +38,7 @@ from ebr.features.snapshot import ALL_PARTS, build_snapshot
 from ebr.features.state import ACTION_CODE, FIRST_ID, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults, build_index
 from ebr.index.verify import BUNDLE_FILES, content_hash
+from ebr.log import log
 from ebr.model.towers import TwoTower
 from ebr.ranking import topk_masked
 from ebr.workspace import (
@@ -153,6 +154,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     tmp = ws.bundles_dir() / f".{model_version}-{os.getpid()}-{time.time_ns()}.tmp"
     tmp.mkdir(parents=True)
     try:  # a failed build leaves no half-written bundle behind
+        log.info("bundle: exporting the user tower and %s pin embeddings", f"{len(pin_emb):,}")
         export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
         np.save(tmp / "item_repr.npy", item_repr)
         np.save(tmp / "pin_embeddings.npy", pin_emb)
@@ -167,6 +169,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             in_corpus[fs.pins.encode(pq.read_table(cdir / "corpus.parquet")["pin_id"])] = True
             candidate &= in_corpus
         t_index = time.time()
+        log.info("bundle: building the %s index over %s candidate pins", backend, f"{int(candidate.sum()):,}")
         index = build_index(backend, pin_emb, np.flatnonzero(candidate))
         index_seconds = time.time() - t_index
         index.save(tmp)

@@ -1,0 +1,78 @@
+"""Re-choose defaults away from the reported numbers: each candidate setting is trained on a
+synthetic world with ANOTHER seed (seed 1; the README reports seed 0) and compared by that world's
+test recall@100, so no default is picked on the test numbers we report.
+
+    python benchmarks/defaults.py [--seeds 0,1] [--root /tmp/ebr-bench-defaults]
+
+Settings (one at a time against the current defaults): the validation window (2% vs 10% of the
+training period) and per-pin engagement statistics as pin-tower features (off vs on).
+Resumable: a finished (setting, seed) keeps its eval JSON under --root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write  # noqa: E402
+
+from ebr.config import RunConfig  # noqa: E402
+from ebr.data.splits import make_temporal  # noqa: E402
+from ebr.data.synth import generate  # noqa: E402
+from ebr.eval.evaluate import evaluate  # noqa: E402
+from ebr.train.loop import train  # noqa: E402
+from ebr.workspace import Workspace  # noqa: E402
+
+SETTINGS = {  # name: (split val_fraction, config overrides)
+    "default": (0.02, {}),
+    "val_window_10pct": (0.10, {}),
+    "pin_stats_on": (0.02, {"features.pin_stats": True}),
+}
+METRICS = ("recall@50", "recall@100", "recall@500")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--world-seed", type=int, default=1)
+    ap.add_argument("--root", default="/tmp/ebr-bench-defaults")
+    a = ap.parse_args()
+    root = Path(a.root)
+    ws = Workspace.at(root / f"synth_small_world{a.world_seed}")
+    if not ws.has_table("engagements"):
+        generate(ws, "small", seed=a.world_seed, progress=False)
+    rows = {}
+    for name, (val_fraction, sets) in SETTINGS.items():
+        split = f"temporal_v{int(val_fraction * 100)}"
+        if split not in ws.splits():
+            make_temporal(ws, name=split, val_fraction=val_fraction)
+        runs = []
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            out = root / f"{name}-seed{seed}.json"
+            if not out.exists():
+                cfg = RunConfig.load(None, {"train.seed": seed, "data.split": split, **sets})
+                summary = train(ws, cfg, run=f"{name}-seed{seed}", progress=False)
+                res = evaluate(ws, f"{name}-seed{seed}", split, peers=(), progress=False)
+                out.write_text(json.dumps({**res, "train": summary}))
+            runs.append(json.loads(out.read_text()))
+            print(f"{name} seed {seed}: recall@100 {runs[-1]['results'][0]['recall@100']:.4f}", flush=True)
+        vals = {m: [r["results"][0][m] for r in runs] for m in METRICS}
+        rows[name] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                      for m, v in vals.items()}
+        rows[name]["best_val_recall@100"] = [r["train"]["best_val_recall@100"] for r in runs]
+    head = f"| setting (world seed {a.world_seed}) | " + " | ".join(METRICS) + " |"
+    lines = [head, "|---|" + "---|" * len(METRICS)]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS) + " |")
+    md = "\n".join(lines)
+    print(md)
+    write("defaults", {"rows": rows, "markdown": md, "seeds": a.seeds, "world_seed": a.world_seed})
+
+
+if __name__ == "__main__":
+    main()
