@@ -79,10 +79,8 @@ def cmd_import_interactions(a) -> int:
         e = import_adjacency(
             ws, Path(a.train), Path(a.test), source=a.source or "adjacency", split=a.split, strict=a.strict
         )
-        print(
-            f"split {e['split']['name']!r}: {e['split']['train']:,} train pairs, {e['split']['test']:,} test pairs",
-            file=sys.stderr,
-        )
+        sp = e["split"]
+        log.info(f"split {sp['name']!r}: {sp['train']:,} train pairs, {sp['test']:,} test pairs")
     else:
         if not a.file:
             raise DataError("give the interactions FILE (CSV or Parquet with user_id, item_id[, ts][, weight])")
@@ -97,11 +95,8 @@ def cmd_synth(a) -> int:
 
     e = generate(Workspace.at(a.workspace), a.preset, seed=a.seed)
     n = e["tables"]["engagements"]["accepted"]
-    print(
-        f"synth {a.preset} seed={a.seed}: {n:,} engagements in {e['wall_seconds']:.1f}s "
-        f"({n / max(e['wall_seconds'], 1e-9):,.0f}/s)",
-        file=sys.stderr,
-    )
+    log.info(f"synth {a.preset} seed={a.seed}: {n:,} engagements in {e['wall_seconds']:.1f}s "
+             f"({n / max(e['wall_seconds'], 1e-9):,.0f}/s)")
     return 0
 
 
@@ -293,7 +288,7 @@ def cmd_eval(a) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     d = write_report(ws, res, a.run, a.report)
-    print(f"report: {d / 'report.md'}", file=sys.stderr)
+    log.info(f"report: {d / 'report.md'}")
     return 0
 
 
