@@ -39,7 +39,8 @@ def reseal(bundle: Path, version: bool = True) -> None:
     write_json(bundle / "manifest.json", m)
 
 
-def rewrite_tower(src: Path, dst: Path, edit: Callable[[dict[str, bytes], str], None]) -> Path:
+def rewrite_tower(src: Path, dst: Path, edit: Callable[[dict[str, bytes], str], None],
+                  compression: int = zipfile.ZIP_STORED) -> Path:
     """Copy a bundle and rewrite its user_tower.pt2 entries with edit(entries, root), then reseal."""
     shutil.copytree(src, dst)
     with zipfile.ZipFile(dst / "user_tower.pt2") as z:
@@ -47,7 +48,7 @@ def rewrite_tower(src: Path, dst: Path, edit: Callable[[dict[str, bytes], str], 
     root = next(iter(entries)).split("/", 1)[0]
     edit(entries, root)
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(buf, "w", compression) as z:
         for n, b in entries.items():
             z.writestr(n, b)
     (dst / "user_tower.pt2").write_bytes(buf.getvalue())

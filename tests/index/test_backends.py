@@ -39,7 +39,8 @@ def index(request, world, tmp_path_factory):
     emb, codes, _, _ = world
     d = tmp_path_factory.mktemp(request.param)
     build_index(request.param, emb, codes).save(d)
-    return AnnIndex.load(d, request.param, vectors=emb)
+    return AnnIndex.from_bytes((d / "index.faiss").read_bytes(), np.load(d / "index_codes.npy"), request.param,
+                               vectors=emb)
 
 
 def _recall(got: np.ndarray, want: np.ndarray) -> float:

@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,7 +72,16 @@ def legacy_weights(entries, root, marker):
     entries[f"{root}/data/weights/model.pt"] = evil_pickle(marker)
 
 
-ATTACKS = [pickled_weight, pickled_constant, opaque_constant, sample_inputs, legacy_weights]
+def sympy_expression(entries, root, marker):
+    """torch hands every symbolic-shape expr_str to sympy.sympify, which evaluates it."""
+    name = f"{root}/models/model.json"
+    program = json.loads(entries[name])
+    size = program["graph_module"]["graph"]["tensor_values"]["hist"]["sizes"][0]["as_expr"]
+    size["expr_str"] = f"__import__('os').system('touch {marker}') + " + size["expr_str"]
+    entries[name] = json.dumps(program).encode()
+
+
+ATTACKS = [pickled_weight, pickled_constant, opaque_constant, sample_inputs, legacy_weights, sympy_expression]
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.__name__ for a in ATTACKS])
@@ -203,10 +213,153 @@ def test_resealed_garbage_is_a_bundle_error(bundle, tmp_path):
     data = (b / "index.faiss").read_bytes()
     (b / "index.faiss").write_bytes(data[: len(data) // 2])
     reseal(b)
-    with pytest.raises(BundleError, match="does not load"):
+    with pytest.raises(BundleError, match="not a readable FAISS index"):
         Retriever(b)
     b = _copy(bundle, tmp_path / "garbage")
     (b / "user_tower.pt2").write_bytes(b"garbage" * 100)
     reseal(b)
     with pytest.raises(BundleError, match="not a readable .pt2"):
+        Retriever(b)
+
+
+def _two_directories(benign: bytes, malicious_entries: dict[str, bytes]) -> bytes:
+    """One archive, two central directories of the same size: the end record points torch's reader
+    at the malicious one while Python's zipfile, seeing 'concatenated' data, reads the benign one."""
+    import io
+    import struct
+    import zipfile
+
+    def build(entries):
+        b = io.BytesIO()
+        with zipfile.ZipFile(b, "w", zipfile.ZIP_STORED) as z:
+            for n, v in entries.items():
+                z.writestr(n, v)
+        d = b.getvalue()
+        cnt, size, off = struct.unpack("<HII", d[-12:-2])
+        return d[:off], d[off:off + size], cnt
+
+    def shift(cd: bytes, delta: int) -> bytes:
+        out, p = bytearray(cd), 0
+        while p < len(out):
+            nl, el, cl = struct.unpack("<HHH", out[p + 28:p + 34])
+            (lo,) = struct.unpack("<I", out[p + 42:p + 46])
+            out[p + 42:p + 46] = struct.pack("<I", lo + delta)
+            p += 46 + nl + el + cl
+        return bytes(out)
+
+    with zipfile.ZipFile(io.BytesIO(benign)) as z:
+        good = {n: z.read(n) for n in z.namelist()}
+    ml, mcd, mn = build(malicious_entries)
+    bl, bcd, bn = build(good)
+    assert mn == bn and len(mcd) == len(bcd)
+    eocd = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, mn, mn, len(mcd), len(ml) + len(bl), 0)
+    return ml + bl + mcd + shift(bcd, len(ml) - len(mcd)) + eocd
+
+
+def test_zip_parser_differential_is_refused(bundle, tmp_path):
+    """Mutation caught: checking the archive with Python's zipfile but letting torch read the file
+    (torch follows the end record to the other directory and unpickles)."""
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(bundle / "user_tower.pt2") as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    root = next(iter(entries)).split("/", 1)[0]
+    pickled_weight(entries, root, marker)
+    bad = _copy(bundle, tmp_path / "zipdiff")
+    (bad / "user_tower.pt2").write_bytes(_two_directories((bundle / "user_tower.pt2").read_bytes(), entries))
+    reseal(bad)
+    try:
+        torch.export.load(bad / "user_tower.pt2")
+    except Exception:
+        pass
+    assert marker.exists(), "the crafted archive does not exercise the differential"
+    marker.unlink()
+    with pytest.raises(BundleError, match="central directory"):
+        Retriever(bad)
+    assert not marker.exists()
+
+
+def test_a_file_swapped_after_the_check_is_never_read(bundle, tmp_path, monkeypatch):
+    """Time of check vs time of use: the loader parses the bytes it checked. Mutation caught:
+    verifying the files, then loading them from disk again (a swap in between runs the payload)."""
+    import ebr.serve.retriever as retriever_mod
+
+    marker = tmp_path / "pwned"
+    evil = rewrite_tower(bundle, tmp_path / "evil", lambda e, root: pickled_weight(e, root, marker))
+    b = _copy(bundle, tmp_path / "swapped")
+    real = retriever_mod.verified_bundle
+
+    def check_then_swap(path, expect_version=None):
+        checked = real(path, expect_version)
+        shutil.copy(evil / "user_tower.pt2", Path(path) / "user_tower.pt2")  # the attacker wins the race
+        return checked
+
+    monkeypatch.setattr(retriever_mod, "verified_bundle", check_then_swap)
+    r = Retriever(b)
+    assert r.version == bundle.name and not marker.exists()
+
+
+def test_faiss_on_disk_lists_naming_an_outside_file_are_refused(bundle, tmp_path):
+    """An IVF index whose inverted lists live in a file outside the bundle (FAISS opens it read-write
+    on load). Mutation caught: reading the index before checking its structure."""
+    import faiss
+
+    outside = tmp_path / "outside" / "lists.ivfdata"
+    outside.parent.mkdir()
+    b = _copy(bundle, tmp_path / "ondisk")
+    x = np.load(b / "pin_embeddings.npy")[np.load(b / "index_codes.npy")].astype("float32")
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], 1, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(outside))
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+    ivf.add(x)
+    faiss.write_index(ivf, str(b / "index.faiss"))
+    del ivf
+    reseal(b)
+    outside.unlink()  # had FAISS tried to open it, the error would say so
+    for backend in ("exact", "hnsw", "ivfpq"):
+        m = read_json(b / "manifest.json")
+        m["index"]["backend"] = backend
+        write_json(b / "manifest.json", m)
+        reseal(b)
+        with pytest.raises(BundleError, match="not the structure"):
+            Retriever(b)
+    assert not outside.exists()
+
+
+def test_bombs_deep_json_hard_links_and_bad_codes_are_bundle_errors(bundle, tmp_path):
+    """Compressed archive members (a small file expanding to GBs), JSON nested past the recursion
+    limit, a hard link to a file outside the bundle, user feature codes out of range: each is a
+    BundleError before anything is served. Mutations caught: accepting deflated entries, letting
+    RecursionError escape, following hard links, no range check of stored codes."""
+    import zipfile
+
+    b = rewrite_tower(bundle, tmp_path / "deflated", lambda e, root: None, compression=zipfile.ZIP_DEFLATED)
+    with pytest.raises(BundleError, match="compressed"):
+        Retriever(b)
+    b = _copy(bundle, tmp_path / "npz")
+    s = dict(np.load(b / "user_state.npz"))
+    np.savez_compressed(b / "user_state.npz", **s)
+    reseal(b)
+    with pytest.raises(BundleError, match="user_state.npz: compressed"):
+        Retriever(b)
+    b = _copy(bundle, tmp_path / "deep")
+    (b / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Retriever(b)
+    b = _copy(bundle, tmp_path / "hardlink")
+    outside = tmp_path / "outside-popular.npy"
+    shutil.copy(b / "popular.npy", outside)
+    (b / "popular.npy").unlink()
+    os.link(outside, b / "popular.npy")
+    with pytest.raises(BundleError, match="hard link"):
+        Retriever(b)
+    b = _copy(bundle, tmp_path / "codes")
+    s = dict(np.load(b / "user_state.npz"))
+    s["cat"][:, 0] = 10**6
+    np.savez(b / "user_state.npz", **s)
+    reseal(b)
+    with pytest.raises(BundleError, match="disagree"):
         Retriever(b)

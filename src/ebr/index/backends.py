@@ -44,9 +44,10 @@ class AnnIndex:
         np.save(path / "index_codes.npy", self.codes)
 
     @classmethod
-    def load(cls, path: Path, backend: str, vectors: np.ndarray) -> AnnIndex:
-        """An index saved by `save`, with the pin vectors (by code) its exact fallback scores."""
-        return cls(faiss.read_index(str(path / "index.faiss")), np.load(path / "index_codes.npy"), backend, vectors)
+    def from_bytes(cls, data: bytes, codes: np.ndarray, backend: str, vectors: np.ndarray) -> AnnIndex:
+        """An index from the bytes `save` wrote (a bundle's loader reads each file once, checked),
+        with the pin vectors (by code) its exact fallback scores."""
+        return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), codes, backend, vectors)
 
     def _params(self, defaults: SearchDefaults, sel: faiss.IDSelector | None):
         if self.backend == "hnsw":
@@ -104,7 +105,7 @@ class AnnIndex:
                exclude: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores over the pool's vectors (the index's own for an exact index), exclusions ranked out."""
         if self.vectors is None:
-            raise RuntimeError("exact fallback needs the pin vectors: AnnIndex.load(..., vectors=...)")
+            raise RuntimeError("exact fallback needs the pin vectors: AnnIndex.from_bytes(..., vectors=...)")
         scores = queries @ self.vectors[pool].T
         for b, x in enumerate(exclude):
             scores[b, np.searchsorted(pool, x)] = -np.inf

@@ -4,6 +4,7 @@ what is served."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ebr.features.state import ACTION_CODE, FIRST_ID, OOV, PAD, FeatureState
+from ebr.features.state import ACTION_CODE, FIRST_ID, N_ACTION_CODES, OOV, PAD, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults
-from ebr.index.verify import BundleError, verified_manifest
+from ebr.index.verify import BundleError, CheckedBundle, verified_bundle
 
 __all__ = ["BundleError", "Result", "Retriever"]
 from ebr.ranking import topk_masked
@@ -30,6 +32,10 @@ class Result:
     cold_start: bool
 
 
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _codes_below(x: np.ndarray, n: int) -> bool:
     return x.size == 0 or (int(x.min()) >= 0 and int(x.max()) < n)
 
@@ -39,26 +45,30 @@ class Retriever:
         """Load a bundle after every check of index/verify.py (BundleError lists what failed):
         nothing is read from a file before its type, checksum and content were checked."""
         self.path = Path(path)
-        m = self.manifest = verified_manifest(self.path, expect_version)
+        checked = verified_bundle(self.path, expect_version)
+        self.manifest = checked.manifest
         try:
-            self._load(m)
+            self._load(checked)
         except BundleError:
             raise
         except Exception as e:  # a checked bundle that still does not load is refused, never half-served
             raise BundleError(f"bundle {self.path.name!r} refused: it passed the checks but does not load "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
 
-    def _load(self, m: dict[str, Any]) -> None:
+    def _load(self, b: CheckedBundle) -> None:
+        """Parse the checked bytes (never the files again: a file swapped after the check is not read)."""
+        m, f = b.manifest, b.files
         self.version = m["version"]
         self.L = m["history_len"]
         self.backend = m["index"]["backend"]
-        self.tower = torch.export.load(self.path / "user_tower.pt2").module()
-        self.item_repr = torch.from_numpy(np.load(self.path / "item_repr.npy"))
-        self.pin_emb = torch.from_numpy(np.load(self.path / "pin_embeddings.npy"))
+        self.tower = torch.export.load(io.BytesIO(b.tower)).module()
+        self.item_repr = torch.from_numpy(_npy(f["item_repr.npy"]))
+        self.pin_emb = torch.from_numpy(_npy(f["pin_embeddings.npy"]))
         # with its vectors: selective filters and exclusions fall back to exact scoring
-        self.index = AnnIndex.load(self.path, self.backend, vectors=self.pin_emb.numpy())
+        self.index = AnnIndex.from_bytes(f["index.faiss"], _npy(f["index_codes.npy"]), self.backend,
+                                         vectors=self.pin_emb.numpy())
         self.defaults = SearchDefaults(**m["index"].get("search", {}))
-        pins = pq.read_table(self.path / "pins.parquet")
+        pins = pq.read_table(pa.BufferReader(f["pins.parquet"]))
         self.pin_ids: list[str] = pins["pin_id"].to_pylist()
         self.pin_interests: list[list[int]] = pins["interests"].to_pylist()
         self.candidate = torch.from_numpy(pins["candidate"].to_numpy(zero_copy_only=False).copy())
@@ -69,15 +79,15 @@ class Retriever:
                 for i in ints:
                     by_interest.setdefault(i, []).append(code)
         self.interest_pins = {i: np.array(v, dtype=np.int64) for i, v in by_interest.items()}
-        s = np.load(self.path / "user_state.npz")
+        s = np.load(io.BytesIO(f["user_state.npz"]), allow_pickle=False)
         self.hist, self.actions, self.cat = (
             s["hist"].astype(np.int64),
             s["actions"].astype(np.int64),
             s["cat"].astype(np.int64),
         )
         self.engaged_ptr, self.engaged = s["engaged_ptr"], s["engaged"].astype(np.int64)
-        self.popular = np.load(self.path / "popular.npy")
-        self.fs = FeatureState.from_dict(json.loads((self.path / "feature_state.json").read_text()))
+        self.popular = _npy(f["popular.npy"])
+        self.fs = FeatureState.from_dict(json.loads(f["feature_state.json"]))
         self.interest_ids = ["<pad>", "<oov>"] + self.fs.interests.ids
         self._pin_code = {p: i for i, p in enumerate(self.pin_ids) if i >= FIRST_ID}
         P, U = len(self.pin_ids), len(self.fs.users)
@@ -92,9 +102,12 @@ class Retriever:
             and bool(np.all(np.diff(self.engaged_ptr) >= 0))
             and all(_codes_below(x, P) for x in (self.hist, self.engaged, self.popular, self.index.codes))
             and self.index.index.ntotal == len(self.index.codes)
+            and self.cat.shape[1] == len(self.fs.user_cat)
+            and all(_codes_below(self.cat[:, j], len(v)) for j, v in enumerate(self.fs.user_cat.values()))
+            and _codes_below(self.actions, N_ACTION_CODES)
         )
         if not consistent:
-            raise BundleError(f"bundle {self.path.name!r} refused: its arrays disagree in shape or pin codes")
+            raise BundleError(f"bundle {self.path.name!r} refused: its arrays disagree in shape or codes")
 
     # ---- lookups -------------------------------------------------------------------------
     def user_codes(self, user_ids: Sequence[str]) -> np.ndarray:
