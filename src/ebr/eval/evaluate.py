@@ -169,8 +169,8 @@ def format_table(res: dict[str, Any], cols: tuple[str, ...] = ("recall@20", "rec
     cols = tuple(c for c in cols if any(c in r for r in res["results"]))
     lines = [
         f"{res['dataset']} / {res['protocol']}: {res['n_users']:,} users ({res['n_cold_users']:,} cold); "
-        f"{res.get('backend', 'exact')} bundle; {res.get('unreachable_target_share', 0):.1%} of targets are on pins "
-        "that did not exist yet",
+        f"{res.get('backend', 'exact')} bundle; {res.get('unreachable_target_share', 0):.1%} of targets are outside "
+        "the candidates (pins born later, or outside the corpus)",
         f"{'model':<18}" + "".join(f"{c:>14}" for c in cols),
     ]
     for r in res["results"]:
