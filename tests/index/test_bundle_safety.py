@@ -363,3 +363,17 @@ def test_bombs_deep_json_hard_links_and_bad_codes_are_bundle_errors(bundle, tmp_
     reseal(b)
     with pytest.raises(BundleError, match="disagree"):
         Retriever(b)
+
+
+@pytest.mark.parametrize("expr, ok", [
+    ("Symbol('s35', positive=True, integer=True)", True), ("2*s35 + 1", True), ("Max(s35, 2)", True),
+    ("FloorDiv(s35, 2)", True), ("Max('__import__(\"os\").system(\"true\")', 1)", False),
+    ("__import__('os').system('true')", False), ("s35.func", False), ("Symbol('__class__')", False),
+    ("(lambda: 1)()", False), ("[s35 for s35 in range(9)]", False),
+])
+def test_symbolic_expression_grammar(expr, ok):
+    """sympy evaluates every expression string and every string argument of its functions.
+    Mutation caught: allowing string constants outside Symbol(...) (Max('...') is evaluated)."""
+    from ebr.index.verify import _symbolic_ok
+
+    assert _symbolic_ok(expr) is ok

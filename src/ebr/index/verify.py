@@ -6,7 +6,8 @@ Threat model:
   hold only the entries `torch.export.save` writes for plain tensors, every weight and constant
   must be a raw tensor (no `use_pickle`, no custom or opaque objects, no legacy `.pt` pickles),
   `data/sample_inputs/*` must be empty (torch unpickles it, with a `weights_only=False` retry),
-  and every graph node must call an ATen operator that does no file I/O. This holds for a bundle rewritten as a whole.
+  and every graph node must call an ATen operator that does no file I/O. This holds for a bundle
+  rewritten as a whole.
 - **Corrupt, mixed or partially edited bundles** are detected by checksums and the version: every
   file the loader opens is listed in the manifest with its sha256 and must be a regular file
   inside the bundle (no links, FIFOs or paths that leave it; nothing unlisted); the version's hash
@@ -17,9 +18,11 @@ Threat model:
   file swapped between the check and the load is never read. The user tower is handed to torch as
   a zip rebuilt from the entries checked here (a zip can hold two central directories that Python
   and torch read differently), and every symbolic-shape expression and guard in the program must
-  fit a small grammar (torch passes them to sympy, which evaluates them). The FAISS index is first
-  read without inverted-list data and must have the structure its backend builds (no on-disk lists
-  naming files outside the bundle); archive members must be stored uncompressed (no zip bombs).
+  fit a small grammar (torch passes them to sympy, which evaluates them; a string argument of any
+  function but Symbol would be evaluated too). The FAISS index must have the structure its backend
+  builds before FAISS reads its lists (an IVF-PQ file is walked byte by byte; the others are read
+  without inverted-list data and their types checked), so no on-disk lists name files outside the
+  bundle; archive members must be stored uncompressed (no zip bombs).
 - A bundle **rewritten as a whole** (every checksum and the version recomputed) passes these
   checks; pin the version you expect (`--expect-version` on serve and reload) to catch it.
   A copied or renamed bundle stays valid: nothing depends on the folder's name or location.
@@ -154,6 +157,8 @@ def _symbolic_ok(expr: Any) -> bool:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError):
         return False
+    symbol_names = {id(n.args[0]) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                    and n.func.id == "Symbol" and n.args}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _SYM_CALLS):
@@ -167,8 +172,9 @@ def _symbolic_ok(expr: Any) -> bool:
         elif isinstance(node, ast.Name):
             if not (node.id in _SYM_CALLS or _SYMBOL.fullmatch(node.id) or node.id in ("True", "False")):
                 return False
-        elif isinstance(node, ast.Constant):
-            if not isinstance(node.value, (int, float, bool, str)):
+        elif isinstance(node, ast.Constant):  # a string anywhere else would be sympified (evaluated) too
+            if not (isinstance(node.value, (int, float, bool)) or (isinstance(node.value, str)
+                                                                   and id(node) in symbol_names)):
                 return False
         elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.keyword,
                                    ast.Load, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)):
