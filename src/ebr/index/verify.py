@@ -5,7 +5,7 @@ Threat model:
 - **Code execution** is refused by content, not by checksums: the user tower archive (.pt2) may
   hold only the entries `torch.export.save` writes for plain tensors, every weight and constant
   must be a raw tensor (no `use_pickle`, no custom or opaque objects, no legacy `.pt` pickles),
-  `data/sample_inputs/*` must be empty (torch unpickles it, with a `weights_only=False` retry),
+  `data/sample_inputs/*` must be empty (torch unpickles it, retrying with the unsafe loader),
   and every graph node must call an ATen operator that does no file I/O. This holds for a bundle
   rewritten as a whole.
 - **Corrupt, mixed or partially edited bundles** are detected by checksums and the version: every
