@@ -62,23 +62,18 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     every process: the query is ordered, and pseudo-time is the stored file position)."""
     con = connect(ws)
     given = split.kind == "given"
+    cols, join = "NULL AS pos, false AS is_test", ""
     if given:
-        con.execute(
-            f"CREATE VIEW assignment AS SELECT * FROM read_parquet('{sql_str(split.path + '/assignment.parquet')}')"
-        )
+        con.execute(f"CREATE VIEW assignment AS SELECT * FROM read_parquet('{sql_str(split.path)}/assignment.parquet')")
         if "pos" not in [c[0] for c in con.execute("DESCRIBE assignment").fetchall()]:
             raise DataError(f"split {split.name!r} predates stored file positions: import the adjacency files again")
+        cols = "a.pos, coalesce(a.is_test, false) AS is_test"
+        join = ("LEFT JOIN (SELECT user_id, pin_id, min(pos) AS pos, bool_or(part = 'test') AS is_test "
+                "FROM assignment GROUP BY user_id, pin_id) a ON a.user_id = e.user_id AND a.pin_id = e.pin_id")
     t = con.sql(
-        f"""SELECT e.user_id, e.pin_id, e.action, e.weight, epoch_us(e.ts) AS t,
-                  {"a.pos, coalesce(a.is_test, false) AS is_test" if given else "NULL AS pos, false AS is_test"},
+        f"""SELECT e.user_id, e.pin_id, e.action, e.weight, epoch_us(e.ts) AS t, {cols},
                   row_number() OVER (PARTITION BY e.user_id ORDER BY e.ts NULLS LAST, e.pin_id, e.action) AS rn
-           FROM engagements e
-           {
-            "LEFT JOIN (SELECT user_id, pin_id, min(pos) AS pos, bool_or(part = 'test') AS is_test FROM assignment "
-            "GROUP BY user_id, pin_id) a ON a.user_id = e.user_id AND a.pin_id = e.pin_id"
-            if given
-            else ""
-        }
+           FROM engagements e {join}
            ORDER BY e.user_id, e.ts NULLS LAST, pos NULLS FIRST, e.pin_id, e.action, e.weight"""
     ).to_arrow_table()
     user = fs.users.encode(t["user_id"])
