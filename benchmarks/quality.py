@@ -9,7 +9,8 @@
 variant (its results file and its cached runs). Spreads are sample std (ddof 1).
 
 Datasets: synth_small (the synthetic world, seed 0), ml100k (../shared/data/ml-100k, temporal
-split), and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
+split), ml100k_llo (the same, leave-last-out: about 940 users instead of about 100), and any
+adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
 Resumable: a finished (dataset, seed) keeps its eval JSON under --root and is not rerun.
 """
 
@@ -43,10 +44,13 @@ def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Wor
         from ebr.data.synth import generate
 
         generate(ws, "small", seed=0, progress=False)
-    elif name == "ml100k":
+    elif name in ("ml100k", "ml100k_llo"):
         from ebr.data.importers import import_movielens
+        from ebr.data.splits import make_leave_last_out
 
         import_movielens(ws, ML100K)
+        if name == "ml100k_llo":
+            make_leave_last_out(ws, "leave_last_out")
     elif name in adjacency:
         from ebr.data.importers import import_adjacency
 
@@ -81,11 +85,12 @@ def main() -> None:
         for seed in [int(s) for s in a.seeds.split(",")]:
             out = root / f"{a.name}-{ds}-seed{seed}.json"
             if not out.exists():
-                over = {"train.seed": seed, **({"train.epochs": a.epochs} if a.epochs else {}), **sets}
+                over = {"train.seed": seed, **({"train.epochs": a.epochs} if a.epochs else {}), **sets,
+                        **({"data.split": "leave_last_out"} if ds == "ml100k_llo" else {})}
                 cfg = RunConfig.load(a.config, over)
                 run = f"{a.name}-seed{seed}"
                 summary = train(ws, cfg, run=run, progress=False)
-                res = evaluate(ws, run, progress=False)
+                res = evaluate(ws, run, "leave_last_out" if ds == "ml100k_llo" else None, progress=False)
                 res["train"] = summary
                 out.write_text(json.dumps(res))
             runs.append(json.loads(out.read_text()))
