@@ -170,6 +170,9 @@ class TrainState:
                    torch.Generator().manual_seed(t.seed + 1))
 
     def load(self, state: dict) -> None:
+        if "C" not in state.get("estimator", {}):
+            raise EbrError("this checkpoint predates the current logQ estimator (no sighting counts); it cannot be "
+                           "resumed exactly: start the run again without --resume")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.est.load_state_dict(state["estimator"])
