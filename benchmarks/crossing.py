@@ -56,13 +56,13 @@ def crossing_params(model: TwoTower) -> int:
 
 def tower_latency_ms(r: Retriever, reps: int = 200) -> float:
     code = next(c for c in range(2, len(r.fs.users)) if r.is_warm(c))
-    h, a, c = r.stored_inputs(np.array([code]))
+    inputs = r.stored_inputs(np.array([code]))
     for _ in range(10):
-        r.embed(h, a, c)
+        r.embed(*inputs)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        r.embed(h, a, c)
+        r.embed(*inputs)
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 

@@ -71,10 +71,11 @@ def main() -> None:
         est.update(pos, i + 1)
         t1 = time.perf_counter()
         with count if count is not None else torch.enable_grad():
-            u, v = model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user, pos, d.pins.take,
-                                              d.pin_stats(pos.numpy(), ex.t[idx]))
-            loss = sampled_softmax_logq(u, v, pos, est.log_prob(pos), cfg.model.temperature,
-                                        torch.from_numpy(ex.weight[idx]))
+            q, v = model.embed_users_and_pins(ub.hist, ub.rest(), pos, d.pins.take, d.pin_stats(pos.numpy(), ex.t[idx]))
+            b = d.time_buckets(pos.numpy(), ex.t[idx])
+            extra = None if b is None else model.time_logits(q, b) / cfg.model.temperature
+            loss = sampled_softmax_logq(q[:, : model.dim], v, pos, est.log_prob(pos), cfg.model.temperature,
+                                        torch.from_numpy(ex.weight[idx]), extra=extra)
             opt.zero_grad()
             loss.backward()
         opt.step()

@@ -183,6 +183,8 @@ def _overrides(a) -> dict:
     for flag, key in (("epochs", "train.epochs"), ("seed", "train.seed"), ("split", "data.split")):
         if getattr(a, flag, None) is not None:
             out[key] = getattr(a, flag)
+    if getattr(a, "no_refit", False):
+        out["train.refit"] = False
     return out
 
 
@@ -479,11 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train a two-tower model",
         """\
         Train the two-tower retrieval model (sampled softmax over in-batch negatives, logQ
-        correction from a streaming frequency estimator). Writes runs/RUN/: config.yaml,
-        feature_state.json, metrics.jsonl, checkpoints/{best,last}.pt (best = validation recall@100).
+        correction from the exact in-batch inclusion probability). Two phases: selection (train on
+        the training part, validation recall@100 per epoch, early stopping), then the refit (train
+        again from scratch on training + validation for the selected number of steps; bundles serve
+        it). Writes runs/RUN/: config.yaml, feature_state.json, metrics.jsonl, summary.json,
+        checkpoints/{best,last}.pt (best = validation recall@100) and {refit,refit_last}.pt.
 
         examples:
           ebr train --run main --epochs 8
+          ebr train --run quick --no-refit     # serve the selected model (half the training time)
           ebr train --config run.yaml --set model.temperature=0.07 --set train.lr=0.001
           ebr train --run main --resume        # continue a crashed run from its last checkpoint
         """,
@@ -492,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config (sections data, features, model, train, index, eval)")
     p.add_argument("--run", default="main")
     p.add_argument("--resume", action="store_true", help="continue from runs/RUN/checkpoints/last.pt")
+    p.add_argument("--no-refit", action="store_true", help="skip the refit on training + validation (train.refit)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
@@ -507,9 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         isub2,
         "build",
-        "build a bundle from a run's best checkpoint",
+        "build a bundle from a run's served checkpoint (refit, else best)",
         """\
-        Build bundles/VERSION/ from runs/RUN/checkpoints/best.pt. The user state is taken as of
+        Build bundles/VERSION/ from runs/RUN/checkpoints/refit.pt (best.pt when the run has no
+        refit). The user state and the time term (pin age, recent counts) are taken as of
         the split's cut (what evaluation uses), or of the latest data with --split latest
         (what serving uses). The manifest records the index's recall@100 against exact search on
         a sample of users.

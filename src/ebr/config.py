@@ -31,6 +31,15 @@ class FeaturesConfig(_Section):
     pin_stats: bool = False  # measured to hurt recall on synth small and ML-100K (README)
     stats_granularity: Literal["coarse", "fine", "pin"] = "coarse"  # coarse = the serving corpus's
     stats_windows_days: list[int] = [7, 30, 90]
+    # interests as features: a bag of each pin's interests in the pin tower, a bag of the user's
+    # followed interests in the user tower, one interest table for both
+    interest_features: bool = True
+    max_interests: int = 8  # per pin and per user (the first ones)
+    # the time term (model/towers.py), read as of each example's time in training and as of the
+    # bundle's time in serving; no effect on data without timestamps:
+    pin_age: bool = True  # the pin's age bucket (features/age.py)
+    pin_counts: bool = True  # its positive engagements in whole days before t (coarse signature)
+    count_windows_days: list[int] = [1, 7, 30]
 
 
 class MaskNetConfig(_Section):
@@ -67,6 +76,7 @@ class ModelConfig(_Section):
     use_pin_id: bool = True
     use_content: bool = True
     use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default
+    time_dim: int = 8  # width of the time term's pin embedding (features.pin_age, features.pin_counts)
     temperature: float = 0.05  # [ours] Yi et al.: 0.05-0.07 with normalised embeddings
     dropout: float = 0.0
 
@@ -89,6 +99,9 @@ class TrainConfig(_Section):
     estimator_hashes: int = 2
     estimator_buckets: int = 1 << 20
     patience: int = 2  # epochs without a better validation recall before stopping
+    # after selection, retrain on training + validation for the selected number of steps; bundles
+    # serve that model (checkpoints/refit.pt); best.pt, the selected one, is kept
+    refit: bool = True
     val_users: int = 2000  # sampled validation users (recall@100 per epoch)
     max_steps: int | None = None  # stop after this many steps (benchmarks with a fixed budget)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)

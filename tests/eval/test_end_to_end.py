@@ -61,12 +61,18 @@ def test_retriever_batch_equals_single_requests(trained):
     c0 = int(codes[0])
     hist = [{"pin_id": r.pin_ids[p], "action": ACTIONS[a - 1]} for p, a in zip(r.hist[c0], r.actions[c0]) if p > 0]
     feats = {col: v.decode([r.cat[c0][j]])[0] for j, (col, v) in enumerate(r.fs.user_cat.items())}
+    followed = r.fs.interests.decode(r.followed[c0][r.followed[c0] > 0])
     stored = r.retrieve(users[0], 10, history=hist, exclude_engaged=False)
-    given = r.retrieve("somebody-new", 10, history=hist, features=feats)
+    given = r.retrieve("somebody-new", 10, history=hist, features=feats, followed=followed)
     assert given.pin_ids == stored.pin_ids and not given.cold_start
-    assert given.pin_ids != r.retrieve("somebody-new", 10, history=hist[:3], features=feats).pin_ids
+    assert given.pin_ids != r.retrieve("somebody-new", 10, history=hist[:3], features=feats,
+                                       followed=followed).pin_ids
     cold = r.retrieve("somebody-new", 10)
     assert cold.cold_start and cold.sources == ["popular"] * 10
+    # a new user who only follows interests gets the tower, not the popular list (mutation caught:
+    # the request's followed interests ignored, or such a user sent to the cold-start path)
+    a, b = (r.retrieve("somebody-new", 10, followed=[i]) for i in r.fs.interests.ids[:2])
+    assert a.sources == ["features"] * 10 and a.cold_start and a.pin_ids != b.pin_ids
 
 
 def test_bundle_refuses_mismatch_and_corruption(trained, tmp_path):

@@ -78,9 +78,10 @@ def test_dhen_user_tower_exports_and_reloads(tiny_ws, tmp_path):
 
     fs = build_feature_state(tiny_ws)
     cfg = ModelConfig(crossing="dhen")
-    model = TwoTower(fs.sizes, cfg).eval()
+    # with every optional input on: followed interests and the age term's query part
+    model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32, 32]}, cfg).eval()
     path = tmp_path / "tower.pt2"
-    export_user_tower(model, 20, len(fs.user_cat), path)
+    export_user_tower(model, 20, len(fs.user_cat), 8, path)
     loaded = torch.export.load(path).module()
     again = torch.export.load(path).module()
     for B in (1, 7):
@@ -88,6 +89,7 @@ def test_dhen_user_tower_exports_and_reloads(tiny_ws, tmp_path):
             torch.randn(B, 20, model.items.out_dim),
             torch.randint(0, 6, (B, 20)),
             torch.randint(0, 3, (B, len(fs.user_cat))),
+            torch.randint(0, len(fs.interests), (B, 8)),
             torch.zeros(B, dtype=torch.long),
             torch.zeros(B, dtype=torch.long),
         )

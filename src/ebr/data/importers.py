@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ebr.data.schema import FIRST_ENGAGEMENT, NO_TIME, TS
 from ebr.data.splits import GIVEN_VAL_FRACTION
 from ebr.data.validate import DEFAULT_MAX_FUTURE_DAYS, RAW, DataError, SourceWriter, parse_timestamps
 from ebr.workspace import Workspace, write_json
@@ -106,6 +107,7 @@ def import_movielens(ws: Workspace, path: Path, source: str = "movielens", stric
         pin_genres = [[g for g, flag in zip(genres, r[5:]) if flag == "1"] for r in item_rows]
         dates = pd.to_datetime(pd.Series([r[2] for r in item_rows]), format="%d-%b-%Y", errors="coerce")
         years = dates.dt.year.astype("float32").to_numpy()
+        created = [None if pd.isna(d) else d.tz_localize("UTC").to_pydatetime() for d in dates]
         user_rows, user_reasons = _split_fields(_lines(path / "u.user"), "|", 5)
         users = {
             "user_id": [r[0] for r in user_rows],
@@ -122,6 +124,7 @@ def import_movielens(ws: Workspace, path: Path, source: str = "movielens", stric
             [float(r[1].strip()[-5:-1]) if r[1] and r[1].strip()[-5:-1].isdigit() else np.nan for r in item_rows],
             dtype=np.float32,
         )
+        created = [None] * len(pin_ids)  # ML-1M has the release year only: the first engagement is used
         genres = sorted({g for gs in pin_genres for g in gs})
         user_rows, user_reasons = _split_fields(_lines(path / "users.dat"), "::", 5)
         users = {
@@ -145,6 +148,7 @@ def import_movielens(ws: Workspace, path: Path, source: str = "movielens", stric
                     "image_sig_coarse": pin_ids,
                     "interests": pa.array(pin_genres, type=pa.list_(pa.string())),
                     "num_release_year": years,
+                    "created_at": pa.array(created, type=TS),
                 }
             ),
             item_reasons,
@@ -155,7 +159,7 @@ def import_movielens(ws: Workspace, path: Path, source: str = "movielens", stric
         w.seal("users")
         tbl, reasons = _ratings_table(_lines(files[0]), sep)
         w.write("engagements", tbl, reasons)
-        w.extra = {"layout": layout}
+        w.extra = {"layout": layout, "created_at": "release date" if layout == "ml-100k" else FIRST_ENGAGEMENT}
         return w.commit()
 
 
@@ -269,6 +273,7 @@ def import_interactions(
         ok = pd.isna(w.row_reasons("engagements", eng, reasons))  # pins and users from accepted rows only
         _ids_only_tables(w, df["user_id"][ok], df["item_id"][ok])
         w.write("engagements", eng, reasons)
+        w.extra = {"created_at": FIRST_ENGAGEMENT}
         return w.commit()
 
 
@@ -315,6 +320,7 @@ def import_adjacency(
         good = pd.isna(w.row_reasons("engagements", eng, reasons))  # pins and users from accepted rows only
         _ids_only_tables(w, pd.Series(users, dtype=object)[good], pd.Series(items, dtype=object)[good])
         w.write("engagements", eng, reasons)
+        w.extra = {"created_at": NO_TIME}
         entry = w.commit()
     ok = np.array([r is None for r in reasons]) & np.array(
         [u is not None and i is not None for u, i in zip(users, items)]

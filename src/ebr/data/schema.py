@@ -37,6 +37,8 @@ PINS = pa.schema(
         pa.field("image_sig_coarse", pa.string(), nullable=False),
         pa.field("interests", pa.list_(pa.string()), nullable=False),
         pa.field("embedding", pa.list_(pa.float32()), nullable=True),
+        # when the pin was created; null: the features use its first visible engagement instead
+        pa.field("created_at", TS, nullable=True),
     ]
 )
 
@@ -54,6 +56,11 @@ INTERESTS = pa.schema(
         pa.field("parent_id", pa.string(), nullable=True),
     ]
 )
+
+# what a source's pins.created_at holds (its manifest says which): sources without a creation time
+# get the first engagement *as of* each example's or bundle's time (features/age.py), never stored
+FIRST_ENGAGEMENT = "first visible engagement (computed as of each example's or bundle's time)"
+NO_TIME = "none: the source has no timestamps, so there is no age feature"
 
 SCHEMAS: dict[str, pa.Schema] = {
     "engagements": ENGAGEMENTS,

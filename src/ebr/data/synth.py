@@ -208,6 +208,8 @@ class World:
                     "cat_format": np.array(FORMATS)[self.format[idx]],
                     "cat_domain": np.char.add("d", self.domain[idx].astype(str)),
                     "num_aspect_ratio": self.aspect[idx],
+                    "created_at": pa.array(((START.timestamp() + self.birth[idx].astype(np.float64) * DAY) * 1e6)
+                                           .astype(np.int64), type=pa.int64()).cast(TS),
                 }
             )
 
@@ -427,7 +429,7 @@ def generate(ws: Workspace, preset: str = "small", seed: int = 0, progress: bool
             w.write("engagements", engagements_table(world, uc, ch))
             bar.update(len(uc.activity))
         bar.close()
-        w.extra = {"preset": preset, "seed": seed}
+        w.extra = {"preset": preset, "seed": seed, "created_at": "birth time"}
         entry = w.commit()
     write_json(
         truth / "manifest.json",

@@ -207,12 +207,18 @@ def write_report(ws: Workspace, res: dict[str, Any], run: str = "main", name: st
     rows = [__import__("json").loads(x) for x in mpath.read_text().splitlines() if x.strip()] if mpath.exists() else []
     if rows:
         fig, ax1 = plt.subplots(figsize=(6, 4))
-        ep = [x["epoch"] for x in rows]
-        ax1.plot(ep, [x["loss"] for x in rows], marker="o", color="tab:blue", label="training loss")
+        sel = [x for x in rows if x.get("phase", "select") != "refit"]
+        refit = [x for x in rows if x.get("phase") == "refit"]
+        ax1.plot([x["epoch"] for x in sel], [x["loss"] for x in sel], marker="o", color="tab:blue",
+                 label="training loss")
+        if refit:
+            ax1.plot([x["epoch"] for x in refit], [x["loss"] for x in refit], marker="o", ls="--", color="tab:green",
+                     label="refit loss (training + validation)")
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("loss")
         ax2 = ax1.twinx()
-        ax2.plot(ep, [x["val_recall@100"] for x in rows], marker="s", color="tab:orange", label="val recall@100")
+        ax2.plot([x["epoch"] for x in sel], [x["val_recall@100"] for x in sel], marker="s", color="tab:orange",
+                 label="val recall@100")
         ax2.set_ylabel("validation recall@100")
         fig.legend(loc="center right", bbox_to_anchor=(0.85, 0.5))
         fig.tight_layout()

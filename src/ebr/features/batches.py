@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ebr.features.examples import Histories
-from ebr.features.state import PinArrays, UserArrays
+from ebr.features.state import PinArrays, UserArrays, padded
 
 
 @dataclass
@@ -16,13 +16,19 @@ class PinInputs:
     cat: torch.Tensor
     num: torch.Tensor
     emb: torch.Tensor
+    interests: torch.Tensor  # (P, K) interest codes, PAD-filled
 
     @classmethod
-    def from_arrays(cls, p: PinArrays) -> PinInputs:
-        return cls(torch.from_numpy(p.cat), torch.from_numpy(p.num), torch.from_numpy(p.emb))
+    def from_arrays(cls, p: PinArrays, max_interests: int) -> PinInputs:
+        return cls(torch.from_numpy(p.cat), torch.from_numpy(p.num), torch.from_numpy(p.emb),
+                   torch.from_numpy(padded(p.interests, max_interests)))
 
-    def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ids, self.cat[ids], self.num[ids], self.emb[ids]
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every pin's (cat, num, emb, interests)."""
+        return self.cat, self.num, self.emb, self.interests
+
+    def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ids, self.cat[ids], self.num[ids], self.emb[ids], self.interests[ids]
 
 
 @dataclass
@@ -31,12 +37,19 @@ class UserBatch:
     hist: torch.Tensor  # (B, L) pin codes, 0 = padding
     actions: torch.Tensor  # (B, L)
     cat: torch.Tensor  # (B, Cu)
+    followed: torch.Tensor  # (B, K) followed interest codes, PAD-filled
     condition: torch.Tensor  # (B,) interest code, 0 = none (reserved for conditional retrieval)
+
+    def rest(self) -> tuple[torch.Tensor, ...]:
+        """The user tower's inputs after the history: (actions, cat, followed, condition, user)."""
+        return self.actions, self.cat, self.followed, self.condition, self.user
 
 
 def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays, L: int,
                condition: np.ndarray | None = None) -> UserBatch:
+    """Users (codes) as of times t: history strictly before t, features, followed interests."""
     pins, actions = hist.at(users, t, L)
     cond = np.zeros(len(users), dtype=np.int64) if condition is None else condition
     return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
-                     torch.from_numpy(actions), torch.from_numpy(ua.cat[users]), torch.from_numpy(cond))
+                     torch.from_numpy(actions), torch.from_numpy(ua.cat[users]),
+                     torch.from_numpy(ua.followed_pad[users]), torch.from_numpy(cond))

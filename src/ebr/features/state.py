@@ -130,6 +130,15 @@ def build_feature_state(ws: Workspace, min_count: int = 1) -> FeatureState:
     return FeatureState(Vocab(pins), Vocab(users), Vocab(interests), pin_cat, user_cat, pin_num, int(emb or 0))
 
 
+def padded(lists: list[list[int]], width: int) -> np.ndarray:
+    """Code lists -> (N, width) int64, the first `width` codes of each row, PAD after them."""
+    out = np.full((len(lists), width), PAD, dtype=np.int64)
+    for i, lst in enumerate(lists):
+        n = min(len(lst), width)
+        out[i, :n] = lst[:n]
+    return out
+
+
 @dataclass
 class PinArrays:
     """Per-pin model inputs indexed by pin code (row 0 padding, row 1 OOV)."""
@@ -144,6 +153,7 @@ class PinArrays:
 class UserArrays:
     cat: np.ndarray  # (U, Cu) int64
     followed: list[list[int]]  # followed interest codes per user
+    followed_pad: np.ndarray  # (U, K) the first K of them, PAD-filled
 
 
 def _rows(
@@ -180,9 +190,9 @@ def pin_arrays(ws: Workspace, fs: FeatureState) -> PinArrays:
     return PinArrays(cat, num, emb, interests)
 
 
-def user_arrays(ws: Workspace, fs: FeatureState) -> UserArrays:
+def user_arrays(ws: Workspace, fs: FeatureState, max_interests: int) -> UserArrays:
     con = connect(ws)
     cols = ["user_id", "followed_interests"] + list(fs.user_cat)
     t = con.sql(f"SELECT {', '.join(cols)} FROM users").to_arrow_table()
     _, cat, followed = _rows(t, "user_id", fs.users, fs.user_cat, "followed_interests", fs.interests)
-    return UserArrays(cat, followed)
+    return UserArrays(cat, followed, padded(followed, max_interests))

@@ -3,12 +3,13 @@
 bundles/VERSION/
   user_tower.pt2        the user tower, torch.export'ed for CPU (dynamic batch; no code unpickled)
   item_repr.npy         (P, H) the shared ItemEncoder's output per pin: history inputs of the tower
-  pin_embeddings.npy    (P, D) pin-tower outputs, unit norm
+  pin_embeddings.npy    (P, D) what the index stores: pin-tower outputs (unit norm), then the time
+                        term's pin embedding as of the bundle's time (age, recent counts), if any
   index.faiss           the ANN index over the candidate pins (exact | hnsw | ivfpq)
   index_codes.npy       the pin code of each index position
   pins.parquet          pin_id, code, interests, candidate flag (in the corpus, when one is given)
   user_state.npz        per user code: history (U, L), actions (U, L), categorical codes (U, Cu),
-                        engaged pins (CSR), as of the bundle's time
+                        followed interest codes (U, K), engaged pins (CSR), as of the bundle's time
   popular.npy           pin codes by time-decayed popularity (cold-start path)
   feature_state.json    vocabularies and numeric statistics
   manifest.json         model version (for the tower and the index), checksums, inputs, counts
@@ -64,15 +65,22 @@ def load_checkpoint(path: Path) -> tuple[TwoTower, dict[str, Any]]:
     return model.eval(), ck
 
 
-def export_user_tower(model: TwoTower, L: int, n_user_cat: int, path: Path) -> None:
+def served_checkpoint(ws: Workspace, run: str) -> Path:
+    """The checkpoint a run serves: the refit model when the run has one, else the selected one."""
+    ck = ws.run_dir(run) / "checkpoints"
+    return ck / "refit.pt" if (ck / "refit.pt").exists() else ck / "best.pt"
+
+
+def export_user_tower(model: TwoTower, L: int, n_user_cat: int, n_followed: int, path: Path) -> None:
     """torch.export the user tower with a dynamic batch dimension and save it (.pt2) without sample
     inputs: torch unpickles those on load, so the loader refuses an archive that has any."""
     B = 4
     H = model.items.out_dim
     args = (torch.randn(B, L, H), torch.randint(0, 6, (B, L)), torch.zeros(B, n_user_cat, dtype=torch.long),
-            torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long))
+            torch.zeros(B, n_followed, dtype=torch.long), torch.zeros(B, dtype=torch.long),
+            torch.zeros(B, dtype=torch.long))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    ep = torch.export.export(model.user, args, dynamic_shapes=({0: batch},) * 5)
+    ep = torch.export.export(model.user, args, dynamic_shapes=({0: batch},) * len(args))
     ep.example_inputs = None
     torch.export.save(ep, path)
 
@@ -107,7 +115,7 @@ def index_recall(index: AnnIndex, ub, model: TwoTower, item_repr: np.ndarray, pi
         return 1.0 if index.backend == "exact" else None
     users = np.random.default_rng(seed).choice(warm, min(sample, len(warm)), replace=False)
     h = torch.from_numpy(item_repr)[ub.hist[users]]
-    q = model.user(h, ub.actions[users], ub.cat[users], ub.condition[users], ub.user[users])
+    q = model.user(h, *(x[users] for x in ub.rest()))
     exact = topk_masked(q @ torch.from_numpy(pin_emb).T, k, None, torch.from_numpy(candidate))[1].numpy()
     _, got = index.search(q.numpy(), k, SearchDefaults())
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), exact.tolist())]))
@@ -118,7 +126,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     """Build a bundle from the run's best checkpoint, with user state as of the split's cut
     (the end of its training parts), or as of the latest data when split is 'latest'."""
     t0 = time.time()
-    ck_path = ws.run_dir(run) / "checkpoints" / "best.pt"
+    ck_path = served_checkpoint(ws, run)
     if not ck_path.exists():
         raise EbrError(f"run {run!r} has no best checkpoint; train it first: ebr train --run {run}")
     model, ck = load_checkpoint(ck_path)
@@ -137,7 +145,11 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     e, visible, pins, pin_interests, ua = snap.e, snap.visible, snap.pins, snap.pin_interests, snap.users
     stats_all = snap.pin_stats_all()
     all_stats = None if stats_all is None else torch.from_numpy(stats_all)
-    item_repr, pin_emb = (x.numpy() for x in model.encode_all_pins(pins.cat, pins.num, pins.emb, all_stats))
+    item_repr, pin_emb = model.encode_all_pins(pins.fields(), all_stats)
+    # the index stores each pin with its time term as of the bundle's time (features/age.py: rebuild daily)
+    P = len(fs.pins)
+    tb = None if snap.time is None else torch.from_numpy(snap.time.buckets(np.arange(P), snap.as_of))
+    item_repr, pin_emb = item_repr.numpy(), model.index_vectors(pin_emb, tb).numpy()
     U = len(fs.users)
     ub = user_batch(np.arange(U), np.full(U, T_MAX), snap.hist, ua, L)
     engaged = visible & (e.action != ACTION_CODE["impression"])
@@ -146,7 +158,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     keep = np.r_[True, (eu[1:] != eu[:-1]) | (ep[1:] != ep[:-1])] if len(eu) else np.zeros(0, bool)
     eu, ep = eu[keep], ep[keep]
     ptr = np.searchsorted(eu, np.arange(U + 1))
-    as_of = int(e.t[visible].max()) if visible.any() else 0
+    as_of = snap.as_of
     pop = decayed_popularity(e, T_MAX, visible=visible, n_pins=len(fs.pins))
     pop[:FIRST_ID] = -1  # padding / OOV rows
     popular = np.argsort(-pop, kind="stable")[: min(10000, len(fs.pins) - FIRST_ID)]
@@ -155,7 +167,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     tmp.mkdir(parents=True)
     try:  # a failed build leaves no half-written bundle behind
         log.info("bundle: exporting the user tower and %s pin embeddings", f"{len(pin_emb):,}")
-        export_user_tower(model, L, ub.cat.shape[1], tmp / "user_tower.pt2")
+        export_user_tower(model, L, ub.cat.shape[1], ub.followed.shape[1], tmp / "user_tower.pt2")
         np.save(tmp / "item_repr.npy", item_repr)
         np.save(tmp / "pin_embeddings.npy", pin_emb)
         candidate = snap.candidates.copy()  # a pin born after the bundle's time is not a candidate yet
@@ -191,6 +203,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             hist=ub.hist.numpy().astype(np.int32),
             actions=ub.actions.numpy().astype(np.int8),
             cat=ua.cat.astype(np.int32),
+            followed=ua.followed_pad.astype(np.int32),
             engaged_ptr=ptr.astype(np.int64),
             engaged=ep.astype(np.int32),
         )
@@ -214,7 +227,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
                 "recall@100_vs_exact": ann_recall,
                 "corpus": corpus_version,
             },
-            "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path)},
+            "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path), "refit": bool(ck.get("refit"))},
+            "time_term": {"fields": snap.time.sizes if snap.time is not None else [], "as_of_us": as_of},
             "counts": {"pins": len(fs.pins) - FIRST_ID, "candidates": int(candidate.sum()), "users": U - FIRST_ID},
             "modes": ["single"],
             "config": ck["config"],
@@ -235,7 +249,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
 
 def find_bundle(ws: Workspace, run: str, split: str, backend: str = "exact") -> Path | None:
     """The latest bundle of this run's current best checkpoint for this split, if any."""
-    ck_path = ws.run_dir(run) / "checkpoints" / "best.pt"
+    ck_path = served_checkpoint(ws, run)
     if not ck_path.exists() or not ws.bundles_dir().exists():
         return None
     sha = file_sha256(ck_path)

@@ -1,6 +1,12 @@
-"""Two towers. The pin side's ItemEncoder (pin ID, categorical, numeric and pretrained content
-fields) is shared with the user side's history encoder, so a pin means the same thing as a
-candidate and as a past engagement. Outputs are L2-normalised; scores are dot products / tau."""
+"""Two towers. The pin side's ItemEncoder (pin ID, categorical, numeric, pretrained content and
+interest fields) is shared with the user side's history encoder, so a pin means the same thing as a
+candidate and as a past engagement; one interest table embeds a pin's interests and the user's
+followed ones. Tower outputs are L2-normalised; score(u, i, t) = (<u, v_i> + <w_u, c_i(t)>) / tau.
+The second, the time term (on when the data has time), scores what changes with time about a pin:
+c_i(t) sums embeddings of its age bucket and its recent-engagement-count buckets, read at the query's
+time t (in training, every pin of a batch as of each example's time; features/age.py, pinstats.py).
+The user tower returns the query [u, w_u] and the index stores [v_i, c_i(as of the bundle)], so the
+score stays one inner product for the ANN search."""
 
 from __future__ import annotations
 
@@ -14,26 +20,35 @@ HIDE_CODE = 5  # features.state.HIDE: kept in the sequence, excluded from poolin
 N_ACTIONS = 6
 
 
+def bag_mean(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
+    """Mean embedding of each row's codes, padding (0) skipped: (N, K) -> (N, dim); zeros if none."""
+    m = (codes > 0).unsqueeze(-1).to(table.weight.dtype)
+    return (table(codes) * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 class ItemEncoder(nn.Module):
     """Pin fields -> one concatenated representation (B, out_dim)."""
 
     def __init__(self, n_pins: int, pin_cat: list[int], n_num: int, emb_dim: int, id_dim: int, cat_dim: int,
-                 field_dim: int, use_id: bool = True, use_content: bool = True):
+                 field_dim: int, use_id: bool = True, use_content: bool = True,
+                 interest: nn.Embedding | None = None):
         super().__init__()
         self.id = nn.Embedding(n_pins, id_dim) if use_id else None
         self.cats = nn.ModuleList(nn.Embedding(n, cat_dim) for n in pin_cat)
         self.num = nn.Sequential(nn.Linear(n_num, field_dim), nn.ReLU()) if n_num else None
         self.content = nn.Linear(emb_dim, field_dim) if (emb_dim and use_content) else None
+        self.interest = interest
         self.widths = ([id_dim] if use_id else []) + [cat_dim] * len(pin_cat) + ([field_dim] if n_num else []) + (
-            [field_dim] if self.content is not None else [])
+            [field_dim] if self.content is not None else []) + ([interest.embedding_dim] if interest else [])
         self.out_dim = sum(self.widths)
         if self.out_dim == 0:
             raise ValueError("the item encoder has no field: enable the pin ID or give pins features")
         if self.id is not None:
             nn.init.normal_(self.id.weight, std=0.05)
 
-    def forward(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """ids (N,), cat (N, C), num (N, Nn), emb (N, E) -> (N, out_dim)"""
+    def forward(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor,
+                interests: torch.Tensor) -> torch.Tensor:
+        """ids (N,), cat (N, C), num (N, Nn), emb (N, E), interests (N, K) -> (N, out_dim)"""
         fields = []
         if self.id is not None:
             fields.append(self.id(ids))
@@ -42,6 +57,8 @@ class ItemEncoder(nn.Module):
             fields.append(self.num(num))
         if self.content is not None:
             fields.append(self.content(emb))
+        if self.interest is not None:
+            fields.append(bag_mean(self.interest, interests))
         return torch.cat(fields, dim=-1)
 
 
@@ -68,28 +85,38 @@ class HistoryEncoder(nn.Module):
 
 
 class UserTower(nn.Module):
-    """History + user categorical features + condition (interest, 0 = none) [+ user ID] -> (B, dim).
+    """History + user categorical features + followed interests + condition (interest, 0 = none)
+    [+ user ID] -> the query (B, dim [+ time_dim]): the unit-norm user embedding u, then (when the
+    time term is on) w, the user's weights over the pin's time-term embedding.
 
     Takes pre-encoded history items so the serving export needs no pin tables: the bundle ships
     the ItemEncoder's output per pin."""
 
-    def __init__(self, item_dim: int, user_cat: list[int], n_interests: int, n_users: int, cfg):
+    def __init__(self, item_dim: int, user_cat: list[int], n_interests: int, n_users: int, cfg,
+                 interest: nn.Embedding | None = None, time_dim: int = 0):
         super().__init__()
         self.history = HistoryEncoder(item_dim, cfg.field_dim)
         self.cats = nn.ModuleList(nn.Embedding(n, cfg.cat_dim) for n in user_cat)
+        self.followed = interest
         self.condition = nn.Embedding(n_interests, cfg.cat_dim)
         self.user_id = nn.Embedding(n_users, cfg.id_dim) if cfg.use_user_id else None
-        widths = self.history.widths + [cfg.cat_dim] * (len(user_cat) + 1) + ([cfg.id_dim] if cfg.use_user_id else [])
+        widths = (self.history.widths + [cfg.cat_dim] * (len(user_cat) + 1) + ([cfg.id_dim] if cfg.use_user_id else [])
+                  + ([interest.embedding_dim] if interest is not None else []))
         self.crossing = make_crossing(cfg.user_crossing or cfg.crossing, widths, cfg.dim, cfg)
+        self.time_weights = nn.Linear(cfg.dim, time_dim) if time_dim else None
 
-    def forward(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor, condition: torch.Tensor,
-                user: torch.Tensor) -> torch.Tensor:
-        """hist (B, L, item_dim), actions (B, L), user_cat (B, Cu), condition (B,), user (B,) -> (B, dim), unit norm"""
+    def forward(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor, followed: torch.Tensor,
+                condition: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """hist (B, L, item_dim), actions (B, L), user_cat (B, Cu), followed (B, K), condition (B,), user (B,)
+        -> (B, dim [+ time_dim])"""
         fields = [self.history(hist, actions)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
         fields.append(self.condition(condition))
         if self.user_id is not None:
             fields.append(self.user_id(user))
-        return F.normalize(self.crossing(torch.cat(fields, dim=-1)), dim=-1)
+        if self.followed is not None:
+            fields.append(bag_mean(self.followed, followed))
+        u = F.normalize(self.crossing(torch.cat(fields, dim=-1)), dim=-1)
+        return u if self.time_weights is None else torch.cat([u, self.time_weights(u)], dim=-1)
 
 
 class PinTower(nn.Module):
@@ -110,45 +137,69 @@ class PinTower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """The retrieval model: score(u, i) = <user(u), pin(i)> / temperature."""
+    """The retrieval model: score(u, i, t) = <query(u), [v_i, c_i(t)]> / temperature.
+
+    sizes["interest_features"]: embed pin and followed interests (one table); sizes["time_fields"]:
+    the bucket count of each time-term field (empty: no time term)."""
 
     def __init__(self, sizes: dict, cfg):
         super().__init__()
+        interest = (nn.Embedding(sizes["n_interests"], cfg.cat_dim, padding_idx=0)
+                    if sizes.get("interest_features") else None)
         self.items = ItemEncoder(sizes["n_pins"], sizes["pin_cat"], sizes["n_pin_num"], sizes["emb_dim"],
-                                 cfg.id_dim, cfg.cat_dim, cfg.field_dim, cfg.use_pin_id, cfg.use_content)
-        self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg)
+                                 cfg.id_dim, cfg.cat_dim, cfg.field_dim, cfg.use_pin_id, cfg.use_content, interest)
+        # the time term's fields (pin age, engagement counts per window): bucket counts per field
+        fields = list(sizes.get("time_fields", []))
+        self.time = nn.ModuleList(nn.Embedding(n, cfg.time_dim) for n in fields)
+        for e in self.time:
+            nn.init.zeros_(e.weight)  # the time term starts neutral
+        self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg,
+                              interest, cfg.time_dim if fields else 0)
         self.pin = PinTower(self.items.widths, sizes.get("n_pin_stats", 0), cfg)
+        self.dim = cfg.dim
         self.temperature = cfg.temperature
 
+    @torch.no_grad()
+    def index_vectors(self, v: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
+        """Pin embeddings (N, dim) and their time-term buckets as of the index's time (N, F) -> the
+        vectors the ANN index stores: [v, sum_f c_f(bucket_f)] (v alone without the time term)."""
+        if not len(self.time):
+            return v
+        return torch.cat([v, sum(e(buckets[:, f]) for f, e in enumerate(self.time))], dim=-1)
 
-    def embed_pins(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor,
-                   stats: torch.Tensor | None = None) -> torch.Tensor:
-        """(N,) pins with their fields [and statistics (N, S)] -> (N, dim)"""
-        return self.pin(self.items(ids, cat, num, emb), stats)
+    def time_logits(self, query: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor | None:
+        """The time term of every (query, pin) pair, each pin's fields read as of each query's time:
+        query (B, dim + time_dim), buckets (B, N, F) -> (B, N) <w_b, sum_f c_f(bucket_bnf)>."""
+        if not len(self.time):
+            return None
+        w = query[:, self.dim:]
+        return sum(torch.gather(w @ e.weight.T, 1, buckets[..., f]) for f, e in enumerate(self.time))
 
     @torch.no_grad()
-    def encode_all_pins(self, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor, stats: torch.Tensor | None,
+    def encode_all_pins(self, fields: tuple[torch.Tensor, ...], stats: torch.Tensor | None,
                         batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every pin code 0..P-1 -> (item representations (P, H), pin embeddings (P, dim))."""
+        """Every pin code 0..P-1, fields (cat, num, emb, interests) -> (item representations (P, H),
+        pin embeddings (P, dim))."""
         reps, embs = [], []
-        for lo in range(0, cat.shape[0], batch):
+        for lo in range(0, fields[0].shape[0], batch):
             sl = slice(lo, lo + batch)
-            r = self.items(torch.arange(lo, lo + cat[sl].shape[0]), cat[sl], num[sl], emb[sl])
+            f = [x[sl] for x in fields]
+            r = self.items(torch.arange(lo, lo + f[0].shape[0]), *f)
             reps.append(r)
             embs.append(self.pin(r, None if stats is None else stats[sl]))
         return torch.cat(reps), torch.cat(embs)
 
-    def embed_users_and_pins(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor,
-                             condition: torch.Tensor, user: torch.Tensor, pins: torch.Tensor, pin_fields,
+    def embed_users_and_pins(self, hist: torch.Tensor, rest: tuple[torch.Tensor, ...], pins: torch.Tensor, pin_fields,
                              pin_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Users (history pin codes (B, L) ...) and pins (N,) [with statistics (N, S)] in one pass;
-        every distinct pin is encoded once. pin_fields(ids) -> (ids, cat, num, emb).
-        Returns ((B, dim), (N, dim))."""
+        """Users (history pin codes (B, L), then the tower's other inputs `rest`: actions, cat,
+        followed, condition, user) and pins (N,) [with statistics (N, S)] in one pass; every distinct
+        pin is encoded once. pin_fields(ids) -> (ids, cat, num, emb, interests).
+        Returns (queries (B, dim [+ time_dim]), pin embeddings (N, dim))."""
         B, L = hist.shape
         uniq, inv = torch.unique(torch.cat([hist.reshape(-1), pins]), return_inverse=True)
         rep = self.items(*pin_fields(uniq))
         h = rep[inv[: B * L]].view(B, L, -1)
-        u = self.user(h, actions, user_cat, condition, user)
+        u = self.user(h, *rest)
         if pins.numel() == 0:
-            return u, u.new_zeros(0, u.shape[1])
+            return u, u.new_zeros(0, self.dim)
         return u, self.pin(rep[inv[B * L:]], pin_stats)

@@ -58,6 +58,8 @@ class RetrieveRequest(BaseModel):
                                                           description="overrides the stored history, most recent last")
     features: dict[Text, Text | int | float | bool | None] | None = Field(
         default=None, description="overrides stored user features, e.g. {\"age_bucket\": \"25-34\"}")
+    followed_interests: list[Text] | None = Field(
+        default=None, max_length=64, description="overrides the stored followed interests (unknown ones are dropped)")
 
 
 class Item(BaseModel):
@@ -191,7 +193,8 @@ def create_app(
         try:
             res = await asyncio.wait_for(
                 run_in_threadpool(
-                    r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None
+                    r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None,
+                    req.followed_interests,
                 ),
                 timeout=timeout_s,
             )

@@ -80,10 +80,11 @@ class Retriever:
                     by_interest.setdefault(i, []).append(code)
         self.interest_pins = {i: np.array(v, dtype=np.int64) for i, v in by_interest.items()}
         s = np.load(io.BytesIO(f["user_state.npz"]), allow_pickle=False)
-        self.hist, self.actions, self.cat = (
+        self.hist, self.actions, self.cat, self.followed = (
             s["hist"].astype(np.int64),
             s["actions"].astype(np.int64),
             s["cat"].astype(np.int64),
+            s["followed"].astype(np.int64),
         )
         self.engaged_ptr, self.engaged = s["engaged_ptr"], s["engaged"].astype(np.int64)
         self.popular = _npy(f["popular.npy"])
@@ -105,6 +106,9 @@ class Retriever:
             and self.cat.shape[1] == len(self.fs.user_cat)
             and all(_codes_below(self.cat[:, j], len(v)) for j, v in enumerate(self.fs.user_cat.values()))
             and _codes_below(self.actions, N_ACTION_CODES)
+            and self.followed.ndim == 2 and len(self.followed) == U
+            and _codes_below(self.followed, len(self.fs.interests))
+            and self.index.index.d == self.pin_emb.shape[1]
         )
         if not consistent:
             raise BundleError(f"bundle {self.path.name!r} refused: its arrays disagree in shape or codes")
@@ -129,15 +133,17 @@ class Retriever:
         hist: np.ndarray,
         actions: np.ndarray,
         cat: np.ndarray,
+        followed: np.ndarray,
         condition: np.ndarray | None = None,
         users: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """hist/actions (B, L) pin/action codes, cat (B, Cu) -> (B, D) user embeddings."""
+        """hist/actions (B, L) pin/action codes, cat (B, Cu), followed (B, K) interest codes -> (B, D)
+        queries (what the index's vectors are scored against)."""
         B = hist.shape[0]
         h = self.item_repr[torch.from_numpy(hist)]
         cond = torch.zeros(B, dtype=torch.long) if condition is None else torch.from_numpy(condition)
         u = torch.zeros(B, dtype=torch.long) if users is None else torch.from_numpy(users)
-        return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), cond, u)
+        return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), torch.from_numpy(followed), cond, u)
 
     def search(
         self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None, allowed: np.ndarray | None = None
@@ -157,8 +163,9 @@ class Retriever:
             return v, np.where(np.isfinite(v), i, -1)
         return self.index.search(emb.numpy(), k, self.defaults, allowed, exclude)
 
-    def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.hist[codes], self.actions[codes], self.cat[codes]
+    def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(history, actions, categorical codes, followed interests) of users, as of the bundle's time."""
+        return self.hist[codes], self.actions[codes], self.cat[codes], self.followed[codes]
 
     def retrieve_codes(
         self,
@@ -215,17 +222,23 @@ class Retriever:
         features: dict[str, Any] | None = None,
         exclude_engaged: bool = True,
         interests: Sequence[str] | None = None,
+        followed: Sequence[str] | None = None,
     ) -> Result:
         """One request: stored state for a known user, overridden by `history` (pin ids, most recent
-        last, or {"pin_id", "action"} objects) and `features` ({cat_column: value}); `interests`
-        filters the results to pins carrying one of them. A user with no history at all takes the
-        cold-start path (popular pins)."""
+        last, or {"pin_id", "action"} objects), `features` ({cat_column: value}) and `followed`
+        (interest ids); `interests` filters the results to pins carrying one of them. A user with no
+        history takes the tower when it has features or followed interests, else the cold-start
+        path (popular pins)."""
         code = int(self.user_codes([user_id or ""])[0])
         known = code >= FIRST_ID
-        hist, actions, cat = (x[0] for x in self.stored_inputs(np.array([code if known else 0])))
-        hist, actions, cat = hist.copy(), actions.copy(), cat.copy()
+        hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
         if not known:
             cat[:] = OOV
+        if followed is not None:
+            codes = self.fs.interests.encode(list(followed))
+            codes = codes[codes >= FIRST_ID][: len(fol)]  # unknown interests are dropped
+            fol[:] = PAD
+            fol[: len(codes)] = codes
         if history is not None:
             hist, actions = self._history_codes(history)
         if features:
@@ -241,11 +254,14 @@ class Retriever:
             excl = np.concatenate([excl, hist[hist >= FIRST_ID]])
         allowed = self.allowed_for_interests(interests) if interests else None
         has_history = bool((hist >= FIRST_ID).any())
-        if not has_history and not (features and (cat >= FIRST_ID).any()):
+        has_features = bool(features and (cat >= FIRST_ID).any()) or bool((fol >= FIRST_ID).any())
+        if not has_history and not has_features:
             return self._popular(k, set(excl.tolist()), allowed)
-        # with history: the user tower; without (a new user who sent features): features only
+        # with history: the user tower; without (a new user with features or followed interests): the
+        # tower on those alone
         s, i = self.search(
-            self.embed(hist[None], actions[None], cat[None], users=np.array([code if known else 0])), k, [excl], allowed
+            self.embed(hist[None], actions[None], cat[None], fol[None], users=np.array([code if known else 0])), k,
+            [excl], allowed,
         )
         keep = i[0] >= 0
         source = "single" if has_history else "features"

@@ -24,6 +24,7 @@ import torch
 from ebr.config import RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
+from ebr.features.age import NOT_YET, TimeFields
 from ebr.features.batches import PinInputs, user_batch
 from ebr.features.examples import (
     T_MAX,
@@ -55,10 +56,12 @@ class TrainData:
     users: object
     hist: Histories
     examples: Examples
-    val: object
+    val: object  # EvalSpec of the validation part; None in the refit phase (it trains on validation)
     split_name: str
     stats: PinStats | None
-    candidates: np.ndarray  # (n_pins,) bool: pins engaged with in the training part (exist at validation)
+    candidates: np.ndarray  # (n_pins,) bool: pins that exist at the end of the visible data
+    time: TimeFields | None  # the time term's fields from the visible data (None: no time term)
+    as_of: int  # time of the last visible engagement
 
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
@@ -68,23 +71,46 @@ class TrainData:
         n = self.pins.cat.shape[0]
         return self.pin_stats(np.arange(n), np.full(n, T_MAX))
 
+    def time_buckets(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
+        """(B, N, F) time-term buckets of each pin (N,) as of each example's time t (B,); None
+        without the time term."""
+        if self.time is None:
+            return None
+        return torch.from_numpy(self.time.buckets(pins[None, :], np.asarray(t)[:, None]))
+
     @property
     def sizes(self) -> dict:
-        return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0}
+        return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0,
+                "interest_features": self.interest_features,
+                "time_fields": self.time.sizes if self.time is not None else []}
+
+    interest_features: bool = False
 
 
-def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None) -> TrainData:
-    """Training's view of the features snapshot: it reads the TRAIN part only (validation picks the
-    model, so nothing of it may reach training examples, histories or statistics)."""
+def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit: bool = False) -> TrainData:
+    """Training's view of the features snapshot. Model selection reads the TRAIN part only
+    (validation picks the model, so nothing of it may reach training examples, histories or
+    statistics); the refit phase (`refit`) reads TRAIN and VALIDATION and has no validation. TEST
+    is never read."""
     split = load_split(ws, cfg.data.split)
-    snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, (Part.TRAIN,))
-    ex = positive_examples(snap.e, cfg.features, parts=(Part.TRAIN,))
+    parts = (Part.TRAIN, Part.VALIDATION) if refit else (Part.TRAIN,)
+    snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, parts)
+    ex = positive_examples(snap.e, cfg.features, parts=parts)
     if len(ex.user) == 0:
         raise EbrError(f"split {split.name!r} has no positive training engagements "
                        f"({', '.join(cfg.features.positive_actions)})")
-    val = eval_spec(snap.e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,),
-                    max_users=cfg.train.val_users, seed=cfg.train.seed)
-    return TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates)
+    val = None if refit else eval_spec(snap.e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,),
+                                       max_users=cfg.train.val_users, seed=cfg.train.seed)
+    interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
+    return TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
+                     snap.time, snap.as_of, interest)
+
+
+def index_vectors(model: TwoTower, d: TrainData, pin_emb: torch.Tensor) -> torch.Tensor:
+    """What an index built at the end of the visible data stores per pin (time term as of then)."""
+    n = pin_emb.shape[0]
+    b = None if d.time is None else torch.from_numpy(d.time.buckets(np.arange(n), d.as_of))
+    return model.index_vectors(pin_emb, b)
 
 
 @torch.no_grad()
@@ -93,14 +119,12 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
     if len(spec.users) == 0:
         return float("nan")
     model.eval()
-    P = model.encode_all_pins(d.pins.cat, d.pins.num, d.pins.emb, d.all_stats())[1]
+    P = index_vectors(model, d, model.encode_all_pins(d.pins.fields(), d.all_stats())[1])
     allowed = torch.from_numpy(d.candidates)  # pins that exist before the validation window
     tops = []
     for lo in range(0, len(spec.users), 512):
         ub = user_batch(spec.users[lo : lo + 512], spec.t[lo : lo + 512], d.hist, d.users, L)
-        u, _ = model.embed_users_and_pins(
-            ub.hist, ub.actions, ub.cat, ub.condition, ub.user, torch.zeros(0, dtype=torch.int64), d.pins.take
-        )
+        u, _ = model.embed_users_and_pins(ub.hist, ub.rest(), torch.zeros(0, dtype=torch.int64), d.pins.take)
         tops.append(topk_masked(u @ P.T, VAL_K, spec.exclude[lo : lo + 512], allowed)[1].numpy())
     model.train()
     return metrics_at_k(np.concatenate(tops), spec.targets, [VAL_K])[f"recall@{VAL_K}"]
@@ -158,6 +182,7 @@ class TrainState:
     pos_in_epoch: int = 0
     step: int = 0
     best: float = -1.0
+    best_step: int = 0  # the step of the best validation recall (the refit trains that many)
     bad_epochs: int = 0
     done: bool = False
 
@@ -180,6 +205,7 @@ class TrainState:
         self.neg_gen.set_state(state["neg_rng"])
         for k in ("epoch", "pos_in_epoch", "step", "best", "bad_epochs", "done"):
             setattr(self, k, state[k])
+        self.best_step = state.get("best_step", 0)
 
     def checkpoint(self, cfg: RunConfig, d: TrainData, full: bool) -> dict:
         """The 'best' checkpoint (model, config, feature state) or, with full, the 'last' one."""
@@ -190,7 +216,8 @@ class TrainState:
             return base
         return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
                 "torch_rng": torch.get_rng_state(), "neg_rng": self.neg_gen.get_state(),
-                "pos_in_epoch": self.pos_in_epoch, "bad_epochs": self.bad_epochs, "done": self.done}
+                "pos_in_epoch": self.pos_in_epoch, "bad_epochs": self.bad_epochs, "done": self.done,
+                "best_step": self.best_step}
 
 
 def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor) -> float:
@@ -209,35 +236,57 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
             neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
     all_pins = pos if negs is None else torch.cat([pos, negs])
     pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
-    u, v = s.model.embed_users_and_pins(ub.hist, ub.actions, ub.cat, ub.condition, ub.user, all_pins, d.pins.take,
+    q, v = s.model.embed_users_and_pins(ub.hist, ub.rest(), all_pins, d.pins.take,
                                         d.pin_stats(all_pins.numpy(), pin_t))
+    extra = None
+    buckets = d.time_buckets(all_pins.numpy(), ex.t[idx])
+    if buckets is not None:  # every pin read as of each row's time; one that does not exist yet is no negative
+        if d.time.has_age:
+            diag = torch.arange(len(idx))
+            own = buckets[diag, diag, 0]
+            buckets[diag, diag, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)  # a positive exists then
+        extra = s.model.time_logits(q, buckets) / cfg.model.temperature
+        if d.time.has_age:
+            extra = extra.masked_fill(buckets[..., 0] == NOT_YET, float("-inf"))
+    u = q[:, : s.model.dim]
     loss = sampled_softmax_logq(u, v[: len(pos)], pos, log_q, cfg.model.temperature, torch.from_numpy(ex.weight[idx]),
-                                v[len(pos):] if negs is not None else None, negs, neg_lq)
+                                v[len(pos):] if negs is not None else None, negs, neg_lq, extra)
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
     s.opt.step()
     return float(loss.detach())
 
 
-def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True) -> float:
-    """Epochs of train_step with validation, early stopping and checkpoints; returns seconds spent."""
+REFIT = "refit"  # the phase after model selection: training + validation, the selected number of steps
+
+
+def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True,
+        phase: str = "select", max_steps: int | None = None) -> float:
+    """Epochs of train_step and checkpoints; returns seconds spent. Phase "select": validation
+    recall per epoch, early stopping, checkpoints best.pt/last.pt. Phase REFIT: no validation,
+    `max_steps` steps, checkpoints refit.pt (at the end) / refit_last.pt."""
     ck = rdir / "checkpoints"
+    select = phase != REFIT
+    last_name = "last.pt" if select else "refit_last.pt"
+    max_steps = cfg.train.max_steps if select else max_steps
     ex, B = d.examples, cfg.train.batch_size
     n = len(ex.user)
     exact_log_q = inclusion_log_prob(np.bincount(ex.pin, minlength=d.sizes["n_pins"]), B)
     fail_at = int(os.environ.get("EBR_FAIL_AT_STEP", "0")) or None
+    if os.environ.get("EBR_FAIL_PHASE", "select") != phase:
+        fail_at = None
     t_start, seen = time.time(), 0
     s.model.train()
     while not s.done and s.epoch < cfg.train.epochs:
         perm = epoch_order(ex, B, cfg.train.seed, s.epoch, cfg.train.time_local_batches)
-        pbar = bar(math.ceil(n / B), f"epoch {s.epoch + 1}/{cfg.train.epochs}", progress,
+        pbar = bar(math.ceil(n / B), f"{'' if select else 'refit '}epoch {s.epoch + 1}/{cfg.train.epochs}", progress,
                    initial=s.pos_in_epoch // B, unit="step")
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
         while s.pos_in_epoch < n:
             idx = perm[s.pos_in_epoch: s.pos_in_epoch + B]
             s.step += 1
             if fail_at is not None and s.step == fail_at:
-                raise InjectedFailure(f"injected failure at step {s.step} (EBR_FAIL_AT_STEP)")
+                raise InjectedFailure(f"injected failure at step {s.step} of {phase} (EBR_FAIL_AT_STEP)")
             loss = train_step(s, d, cfg, idx, exact_log_q)
             s.pos_in_epoch += len(idx)
             seen += len(idx)
@@ -245,31 +294,38 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             loss_n += len(idx)
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", ex_s=f"{seen / (time.time() - t_start):,.0f}")
-            if cfg.train.max_steps and s.step >= cfg.train.max_steps:
+            if max_steps and s.step >= max_steps:
                 s.done = True
                 break
             if s.step % cfg.train.checkpoint_every == 0:
-                _save(ck / "last.pt", s.checkpoint(cfg, d, full=True))
+                _save(ck / last_name, s.checkpoint(cfg, d, full=True))
         pbar.close()
         epoch_done = s.pos_in_epoch >= n
-        recall = validation_recall(s.model, d, cfg.features.history_len)
-        improved = recall > s.best
-        s.best, s.bad_epochs = (recall, 0) if improved else (s.best, s.bad_epochs + 1)
-        rec = {"epoch": s.epoch + 1, "step": s.step, "loss": loss_sum / max(loss_n, 1), f"val_recall@{VAL_K}": recall,
+        rec = {"phase": phase, "epoch": s.epoch + 1, "step": s.step, "loss": loss_sum / max(loss_n, 1),
                "epoch_seconds": round(time.time() - t_epoch, 2),
                "examples_per_s": round(loss_n / max(time.time() - t_epoch, 1e-9), 1)}
+        improved = False
+        if select:
+            recall = validation_recall(s.model, d, cfg.features.history_len)
+            improved = recall > s.best
+            s.best, s.bad_epochs = (recall, 0) if improved else (s.best, s.bad_epochs + 1)
+            s.best_step = s.step if improved else s.best_step
+            rec[f"val_recall@{VAL_K}"] = recall
+            if s.bad_epochs >= cfg.train.patience:
+                s.done = True
         with open(rdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if progress:
-            log.info("epoch %d: loss %.4f  val recall@%d %.4f%s", s.epoch + 1, rec["loss"], VAL_K, recall,
-                     "  (best)" if improved else "")
+            log.info("%sepoch %d: loss %.4f%s", "" if select else "refit ", s.epoch + 1, rec["loss"],
+                     f"  val recall@{VAL_K} {rec[f'val_recall@{VAL_K}']:.4f}{'  (best)' if improved else ''}"
+                     if select else "")
         if improved:
             _save(ck / "best.pt", s.checkpoint(cfg, d, full=False))
         if epoch_done:
             s.epoch, s.pos_in_epoch = s.epoch + 1, 0
-        if s.bad_epochs >= cfg.train.patience:
-            s.done = True
-        _save(ck / "last.pt", s.checkpoint(cfg, d, full=True))
+        if not select and (s.done or s.epoch >= cfg.train.epochs):
+            _save(ck / "refit.pt", {**s.checkpoint(cfg, d, full=False), "refit": True})
+        _save(ck / last_name, s.checkpoint(cfg, d, full=True))
     return time.time() - t_start
 
 
@@ -293,8 +349,11 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     t_prep = time.time()
     d = prepare(ws, cfg, fs)
     prep_s = time.time() - t_prep
-    (rdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ck = rdir / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
     if not resume:
+        for stale in ("refit.pt", "refit_last.pt"):  # a refit of an earlier run of this name
+            (ck / stale).unlink(missing_ok=True)
         (rdir / "config.yaml").write_text(cfg.to_yaml())
         (rdir / "feature_state.json").write_text(json.dumps(d.fs.to_dict()))
         (rdir / "metrics.jsonl").write_text("")
@@ -302,8 +361,28 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     if state is not None:
         s.load(state)
     seconds = fit(s, d, cfg, rdir, progress)
-    summary = {"run": run, "best_val_recall@100": s.best, "steps": s.step, "epochs": s.epoch,
-               "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
-               "train_seconds": round(seconds, 2), "split": d.split_name}
+    summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
+               "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
+               "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt"}
+    if cfg.train.refit and s.best_step > 0:
+        summary.update(_refit(ws, cfg, d.fs, rdir, s.best_step, resume, progress))
     write_json(rdir / "summary.json", summary)
     return summary
+
+
+def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: int, resume: bool,
+           progress: bool) -> dict:
+    """Retrain from scratch on training + validation for the selected number of steps, as a
+    production pipeline does once validation has chosen the budget: the most recent data is then
+    in the model. Bundles serve refit.pt; best.pt (the selected model) is kept."""
+    t0 = time.time()
+    rd = prepare(ws, cfg, fs, refit=True)
+    r = TrainState.fresh(cfg, rd.sizes)
+    last = rdir / "checkpoints" / "refit_last.pt"
+    if resume and last.exists():
+        r.load(load_checkpoint_state(last))
+    if progress:
+        log.info("refit: %d steps on training + validation (%s examples)", steps, f"{len(rd.examples.user):,}")
+    seconds = fit(r, rd, cfg, rdir, progress, phase=REFIT, max_steps=steps)
+    return {"served": "refit.pt", "refit": {"steps": r.step, "examples": len(rd.examples.user),
+                                            "seconds": round(time.time() - t0, 2), "train_seconds": round(seconds, 2)}}

@@ -94,10 +94,13 @@ def sampled_softmax_logq(
     neg: torch.Tensor | None = None,
     neg_ids: torch.Tensor | None = None,
     neg_log_q: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """user (B, D), item (B, D) positives, item_ids (B,), log_q (B,) or None (no correction);
-    optional extra negatives neg (N, D) with ids (N,) and log q (N,) (mixed negative sampling).
-    Returns the scalar loss."""
+    optional extra negatives neg (N, D) with ids (N,) and log q (N,) (mixed negative sampling);
+    optional `extra` (B, B + N) logits added to every (row, column) pair before the correction
+    (the pin-age term; -inf removes a column from a row: a pin that does not exist yet at the
+    row's time is no negative). Returns the scalar loss."""
     B = user.shape[0]
     logits = user @ item.T / temperature
     ids = item_ids
@@ -109,6 +112,8 @@ def sampled_softmax_logq(
             nl = nl - neg_log_q[None, :]
         logits = torch.cat([logits, nl], dim=1)
         ids = torch.cat([item_ids, neg_ids])
+    if extra is not None:
+        logits = logits + extra
     hit = item_ids[:, None] == ids[None, :]
     hit[:, :B].fill_diagonal_(False)  # the row's own positive stays
     logits = logits.masked_fill(hit, float("-inf"))

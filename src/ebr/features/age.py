@@ -1,0 +1,94 @@
+"""The model's time term: a pin's age as of a time, in log-spaced buckets (half an octave of hours
+each), with its recent engagement counts (features/pinstats.py DailyCounts) in `TimeFields`.
+
+A pin's creation time is `pins.created_at` where the source has one (the synthetic world's birth
+time, MovieLens' release date); otherwise its first engagement among the *visible* engagements of
+the stage (training: the training part; a bundle: what it may read), so a first engagement in the
+validation or test window never reaches the features. Sources without timestamps have no age.
+
+Age is read as of the time of each example in training (for the positive and for every in-batch
+negative alike: an example at t scores every candidate pin by its age at t) and as of the bundle's
+time at index build. Buckets: UNKNOWN (no creation time), NOT_YET (created after t: the pin does not
+exist yet, so it is no candidate and no negative), then 2 + floor(2 log2(1 + age in hours)), capped:
+bucket edges at 0.4, 1, 1.8, 3, 4.7, 7, 10, 15, 22, 31 ... hours, the last bucket from about a year.
+A bundle's ages go stale as time passes: a pin 10 hours old changes bucket within about 4 hours, one
+a week old within about 2.5 days, so a bundle serving fresh pins is rebuilt at least daily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ebr.data.tables import connect
+from ebr.features.pinstats import N_COUNT_BUCKETS, DailyCounts
+from ebr.features.state import FIRST_ID, FeatureState
+from ebr.workspace import Workspace
+
+N_AGE_BUCKETS = 30
+UNKNOWN, NOT_YET = 0, 1
+NO_TIME = np.iinfo(np.int64).min  # created time of a pin whose age is unknown
+HOUR_US = 3600 * 10**6
+
+
+def table_created(ws: Workspace, fs: FeatureState) -> np.ndarray:
+    """(P,) int64 microseconds of pins.created_at per pin code (NO_TIME where null or absent)."""
+    out = np.full(len(fs.pins), NO_TIME, dtype=np.int64)
+    con = connect(ws)
+    if "created_at" not in [r[0] for r in con.execute("DESCRIBE pins").fetchall()]:
+        return out  # tables imported before the column existed
+    t = con.sql("SELECT pin_id, epoch_us(created_at) AS c FROM pins WHERE created_at IS NOT NULL").to_arrow_table()
+    out[fs.pins.encode(t["pin_id"])] = t["c"].to_numpy(zero_copy_only=False).astype(np.int64)
+    return out
+
+
+def created_times(table: np.ndarray, pin: np.ndarray, t: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """(P,) creation time per pin code: the table's, else the first visible engagement's (any action);
+    `pin`, `t`, `visible` are the engagements' pin codes, times and visibility."""
+    first = np.full(len(table), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, pin[visible], t[visible])
+    out = np.where(table != NO_TIME, table, np.where(first < np.iinfo(np.int64).max, first, NO_TIME))
+    out[:FIRST_ID] = NO_TIME  # padding / out-of-vocabulary rows
+    return out
+
+
+def age_buckets(created: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Bucket of each pin's age at each time; `created` and `t` broadcast (e.g. (1, N) against (B, 1)
+    for every pin of a batch as of every example's time)."""
+    created, t = np.broadcast_arrays(np.asarray(created, dtype=np.int64), np.asarray(t, dtype=np.int64))
+    known = created != NO_TIME
+    age_h = np.maximum(t - np.where(known, created, t), 0) / HOUR_US
+    b = 2 + np.minimum(np.floor(2 * np.log2(1 + age_h)), N_AGE_BUCKETS - 3).astype(np.int64)
+    b = np.where(t < created, NOT_YET, b)
+    return np.where(known, b, UNKNOWN)
+
+
+@dataclass
+class TimeFields:
+    """The fields of the model's time term, each a bucket read as of a time: the pin's age (when
+    `created` is given) and its engagement counts per window (when `counts` is)."""
+
+    created: np.ndarray | None  # (P,) creation times (created_times)
+    counts: DailyCounts | None
+
+    @property
+    def sizes(self) -> list[int]:
+        """Bucket count per field, in the order of `buckets`' last axis."""
+        return ([N_AGE_BUCKETS] if self.created is not None else []) + (
+            [N_COUNT_BUCKETS] * len(self.counts.windows) if self.counts is not None else [])
+
+    @property
+    def has_age(self) -> bool:
+        return self.created is not None
+
+    def buckets(self, pins: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """pins and times broadcast together (shape S) -> (S..., fields) int64; with the age field,
+        field 0 is NOT_YET where the pin does not exist yet at t."""
+        pins, t = np.broadcast_arrays(np.asarray(pins), np.asarray(t, dtype=np.int64))
+        out = []
+        if self.created is not None:
+            out.append(age_buckets(self.created[pins], t)[..., None])
+        if self.counts is not None:
+            out.append(self.counts.buckets(pins, t))
+        return np.concatenate(out, axis=-1)

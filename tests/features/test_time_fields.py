@@ -1,0 +1,86 @@
+"""The time term's fields (pin age, recent engagement counts): read as of a time, hand-checked, and
+the same values in training and in the bundle for the same time."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ebr.config import RunConfig
+from ebr.features.age import HOUR_US, NO_TIME, NOT_YET, UNKNOWN, age_buckets, created_times
+from ebr.features.examples import Engagements
+from ebr.features.pinstats import DAY_US, DailyCounts
+from ebr.features.state import ACTION_CODE
+from ebr.index.bundle import build_bundle, load_checkpoint, served_checkpoint
+from ebr.serve.retriever import Retriever
+from ebr.train.loop import prepare, train
+
+
+def test_age_buckets_by_hand():
+    """Buckets 2 + floor(2 log2(1 + hours)); a pin created after t is NOT_YET, one without a creation
+    time UNKNOWN. Mutations caught: age computed as created - t (sign), NOT_YET or UNKNOWN dropped,
+    octaves instead of half octaves."""
+    created = np.array([0, 0, 0, 0, 10 * HOUR_US, NO_TIME])
+    t = np.array([0, 1, 3, 15, 0, 5]) * HOUR_US
+    assert age_buckets(created, t).tolist() == [2, 4, 6, 10, NOT_YET, UNKNOWN]
+    # broadcasting: every pin as of every time (training reads a batch this way)
+    assert age_buckets(created[None, :2], t[:2, None]).tolist() == [[2, 2], [4, 4]]
+
+
+def test_creation_time_falls_back_to_the_first_visible_engagement():
+    """The table's creation time wins; without one, the first *visible* engagement. Mutation caught:
+    taking the first engagement over every part (a test-window first engagement would leak)."""
+    table = np.array([NO_TIME, NO_TIME, 50, NO_TIME, NO_TIME])
+    pin = np.array([2, 3, 3, 4, 4])
+    t = np.array([7, 9, 8, 100, 3])
+    visible = np.array([True, True, True, True, False])
+    assert created_times(table, pin, t, visible).tolist() == [NO_TIME, NO_TIME, 50, 8, 100]
+
+
+def _events(days_pins: list[tuple[float, int]]) -> Engagements:
+    day = np.array([d for d, _ in days_pins])
+    n = len(day)
+    return Engagements(user=np.zeros(n, dtype=np.int64), pin=np.array([p for _, p in days_pins]),
+                       t=(day * DAY_US).astype(np.int64), action=np.full(n, ACTION_CODE["click"]),
+                       weight=np.ones(n, dtype=np.float32), part=np.zeros(n, dtype=np.int8))
+
+
+def test_daily_counts_read_whole_days_before_t():
+    """Counts over the w whole days before t's day, per group. Mutations caught: counting t's own day
+    (an event earlier the same day, or at t itself, would reach the example), an off-by-one window,
+    counting per pin instead of per group, counting invisible events."""
+    e = _events([(10.2, 2), (10.9, 3), (12.5, 2), (13.1, 2), (13.5, 4), (13.6, 2)])
+    group = np.array([0, 1, 2, 2, 4])  # pins 2 and 3 share a (coarse signature) group
+    visible = np.array([True, True, True, True, True, False])
+    c = DailyCounts.build(e, group, visible, [1, 3])
+    at = lambda pin, day: c.at(np.array([pin]), np.array([int(day * DAY_US)]))[0].tolist()  # noqa: E731
+    assert at(2, 13.9) == [1, 3]  # days 10..12: two events of pin 2 and one of pin 3 (same group)
+    assert at(3, 13.9) == [1, 3]
+    assert at(2, 13.0) == [1, 3]  # the start of day 13: the same
+    assert at(2, 12.99) == [0, 2]  # day 12's own event is not counted on day 12
+    assert at(2, 14.0) == [1, 2]  # day 13: one visible event of the group; day 10 left the 3-day window
+    assert at(4, 14.0) == [1, 1]
+    assert at(2, 9.0) == [0, 0] and at(2, 400.0) == [0, 0]
+
+
+def test_training_and_the_bundle_read_the_same_time_term(tiny_ws):
+    """For the same time (the bundle's as-of), the refit's features and the bundle's stored vectors
+    agree: the bundle stores [v, sum of the time embeddings of the buckets training reads].
+    Mutations caught: the bundle reading the time term as of another time, from another
+    granularity or from other visible parts than the refit's."""
+    cfg = RunConfig.load(None, {"train.max_steps": 4, "train.epochs": 1, "model.hidden": [16]})
+    train(tiny_ws, cfg, run="tt", progress=False)
+    bundle = build_bundle(tiny_ws, "tt")
+    r = Retriever(bundle)
+    rd = prepare(tiny_ws, cfg, refit=True)
+    as_of = r.manifest["time_term"]["as_of_us"]
+    assert as_of == rd.as_of and rd.time is not None and rd.time.counts is not None and rd.time.has_age
+    P = len(r.pin_ids)
+    b = rd.time_buckets(np.arange(P), np.array([as_of]))[0]  # (P, F) as training reads them at as_of
+    assert len(np.unique(b[:, 0].numpy())) > 3 and b[:, 1:].max() > 0, "ages and counts vary"
+    model, _ = load_checkpoint(served_checkpoint(tiny_ws, "tt"))
+    with torch.no_grad():
+        want = sum(e(b[:, f]) for f, e in enumerate(model.time))
+    got = r.pin_emb[:, model.dim:]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got.abs().sum() > 0, "the time embeddings were trained"
