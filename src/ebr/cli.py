@@ -198,6 +198,25 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_tune(a) -> int:
+    from ebr.config import RunConfig
+    from ebr.train.tune import load_space, tune
+
+    if a.trials < 1:
+        from ebr.errors import EbrError
+
+        raise EbrError(f"--trials must be at least 1 (got {a.trials})")
+    cfg = RunConfig.load(a.config, _overrides(a))
+    out = tune(Workspace.at(a.workspace), cfg, a.trials, name=a.name, space=load_space(a.space), seed=a.seed or 0)
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"study {out['study']}: best validation recall@100 {out['best_value']:.4f} (trial {out['best_trial']}, "
+              f"{len(out['trials'])} trials in {out['storage']})")
+        print(f"best config: {out['best_config']}  ->  ebr train --config {out['best_config']}")
+    return 0
+
+
 def cmd_index_build(a) -> int:
     from ebr.index.bundle import build_bundle
 
@@ -503,6 +522,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+
+    p = _add(
+        stages,
+        "tune",
+        "search hyperparameters on validation recall (Optuna)",
+        """\
+        Hyperparameter search with Optuna: a TPE sampler proposes settings, each trial trains
+        (selection phase only, no refit) and reports its validation recall@100 after every epoch;
+        trials below the median of earlier ones at the same epoch are pruned. Only validation is
+        read, never test. The study is stored in WORKSPACE/tune/NAME/study.db (SQLite): running
+        the command again adds trials. The best trial's full config is written to
+        WORKSPACE/tune/NAME/best.yaml.
+
+        Default space: lr, temperature, output dim, dropout, weight decay, history length,
+        crossing (mlp/masknet/dhen), pin-ID embeddings on/off, logQ on/off. --space FILE takes a
+        YAML mapping, e.g.  train.lr: {type: float, low: 1.0e-4, high: 5.0e-3, log: true}
+
+        examples:
+          ebr tune --trials 20
+          ebr tune --trials 10 --name small --space space.yaml --set train.epochs=4
+          ebr train --config workspace/tune/main/best.yaml
+        """,
+        cmd_tune,
+    )
+    p.add_argument("--trials", type=int, default=20, help="trials to add to the study (default 20)")
+    p.add_argument("--name", default="main", help="study name (WORKSPACE/tune/NAME)")
+    p.add_argument("--space", help="YAML search space (default: the built-in one)")
+    p.add_argument("--config", help="base YAML run config the trials start from")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config field")
+    p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
+    p.add_argument("--seed", type=int, help="sampler seed and train.seed of the trials")
+    p.add_argument("--json", action="store_true", help="print the study summary as JSON")
 
     idx = stages.add_parser(
         "index",

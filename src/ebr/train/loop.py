@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,11 +164,13 @@ def _ignored_settings(given: RunConfig, saved: RunConfig) -> list[str]:
     ]
 
 
-def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False, progress: bool = True) -> dict:
+def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False, progress: bool = True,
+          on_epoch: Callable[[int, float], None] | None = None) -> dict:
     """Train a two-tower model; returns the summary (best validation recall, steps, timings). The run
-    folder is locked while training: a second `ebr train --run` of it is refused."""
+    folder is locked while training: a second `ebr train --run` of it is refused. `on_epoch(epoch,
+    validation recall)` is called after each selection epoch (`ebr tune` prunes trials there)."""
     with folder_lock(ws.run_dir(run), f"run {run!r}"):
-        return _train(ws, cfg, run, resume, progress)
+        return _train(ws, cfg, run, resume, progress, on_epoch)
 
 
 @dataclass
@@ -261,7 +264,8 @@ REFIT = "refit"  # the phase after model selection: training + validation, the s
 
 
 def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True,
-        phase: str = "select", max_steps: int | None = None) -> float:
+        phase: str = "select", max_steps: int | None = None,
+        on_epoch: Callable[[int, float], None] | None = None) -> float:
     """Epochs of train_step and checkpoints; returns seconds spent. Phase "select": validation
     recall per epoch, early stopping, checkpoints best.pt/last.pt. Phase REFIT: no validation,
     `max_steps` steps, checkpoints refit.pt (at the end) / refit_last.pt."""
@@ -321,6 +325,8 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
                      if select else "")
         if improved:
             _save(ck / "best.pt", s.checkpoint(cfg, d, full=False))
+        if select and on_epoch is not None:
+            on_epoch(s.epoch + 1, rec[f"val_recall@{VAL_K}"])
         if epoch_done:
             s.epoch, s.pos_in_epoch = s.epoch + 1, 0
         if not select and (s.done or s.epoch >= cfg.train.epochs):
@@ -329,7 +335,8 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
     return time.time() - t_start
 
 
-def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool) -> dict:
+def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool,
+           on_epoch: Callable[[int, float], None] | None = None) -> dict:
     rdir = ws.run_dir(run)
     last_path = rdir / "checkpoints" / "last.pt"
     state, fs = None, None
@@ -360,7 +367,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     s = TrainState.fresh(cfg, d.sizes)
     if state is not None:
         s.load(state)
-    seconds = fit(s, d, cfg, rdir, progress)
+    seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
     summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt"}
