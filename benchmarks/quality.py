@@ -9,8 +9,9 @@
 variant (its results file and its cached runs). Spreads are sample std (ddof 1).
 
 Datasets: synth_small (the synthetic world, seed 0), ml100k (../shared/data/ml-100k, temporal
-split), ml100k_llo (the same, leave-last-out: about 940 users instead of about 100), and any
-adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
+split), ml100k_llo (the same, leave-last-out: about 940 users instead of about 100), ml100k_ids
+(the same ratings as an ids-only dataset: no features, no timestamps, each user's last 20% as the
+given test split) and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
 Resumable: a finished (dataset, seed) keeps its eval JSON under --root and is not rerun.
 """
 
@@ -36,6 +37,26 @@ ML100K = Path(os.environ.get("EBR_ML100K", Path(__file__).resolve().parents[2] /
 METRICS = ("recall@20", "recall@50", "recall@100", "recall@500", "ndcg@100", "hr@100")
 
 
+def ids_only_ml100k(folder: Path, test_share: float = 0.2) -> tuple[Path, Path]:
+    """ML-100K with every feature and timestamp dropped: adjacency files (`user item item ...`),
+    each user's ratings in time order, the last 20% of them (at least one) in the test file. The
+    given protocol then reads it like any ids-only dataset (no time term, no features)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = sorted((int(u), int(ts), int(i)) for u, i, _, ts in
+                  (ln.split("\t") for ln in (ML100K / "u.data").read_text().splitlines() if ln.strip()))
+    by_user: dict[int, list[int]] = {}
+    for u, _, i in rows:
+        by_user.setdefault(u, []).append(i)
+    train, test = [], []
+    for u, items in by_user.items():
+        n_test = max(1, round(len(items) * test_share))
+        train.append(" ".join(map(str, [u, *items[:-n_test]])))
+        test.append(" ".join(map(str, [u, *items[-n_test:]])))
+    (folder / "train.txt").write_text("\n".join(train) + "\n")
+    (folder / "test.txt").write_text("\n".join(test) + "\n")
+    return folder / "train.txt", folder / "test.txt"
+
+
 def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Workspace:
     ws = Workspace.at(root / name)
     if ws.has_table("engagements"):
@@ -51,6 +72,11 @@ def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Wor
         import_movielens(ws, ML100K)
         if name == "ml100k_llo":
             make_leave_last_out(ws, "leave_last_out")
+    elif name == "ml100k_ids":
+        from ebr.data.importers import import_adjacency
+
+        tr, te = ids_only_ml100k(root / "ml100k_ids_files")
+        import_adjacency(ws, tr, te)
     elif name in adjacency:
         from ebr.data.importers import import_adjacency
 
@@ -71,6 +97,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value)")
     ap.add_argument("--name", default="quality", help="variant name: results/NAME.json")
     ap.add_argument("--root", default="/tmp/ebr-bench-quality")
+    ap.add_argument("--no-write", action="store_true", help="leave benchmarks/results alone (ablation variants)")
     a = ap.parse_args()
     import yaml
 
@@ -112,8 +139,10 @@ def main() -> None:
                          + " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS) + " |")
     md = "\n".join(lines)
     print(md)
-    write(a.name, {"table": table, "markdown": md, "seeds": a.seeds, "epochs": a.epochs, "config": a.config,
-                   "set": sets})
+    (root / f"{a.name}-table.json").write_text(json.dumps(table))
+    if not a.no_write:
+        write(a.name, {"table": table, "markdown": md, "seeds": a.seeds, "epochs": a.epochs, "config": a.config,
+                       "set": sets})
 
 
 if __name__ == "__main__":
