@@ -45,3 +45,36 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_ws):
 
     with pytest.raises(EbrError, match="no checkpoint"):
         train(tiny_ws, RunConfig(), run="never-started", resume=True, progress=False)
+
+
+def test_refit_trains_the_selected_steps_on_validation_too_and_resumes(tiny_ws, monkeypatch, single_thread):
+    """The refit trains from scratch on training + validation for the selected number of steps, the
+    bundle serves it, best.pt stays, and a refit killed mid-way resumes bit for bit. Mutations
+    caught: a refit on the training part only (same example count), a refit of another length
+    than the selected step, bundles still built from best.pt, a refit that is not resumable."""
+    from ebr.index.bundle import build_bundle, served_checkpoint
+    from ebr.workspace import read_json
+
+    cfg = RunConfig.load(None, {**CFG, "train.patience": 1, "train.epochs": 3})
+    s = train(tiny_ws, cfg, run="r-straight", progress=False)
+    ck = tiny_ws.run_dir("r-straight") / "checkpoints"
+    assert s["served"] == "refit.pt" and (ck / "best.pt").exists() and (ck / "refit.pt").exists()
+    assert s["refit"]["steps"] == s["selected_step"] > 0
+    assert s["refit"]["examples"] > s["train_examples"], "the refit adds the validation part"
+    refit = torch.load(ck / "refit.pt", weights_only=True)
+    assert refit["refit"] and refit["step"] == s["selected_step"]
+    man = read_json(build_bundle(tiny_ws, "r-straight") / "manifest.json")
+    assert man["checkpoint"]["refit"] and man["checkpoint"]["path"].endswith("refit.pt")
+    monkeypatch.setenv("EBR_FAIL_AT_STEP", "7")
+    monkeypatch.setenv("EBR_FAIL_PHASE", "refit")
+    with pytest.raises(InjectedFailure):
+        train(tiny_ws, cfg, run="r-crashed", progress=False)
+    monkeypatch.delenv("EBR_FAIL_AT_STEP")
+    train(tiny_ws, cfg, run="r-crashed", resume=True, progress=False)
+    b = torch.load(tiny_ws.run_dir("r-crashed") / "checkpoints" / "refit.pt", weights_only=True)
+    for k in refit["model"]:
+        assert torch.equal(refit["model"][k], b["model"][k]), k
+    # --no-refit serves the selected model
+    s2 = train(tiny_ws, RunConfig.load(None, {**CFG, "train.refit": False}), run="r-straight", progress=False)
+    assert s2["served"] == "best.pt" and not (ck / "refit.pt").exists()
+    assert served_checkpoint(tiny_ws, "r-straight").name == "best.pt"

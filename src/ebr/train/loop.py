@@ -63,6 +63,7 @@ class TrainData:
     candidates: np.ndarray  # (n_pins,) bool: pins that exist at the end of the visible data
     time: TimeFields | None  # the time term's fields from the visible data (None: no time term)
     as_of: int  # time of the last visible engagement
+    interest_features: bool = False  # pins and users carry interests the model embeds
 
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
@@ -84,8 +85,6 @@ class TrainData:
         return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0,
                 "interest_features": self.interest_features,
                 "time_fields": self.time.sizes if self.time is not None else []}
-
-    interest_features: bool = False
 
 
 def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit: bool = False) -> TrainData:
