@@ -4,8 +4,9 @@ off; 3 seeds each, through benchmarks/quality.py (same harness, same caching).
 
     python benchmarks/ablation.py [--datasets ml100k,ml100k_llo] [--seeds 0,1,2]
                                   [--variants default,no_interests,...] [--root /tmp/ebr-bench-quality]
+                                  [--name ablation]
 
-Writes benchmarks/results/ablation.json with a markdown table of recall@50/100 (mean ± sample std).
+Writes benchmarks/results/NAME.json with a markdown table of recall@50/100 (mean ± sample std).
 The default variant is the quality table's own runs (`--name quality`), so nothing is trained twice.
 """
 
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--root", default="/tmp/ebr-bench-quality")
+    ap.add_argument("--name", default="ablation", help="results/NAME.json")
     a = ap.parse_args()
     table: dict[str, dict] = {}
     for v in a.variants.split(","):
@@ -57,7 +59,7 @@ def main() -> None:
                          + " |")
     md = "\n".join(lines)
     print(md)
-    write("ablation", {"variants": {v: VARIANTS[v] for v in table}, "table": {
+    write(a.name, {"variants": {v: VARIANTS[v] for v in table}, "table": {
         v: {ds: t[ds]["models"]["two_tower"] for ds in a.datasets.split(",")} for v, t in table.items()},
         "markdown": md, "seeds": a.seeds})
 

@@ -84,3 +84,18 @@ def test_training_and_the_bundle_read_the_same_time_term(tiny_ws):
     got = r.pin_emb[:, model.dim:]
     assert torch.allclose(got, want, atol=1e-6)
     assert got.abs().sum() > 0, "the time embeddings were trained"
+
+
+def test_a_first_engagement_does_not_date_its_own_example():
+    """Without pins.created_at a pin exists from its first engagement: at that engagement's own
+    time (the positive) and before it (a negative) its age is UNKNOWN, the same for both, and it
+    is not removed from the negatives; a pin with a table creation time is NOT_YET before it.
+    Mutation caught: the positive's own first engagement giving it age 0 (bucket 2), a value that
+    negatives hardly ever have, so the feature would mark the positive."""
+    from ebr.features.age import TimeFields
+
+    created = np.array([NO_TIME, NO_TIME, 5 * HOUR_US, 5 * HOUR_US])  # pins 2, 3: first engaged at 5 h
+    tf = TimeFields(created, None, from_table=np.array([False, False, True, False]))
+    t = np.array([5, 4, 6]) * HOUR_US
+    got = tf.buckets(np.array([[2, 3]]), t[:, None])[..., 0]
+    assert got.tolist() == [[2, UNKNOWN], [NOT_YET, UNKNOWN], [4, 4]]

@@ -71,6 +71,7 @@ class TimeFields:
 
     created: np.ndarray | None  # (P,) creation times (created_times)
     counts: DailyCounts | None
+    from_table: np.ndarray | None = None  # (P,) bool: created is pins.created_at (else a first engagement)
 
     @property
     def sizes(self) -> list[int]:
@@ -84,11 +85,19 @@ class TimeFields:
 
     def buckets(self, pins: np.ndarray, t: np.ndarray) -> np.ndarray:
         """pins and times broadcast together (shape S) -> (S..., fields) int64; with the age field,
-        field 0 is NOT_YET where the pin does not exist yet at t."""
+        field 0 is NOT_YET where a pin with a creation time (pins.created_at) is created after t.
+
+        A pin whose creation time is its first engagement is UNKNOWN until an engagement strictly
+        before t exists, for positives and negatives alike: otherwise the positive's own (first)
+        engagement would give it age 0, a value in-batch negatives hardly ever have, and the age
+        would mark the positive instead of describing the pin."""
         pins, t = np.broadcast_arrays(np.asarray(pins), np.asarray(t, dtype=np.int64))
         out = []
         if self.created is not None:
-            out.append(age_buckets(self.created[pins], t)[..., None])
+            b = age_buckets(self.created[pins], t)
+            if self.from_table is not None:
+                b = np.where(~self.from_table[pins] & (self.created[pins] >= t), UNKNOWN, b)
+            out.append(b[..., None])
         if self.counts is not None:
             out.append(self.counts.buckets(pins, t))
         return np.concatenate(out, axis=-1)

@@ -68,7 +68,7 @@ def build_snapshot(ws: Workspace, fs: FeatureState, split: Split, features: Feat
         created = created_times(table, e.pin, e.t, visible) if features.pin_age else None
         counts = (DailyCounts.build(e, group_codes(ws, fs, features.stats_granularity), visible,
                                     features.count_windows_days) if features.pin_counts else None)
-        time = TimeFields(created, counts) if (created is not None or counts is not None) else None
+        time = TimeFields(created, counts, table != NO_TIME) if (created is not None or counts is not None) else None
     K = features.max_interests
     return Snapshot(fs, split, e, visible, PinInputs.from_arrays(parr, K), parr.interests, user_arrays(ws, fs, K),
                     Histories.build(e, len(fs.users), visible=visible), stats, candidates, time, as_of)
