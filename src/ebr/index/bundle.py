@@ -123,7 +123,7 @@ def index_recall(index: AnnIndex, ub, model: TwoTower, item_repr: np.ndarray, pi
 
 def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, backend: str = "exact",
                  corpus: str | None = None, recall_sample: int = 500) -> Path:
-    """Build a bundle from the run's best checkpoint, with user state as of the split's cut
+    """Build a bundle from the run's served checkpoint (refit, else best), with user state as of the split's cut
     (the end of its training parts), or as of the latest data when split is 'latest'."""
     t0 = time.time()
     ck_path = served_checkpoint(ws, run)
