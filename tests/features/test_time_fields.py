@@ -99,3 +99,40 @@ def test_a_first_engagement_does_not_date_its_own_example():
     t = np.array([5, 4, 6]) * HOUR_US
     got = tf.buckets(np.array([[2, 3]]), t[:, None])[..., 0]
     assert got.tolist() == [[2, UNKNOWN], [NOT_YET, UNKNOWN], [4, 4]]
+
+
+def test_training_reads_every_batch_pin_as_of_each_examples_time(tiny_ws, monkeypatch):
+    """In a training step the time-term buckets are read for every pin of the batch as of each
+    row's own example time, and a pin created after a row's time is no negative of that row (-inf).
+    Mutations caught: buckets read at one time for the whole batch (e.g. the end of the data), or
+    at each pin's own engagement time; the NOT_YET mask dropped."""
+    from ebr.train import loop
+    from ebr.train.loop import TrainData
+
+    seen: dict[str, list] = {"buckets": [], "extra": []}
+    real_tb, real_loss = TrainData.time_buckets, loop.sampled_softmax_logq
+
+    def tb(self, pins, t):
+        out = real_tb(self, pins, t)
+        seen["buckets"].append((np.asarray(pins).copy(), np.asarray(t).copy(), out.clone(), self))
+        return out
+
+    def loss(*args, **kw):
+        seen["extra"].append(args[9] if len(args) > 9 else kw.get("extra"))
+        return real_loss(*args, **kw)
+
+    monkeypatch.setattr(TrainData, "time_buckets", tb)
+    monkeypatch.setattr(loop, "sampled_softmax_logq", loss)
+    cfg = RunConfig.load(None, {"train.max_steps": 2, "train.epochs": 1, "model.hidden": [16], "train.refit": False,
+                                "train.batch_size": 256})
+    train(tiny_ws, cfg, run="tt-rows", progress=False)
+    pins, t, buckets, d = seen["buckets"][0]
+    ex = set(zip(d.examples.pin.tolist(), d.examples.t.tolist()))
+    assert all((p, x) in ex for p, x in zip(pins.tolist(), t.tolist())), "row b is read at example b's time"
+    assert len(np.unique(t)) > 10
+    want = torch.from_numpy(d.time.buckets(pins[None, :], t[:, None]))
+    off = ~torch.eye(len(pins), dtype=torch.bool)
+    assert torch.equal(buckets[off], want[off])
+    not_yet = (want[..., 0] == NOT_YET) & off
+    assert not_yet.any(), "some pins of the batch are not created yet at some rows' times"
+    assert torch.isinf(seen["extra"][0][not_yet]).all() and torch.isfinite(seen["extra"][0][~not_yet]).all()
