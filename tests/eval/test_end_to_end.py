@@ -168,3 +168,19 @@ def test_eval_of_a_served_ann_bundle_and_leak_refusal(trained, capsys):
         evaluate(trained, "e2e", peers=(), progress=False, bundle=latest)
     assert main(["eval", "--workspace", str(trained.root), "--run", "e2e", "--bundle", str(latest), "--peers", ""]) == 2
     assert "can see split" in capsys.readouterr().err
+
+
+def test_followed_interests_need_a_tower_that_reads_them(tiny_ws):
+    """A model trained without interest features ignores followed interests: a new user who only
+    follows interests gets the popular list, not a tower embedding of nothing. Mutation caught:
+    the Retriever applying a request's (or the stored) followed interests whatever the tower reads."""
+    from ebr.config import RunConfig
+    from ebr.train.loop import train
+
+    cfg = RunConfig.load(None, {"train.max_steps": 2, "train.epochs": 1, "model.hidden": [16], "train.refit": False,
+                                "features.interest_features": False})
+    train(tiny_ws, cfg, run="no-interests", progress=False)
+    r = Retriever(build_bundle(tiny_ws, "no-interests"))
+    assert r.manifest["user_tower"]["followed_interests"] is False and not r.followed.any()
+    res = r.retrieve("somebody-new", 10, followed=r.fs.interests.ids[:2])
+    assert res.cold_start and res.sources == ["popular"] * 10

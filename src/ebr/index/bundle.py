@@ -203,7 +203,9 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             hist=ub.hist.numpy().astype(np.int32),
             actions=ub.actions.numpy().astype(np.int8),
             cat=ua.cat.astype(np.int32),
-            followed=ua.followed_pad.astype(np.int32),
+            # followed interests only where the tower reads them (else a no-history user is not "featured")
+            followed=(ua.followed_pad if model.user.followed is not None else np.zeros_like(ua.followed_pad))
+            .astype(np.int32),
             engaged_ptr=ptr.astype(np.int64),
             engaged=ep.astype(np.int32),
         )
@@ -216,7 +218,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             "as_of_us": as_of,
             "history_len": L,
             "embedding_dim": int(pin_emb.shape[1]),
-            "user_tower": {"file": "user_tower.pt2", "model_version": model_version},
+            "user_tower": {"file": "user_tower.pt2", "model_version": model_version,
+                           "followed_interests": model.user.followed is not None},
             "index": {
                 "file": "index.faiss",
                 "backend": backend,

@@ -234,7 +234,7 @@ class Retriever:
         hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
         if not known:
             cat[:] = OOV
-        if followed is not None:
+        if followed is not None and self.manifest["user_tower"].get("followed_interests", False):
             codes = self.fs.interests.encode(list(followed))
             codes = codes[codes >= FIRST_ID][: len(fol)]  # unknown interests are dropped
             fol[:] = PAD

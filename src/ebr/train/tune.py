@@ -15,7 +15,6 @@ A search space is a YAML mapping of dotted config fields to distributions:
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,9 +103,14 @@ def tune(ws: Workspace, base: RunConfig, trials: int, name: str = "main", space:
         return float(summary["best_val_recall@100"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{folder / 'study.db'}"
+    try:  # a resumed study's sampler seed moves on, so its random start-up trials are new ones
+        done = len(optuna.load_study(study_name=name, storage=storage).trials)
+    except KeyError:
+        done = 0
     study = optuna.create_study(
-        study_name=name, storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed + len(_done(folder))),
+        study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed + done),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
     study.optimize(objective, n_trials=trials, catch=())
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -123,11 +127,6 @@ def tune(ws: Workspace, base: RunConfig, trials: int, name: str = "main", space:
     }
     write_json(folder / "summary.json", out)
     return out
-
-
-def _done(folder: Path) -> list:
-    p = folder / "summary.json"
-    return json.loads(p.read_text())["trials"] if p.exists() else []
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
