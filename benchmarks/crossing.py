@@ -6,6 +6,8 @@ budget, on the synthetic world and ML-100K (temporal), 3 seeds, a fixed step bud
 
 Reports Recall@50/100 (mean ± std over seeds), training examples/s, crossing parameter counts and
 the latency of one user-tower request (exported tower, batch 1, median of 200 calls).
+No refit (the blocks are compared at the same step budget on the training part; a refit would
+double the time and change nothing between them).
 Resumable: each finished (dataset, budget, crossing, seed) keeps its JSON under --root.
 """
 
@@ -90,7 +92,7 @@ def main() -> None:
                         run = f"{budget}-{kind}-{seed}"
                         cfg = RunConfig.load(None, {**overrides(kind, budget), "train.seed": seed,
                                                     "train.max_steps": a.steps, "train.epochs": 1000,
-                                                    "train.patience": 1000})
+                                                    "train.patience": 1000, "train.refit": False})
                         s = train(ws, cfg, run=run, progress=False)
                         res = evaluate(ws, run, peers=(), progress=False)
                         r = Retriever(find_bundle(ws, run, res["split"]))

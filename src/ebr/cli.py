@@ -266,14 +266,17 @@ def cmd_retrieve(a) -> int:
         users = [u.strip() for u in Path(a.users).read_text().splitlines() if u.strip()]
     except OSError as e:
         raise EbrError(f"--users {Path(a.users).name}: cannot read it ({e.strerror})") from None
+    mode = ("multi" if "multi" in r.manifest["modes"] else "single") if a.mode == "auto" else a.mode
+    if mode not in r.manifest["modes"]:
+        raise EbrError(f"--mode {a.mode}: bundle {r.version} serves {', '.join(r.manifest['modes'])} (and auto)")
     out = {
         u: {
             "items": [{"pin_id": p, "score": sc, "source": src} for p, sc, src in zip(x.pin_ids, x.scores, x.sources)],
             "cold_start": x.cold_start,
         }
-        for u, x in zip(users, r.retrieve_batch(users, a.k))
+        for u, x in zip(users, r.retrieve_batch(users, a.k, mode))
     }
-    write_json(Path(a.json), {"version": r.version, "k": a.k, "users": out})
+    write_json(Path(a.json), {"version": r.version, "k": a.k, "mode": mode, "users": out})
     log.info("%s users -> %s", f"{len(users):,}", a.json)
     return 0
 
@@ -616,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
         "batch retrieval through a bundle",
         """\
         Offline candidate generation: k pins per user through the bundle's Retriever (the same code
-        the service runs). Users without history get the cold-start path (popular pins).
+        the service runs). Users without history get the cold-start path (popular pins). --mode
+        multi (bundles of a model with model.user_embeddings other than single): one search per
+        user embedding, merged round-robin; each item's source names its embedding (emb0, ...).
 
         example:  ebr retrieve --bundle workspace/bundles/VERSION --users users.txt --k 100 --json out.json
         """,
@@ -625,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default="latest", help="a folder, a VERSION under WORKSPACE/bundles, or 'latest'")
     p.add_argument("--users", required=True, help="file with one user id per line")
     p.add_argument("--k", type=int, default=100)
+    p.add_argument("--mode", choices=["single", "multi", "auto"], default="single",
+                   help="single, multi (several user embeddings), auto (multi where the bundle has it)")
     p.add_argument("--json", required=True, help="output file")
 
     p = _add(

@@ -62,6 +62,21 @@ class DHENConfig(_Section):
     heads: int = 4
 
 
+class MultiConfig(_Section):
+    """Multi-embedding users (model/interests.py; TECHNIQUES.md section 6)."""
+
+    k_max: int = Field(7, ge=1, le=32)
+    # K from the valid history length L: log2 = clamp(ceil(log2 L), 1, k_max); fixed = fixed_k
+    k_rule: Literal["log2", "fixed"] = "log2"
+    fixed_k: int = Field(4, ge=1)
+    iterations: int = Field(3, ge=1)  # routing iterations [ours; MIND and ComiRec use 3]
+    init: Literal["maxmin", "random"] = "maxmin"  # capsule centres (random: MIND's; an ablation)
+    assignment: Literal["single", "soft"] = "single"  # capsule routing (soft: an ablation)
+    dim: int = 32  # width of the summarised items and cluster vectors
+    # serving: each embedding's share of the k results, equal or proportional to importance [ours]
+    budget: Literal["equal", "importance"] = "equal"
+
+
 class ModelConfig(_Section):
     dim: int = 64  # output embedding width
     id_dim: int = 32  # pin-ID embedding width
@@ -76,6 +91,10 @@ class ModelConfig(_Section):
     use_pin_id: bool = True
     use_content: bool = True
     use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default
+    # one user embedding, or K from clustering the history: capsule (KDD'25 differentiable
+    # clustering), mind (random init, soft routing), self_attention (ComiRec-SA)
+    user_embeddings: Literal["single", "capsule", "mind", "self_attention"] = "single"
+    multi: MultiConfig = Field(default_factory=MultiConfig)
     time_dim: int = 8  # width of the time term's pin embedding (features.pin_age, features.pin_counts)
     temperature: float = 0.05  # [ours] Yi et al.: 0.05-0.07 with normalised embeddings
     dropout: float = 0.0

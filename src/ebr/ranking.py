@@ -3,7 +3,9 @@ implementation of each; pure numpy/torch, no I/O).
 
 Recall@K = |top-K ∩ targets| / |targets|; NDCG@K with binary gains and ideal DCG over
 min(|targets|, K) positions; HR@K = 1 if any target is in the top K; coverage@K = share of the
-interests of the user's targets present among the top K's interests. All averaged over users.
+interests of the user's targets present among the top K's interests; diversity@K (K <= 100) =
+intra-list diversity, 1 - the mean interest-set Jaccard similarity over the pairs of the top K (two
+pins without interests count as alike). All averaged over users.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def topk_masked(scores: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | No
     return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
 
+def max_over_embeddings(queries: torch.Tensor, active: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Multi-embedding scores: each item's best score over the user's active embeddings.
+    queries (B, K, D), active (B, K) bool (at least one per row), items (N, D) -> (B, N)."""
+    out = torch.full((queries.shape[0], items.shape[0]), float("-inf"))
+    for j in range(queries.shape[1]):
+        s = (queries[:, j] @ items.T).masked_fill(~active[:, j : j + 1], float("-inf"))
+        out = torch.maximum(out, s)
+    return out
+
+
 def metrics_at_k(topk: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int],
                  pin_interests: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
     """topk (U, Kmax) ranked candidate ids (-1 = empty slot); targets[i] = ids of user i's targets."""
@@ -47,4 +59,29 @@ def metrics_at_k(topk: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[i
             if pin_interests is not None and t_int:
                 got = set(i for p in row[:k].tolist() if p >= 0 for i in pin_interests[p])
                 out.setdefault(f"coverage@{k}", []).append(len(t_int & got) / len(t_int))
+            if pin_interests is not None and k <= DIVERSITY_MAX_K:
+                d = intra_list_diversity([pin_interests[p] for p in row[:k].tolist() if p >= 0])
+                if d is not None:
+                    out.setdefault(f"diversity@{k}", []).append(d)
     return {name: float(np.mean(v)) for name, v in out.items()}
+
+
+DIVERSITY_MAX_K = 100
+
+
+def intra_list_diversity(interests: Sequence[Sequence[int]]) -> float | None:
+    """1 - mean pairwise Jaccard similarity of the items' interest sets (None for fewer than 2 items)."""
+    n = len(interests)
+    if n < 2:
+        return None
+    codes = np.concatenate([np.asarray(x, dtype=np.int64) for x in interests] + [np.zeros(0, dtype=np.int64)])
+    _, inv = np.unique(codes, return_inverse=True)
+    X = np.zeros((n, max(int(inv.max()) + 1 if len(inv) else 0, 1)), dtype=np.float32)
+    rows = np.repeat(np.arange(n), [len(x) for x in interests])
+    X[rows, inv] = 1.0
+    inter = X @ X.T
+    size = X.sum(1)
+    union = size[:, None] + size[None, :] - inter
+    sim = np.where(union > 0, inter / np.maximum(union, 1.0), 1.0)
+    off = ~np.eye(n, dtype=bool)
+    return float(1.0 - sim[off].mean())

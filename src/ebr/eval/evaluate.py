@@ -19,7 +19,7 @@ from ebr.features.examples import eval_spec
 from ebr.features.snapshot import build_snapshot
 from ebr.index.bundle import build_bundle, find_bundle
 from ebr.log import bars_enabled, log
-from ebr.ranking import metrics_at_k, topk_masked
+from ebr.ranking import max_over_embeddings, metrics_at_k, topk_masked
 from ebr.serve.retriever import Retriever
 from ebr.workspace import Workspace, write_json
 
@@ -127,10 +127,17 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     n_targets = sum(len(t) for t in spec.targets)
     unreachable = sum(int((~allowed.numpy()[t]).sum()) for t in spec.targets) / max(n_targets, 1)
     results = []
-    # the two-tower model through the Retriever (the serving path), exclusions as the protocol says
-    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude,
-                              allowed=np.flatnonzero(allowed.numpy()) if corpus else None)
+    # the two-tower model through the Retriever (the serving path), exclusions as the protocol says;
+    # a multi-embedding model: two_tower = each pin scored by its best embedding (K by the serving
+    # rule), two_tower_served = the round-robin merged list the service returns
+    only = np.flatnonzero(allowed.numpy()) if corpus else None
+    multi = "multi" in r.manifest["modes"]
+    _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude, allowed=only,
+                              mode="multi" if multi else "single", merge="max")
     results.append({"name": "two_tower", **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
+    if multi:
+        _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude, allowed=only, mode="multi")
+        results.append({"name": "two_tower_served", **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
     for name, fn in scorers.items():
         top = _rank_all(fn, spec.users, spec.exclude, K, allowed)
         results.append({"name": name, **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
@@ -152,8 +159,9 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     if candidates:
         cands = read_candidates(candidates, r)
 
-        def tt_score(codes: np.ndarray) -> torch.Tensor:
-            return r.embed(*r.stored_inputs(codes), users=codes) @ r.pin_emb.T
+        def tt_score(codes: np.ndarray) -> torch.Tensor:  # multi: the best embedding's score
+            qs = r.embed_all(*r.stored_inputs(codes), users=codes)
+            return max_over_embeddings(qs.queries, qs.active, r.pin_emb)
 
         out["protocol"] = sp.kind + "+sampled"
         out["n_users"] = len(cands)

@@ -219,7 +219,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             "history_len": L,
             "embedding_dim": int(pin_emb.shape[1]),
             "user_tower": {"file": "user_tower.pt2", "model_version": model_version,
-                           "followed_interests": model.user.followed is not None},
+                           "followed_interests": model.user.followed is not None,
+                           "embeddings": run_cfg.model.user_embeddings},
             "index": {
                 "file": "index.faiss",
                 "backend": backend,
@@ -233,7 +234,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path), "refit": bool(ck.get("refit"))},
             "time_term": {"fields": snap.time.sizes if snap.time is not None else [], "as_of_us": as_of},
             "counts": {"pins": len(fs.pins) - FIRST_ID, "candidates": int(candidate.sum()), "users": U - FIRST_ID},
-            "modes": ["single"],
+            "modes": ["single"] if model.user.clusters is None else ["single", "multi"],
             "config": ck["config"],
             "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},
             "libraries": library_versions(),

@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ebr.model.crossing import make_crossing
-
-HIDE_CODE = 5  # features.state.HIDE: kept in the sequence, excluded from pooling
-N_ACTIONS = 6
+from ebr.model.interests import N_ACTIONS, make_extractor, valid_items
 
 
 def bag_mean(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
@@ -76,7 +74,7 @@ class HistoryEncoder(nn.Module):
     def forward(self, hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """hist (B, L, item_dim), actions (B, L) -> (B, 2 * field_dim)"""
         h = F.gelu(self.proj(hist) + self.action(actions))
-        valid = (actions > 0) & (actions != HIDE_CODE)
+        valid = valid_items(actions)  # hides stay in the sequence, excluded from pooling
         m = valid.unsqueeze(-1).to(h.dtype)
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         att = (h @ self.query).masked_fill(~valid, -1e9)
@@ -89,6 +87,11 @@ class UserTower(nn.Module):
     [+ user ID] -> the query (B, dim [+ time_dim]): the unit-norm user embedding u, then (when the
     time term is on) w, the user's weights over the pin's time-term embedding.
 
+    Multi-embedding (`model.user_embeddings` other than single): the history's clusters
+    (model/interests.py) each join the other fields as one more field, the user's fields repeated
+    per cluster, through the same crossing -> (queries (B, K_max, dim [+ time_dim]), active (B, K_max),
+    importance (B, K_max), assign (B, L)); only the active (first K) queries are used.
+
     Takes pre-encoded history items so the serving export needs no pin tables: the bundle ships
     the ItemEncoder's output per pin."""
 
@@ -100,22 +103,34 @@ class UserTower(nn.Module):
         self.followed = interest
         self.condition = nn.Embedding(n_interests, cfg.cat_dim)
         self.user_id = nn.Embedding(n_users, cfg.id_dim) if cfg.use_user_id else None
+        self.clusters = (None if cfg.user_embeddings == "single"
+                         else make_extractor(cfg.user_embeddings, item_dim, cfg.multi.dim, cfg.multi))
         widths = (self.history.widths + [cfg.cat_dim] * (len(user_cat) + 1) + ([cfg.id_dim] if cfg.use_user_id else [])
-                  + ([interest.embedding_dim] if interest is not None else []))
+                  + ([interest.embedding_dim] if interest is not None else [])
+                  + ([cfg.multi.dim] if self.clusters is not None else []))
         self.crossing = make_crossing(cfg.user_crossing or cfg.crossing, widths, cfg.dim, cfg)
         self.time_weights = nn.Linear(cfg.dim, time_dim) if time_dim else None
 
     def forward(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor, followed: torch.Tensor,
-                condition: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+                condition: torch.Tensor, user: torch.Tensor):
         """hist (B, L, item_dim), actions (B, L), user_cat (B, Cu), followed (B, K), condition (B,), user (B,)
-        -> (B, dim [+ time_dim])"""
+        -> (B, dim [+ time_dim]), or the multi-embedding tuple (see the class)"""
         fields = [self.history(hist, actions)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
         fields.append(self.condition(condition))
         if self.user_id is not None:
             fields.append(self.user_id(user))
         if self.followed is not None:
             fields.append(bag_mean(self.followed, followed))
-        u = F.normalize(self.crossing(torch.cat(fields, dim=-1)), dim=-1)
+        x = torch.cat(fields, dim=-1)
+        if self.clusters is None:
+            return self._query(F.normalize(self.crossing(x), dim=-1))
+        c = self.clusters(hist, actions)
+        B, K, _ = c.vectors.shape
+        xk = torch.cat([x[:, None, :].expand(B, K, x.shape[-1]), c.vectors], dim=-1).reshape(B * K, -1)
+        q = self._query(F.normalize(self.crossing(xk), dim=-1))
+        return q.reshape(B, K, -1), c.active, c.importance, c.assign
+
+    def _query(self, u: torch.Tensor) -> torch.Tensor:
         return u if self.time_weights is None else torch.cat([u, self.time_weights(u)], dim=-1)
 
 
@@ -201,5 +216,5 @@ class TwoTower(nn.Module):
         h = rep[inv[: B * L]].view(B, L, -1)
         u = self.user(h, *rest)
         if pins.numel() == 0:
-            return u, u.new_zeros(0, self.dim)
+            return u, rep.new_zeros(0, self.dim)
         return u, self.pin(rep[inv[B * L:]], pin_stats)

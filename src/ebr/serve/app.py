@@ -60,6 +60,8 @@ class RetrieveRequest(BaseModel):
         default=None, description="overrides stored user features, e.g. {\"age_bucket\": \"25-34\"}")
     followed_interests: list[Text] | None = Field(
         default=None, max_length=64, description="overrides the stored followed interests (unknown ones are dropped)")
+    explain: bool = Field(default=False, description="multi mode: also return each embedding's importance and the "
+                                                     "history items clustered into it")
 
 
 class Item(BaseModel):
@@ -68,11 +70,18 @@ class Item(BaseModel):
     source: str
 
 
+class Embedding(BaseModel):
+    source: str
+    importance: float
+    history: list[str]
+
+
 class RetrieveResponse(BaseModel):
     items: list[Item]
     version: str
     mode: str
     cold_start: bool
+    embeddings: list[Embedding] | None = None
 
 
 class ReloadRequest(BaseModel):
@@ -182,7 +191,8 @@ def create_app(
         r = state["r"]  # this request keeps this Retriever even if a reload swaps it
         if not 1 <= req.k <= max_k:
             return _error(422, f"k must be between 1 and {max_k} (got {req.k})")
-        mode = "single" if req.mode == "auto" else req.mode
+        # auto: the implicit embeddings, several when the bundle has them
+        mode = ("multi" if "multi" in r.manifest["modes"] else "single") if req.mode == "auto" else req.mode
         if mode not in r.manifest["modes"]:
             return _error(
                 422,
@@ -194,7 +204,7 @@ def create_app(
             res = await asyncio.wait_for(
                 run_in_threadpool(
                     r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None,
-                    req.followed_interests,
+                    req.followed_interests, mode, req.explain,
                 ),
                 timeout=timeout_s,
             )
@@ -202,7 +212,7 @@ def create_app(
             return _error(504, f"retrieval exceeded the time limit of {timeout_s:.3f}s")
         except ValueError as e:
             return _error(422, str(e))
-        return {
+        out = {
             "items": [
                 {"pin_id": p, "score": s, "source": src} for p, s, src in zip(res.pin_ids, res.scores, res.sources)
             ],
@@ -210,6 +220,9 @@ def create_app(
             "mode": mode,
             "cold_start": res.cold_start,
         }
+        if req.explain and mode == "multi":
+            out["embeddings"] = res.embeddings
+        return out
 
     @app.get("/healthz")
     async def healthz():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,8 @@ import torch
 from ebr.features.state import ACTION_CODE, FIRST_ID, N_ACTION_CODES, OOV, PAD, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults
 from ebr.index.verify import BundleError, CheckedBundle, verified_bundle
+from ebr.model.interests import valid_items
+from ebr.serve.merge import max_merge, quotas, round_robin
 
 __all__ = ["BundleError", "Result", "Retriever"]
 from ebr.ranking import topk_masked
@@ -30,6 +32,19 @@ class Result:
     scores: list[float]
     sources: list[str]
     cold_start: bool
+    # multi mode, when asked: per embedding {"source", "importance", "history": [pin ids]}
+    embeddings: list[dict] = field(default_factory=list)
+
+
+class Queries(NamedTuple):
+    """A user tower's output for B users: queries (B, K, D), active (B, K) (the first K used),
+    importance (B, K) and each history slot's embedding (B, L), -1 for items not clustered.
+    A single-embedding tower gives K = 1."""
+
+    queries: torch.Tensor
+    active: torch.Tensor
+    importance: torch.Tensor
+    assign: torch.Tensor
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -61,6 +76,8 @@ class Retriever:
         self.version = m["version"]
         self.L = m["history_len"]
         self.backend = m["index"]["backend"]
+        self.embeddings = m["user_tower"].get("embeddings", "single")
+        self.budget = m["config"]["model"].get("multi", {}).get("budget", "equal")
         self.tower = torch.export.load(io.BytesIO(b.tower)).module()
         self.item_repr = torch.from_numpy(_npy(f["item_repr.npy"]))
         self.pin_emb = torch.from_numpy(_npy(f["pin_embeddings.npy"]))
@@ -128,7 +145,7 @@ class Retriever:
 
     # ---- the tower and the search ----------------------------------------------------------
     @torch.no_grad()
-    def embed(
+    def embed_all(
         self,
         hist: np.ndarray,
         actions: np.ndarray,
@@ -136,14 +153,46 @@ class Retriever:
         followed: np.ndarray,
         condition: np.ndarray | None = None,
         users: np.ndarray | None = None,
-    ) -> torch.Tensor:
-        """hist/actions (B, L) pin/action codes, cat (B, Cu), followed (B, K) interest codes -> (B, D)
-        queries (what the index's vectors are scored against)."""
+    ) -> Queries:
+        """hist/actions (B, L) pin/action codes, cat (B, Cu), followed (B, K) interest codes -> every
+        embedding of each user (what the index's vectors are scored against)."""
         B = hist.shape[0]
         h = self.item_repr[torch.from_numpy(hist)]
         cond = torch.zeros(B, dtype=torch.long) if condition is None else torch.from_numpy(condition)
         u = torch.zeros(B, dtype=torch.long) if users is None else torch.from_numpy(users)
-        return self.tower(h, torch.from_numpy(actions), torch.from_numpy(cat), torch.from_numpy(followed), cond, u)
+        a = torch.from_numpy(actions)
+        out = self.tower(h, a, torch.from_numpy(cat), torch.from_numpy(followed), cond, u)
+        if isinstance(out, (tuple, list)):
+            return Queries(*out)
+        valid = valid_items(a)
+        return Queries(out[:, None], torch.ones(B, 1, dtype=torch.bool), valid.sum(1, keepdim=True).float(),
+                       torch.where(valid, 0, -1))
+
+    def embed(self, *inputs: np.ndarray, **kw: np.ndarray | None) -> torch.Tensor:
+        """(B, D): the single-mode query of each user: the tower's embedding, or a multi-embedding
+        tower's first (most important) one. Arguments as embed_all."""
+        return self.embed_all(*inputs, **kw).queries[:, 0]
+
+    def search_all(self, qs: Queries, k: int, exclude: Sequence[np.ndarray] | None = None,
+                   allowed: np.ndarray | None = None, merge: str = "round_robin",
+                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One ANN query per active embedding (one batched search), then each user's lists merged
+        (serve/merge.py: round_robin under the budget, or max_merge) -> per user (codes, scores,
+        embedding index), at most k each."""
+        b_idx, j_idx = torch.nonzero(qs.active, as_tuple=True)
+        ex = None if exclude is None else [exclude[int(b)] for b in b_idx]
+        s, i = self.search(qs.queries[b_idx, j_idx], k, ex, allowed)
+        out, row = [], 0
+        imp = qs.importance.numpy()
+        for b in range(qs.active.shape[0]):
+            n = int(qs.active[b].sum())
+            lists = [(i[row + j], s[row + j]) for j in range(n)]
+            row += n
+            if merge == "max":
+                out.append(max_merge(lists, k))
+            else:
+                out.append(round_robin(lists, k, quotas(k, imp[b] if self.budget == "importance" else None, n)))
+        return out
 
     def search(
         self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None, allowed: np.ndarray | None = None
@@ -174,25 +223,44 @@ class Retriever:
         exclude: Sequence[np.ndarray] | None = None,
         batch: int = 1024,
         allowed: np.ndarray | None = None,
+        mode: str = "single",
+        merge: str = "round_robin",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Batch retrieval for known users (offline candidate generation and evaluation).
-        exclude defaults to each user's engaged pins."""
+        """Batch retrieval for known users (offline candidate generation and evaluation): (scores
+        (B, k), pin codes (B, k)), empty slots -1 / -inf. exclude defaults to each user's engaged
+        pins. mode multi: every embedding searched, lists merged (`merge`: round_robin as served,
+        or max: the top k by max-over-embeddings score)."""
         scores, out = [], []
         for lo in range(0, len(codes), batch):
             c = codes[lo : lo + batch]
             ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo : lo + batch]
-            s, i = self.search(self.embed(*self.stored_inputs(c), users=c), k, ex, allowed)
+            inputs = self.stored_inputs(c)
+            if mode == "single":
+                s, i = self.search(self.embed(*inputs, users=c), k, ex, allowed)
+            else:
+                s = np.full((len(c), k), -np.inf, dtype=np.float32)
+                i = np.full((len(c), k), -1, dtype=np.int64)
+                for r, (ci, si, _) in enumerate(self.search_all(self.embed_all(*inputs, users=c), k, ex, allowed,
+                                                                merge)):
+                    i[r, : len(ci)], s[r, : len(ci)] = ci, si
             scores.append(s)
             out.append(i)
         return np.concatenate(scores), np.concatenate(out)
 
-    def retrieve_batch(self, user_ids: Sequence[str], k: int) -> list[Result]:
-        """`retrieve(u, k)` for many users: warm users through one batched search, the others
-        (cold, unknown) one by one through the cold-start path."""
+    def retrieve_batch(self, user_ids: Sequence[str], k: int, mode: str = "single") -> list[Result]:
+        """`retrieve(u, k, mode=mode)` for many users: warm users through one batched search, the
+        others (cold, unknown) one by one through the cold-start path."""
         codes = self.user_codes(list(user_ids))
         warm = [i for i, c in enumerate(codes) if self.is_warm(int(c))]
         out: list[Result | None] = [None] * len(codes)
-        if warm:
+        if warm and mode == "multi":
+            c = codes[warm]
+            merged = self.search_all(self.embed_all(*self.stored_inputs(c), users=c), k,
+                                     [self.engaged_pins(int(x)) for x in c])
+            for i, (top, scores, src) in zip(warm, merged):
+                out[i] = Result([self.pin_ids[x] for x in top.tolist()], scores.tolist(),
+                                [f"emb{j}" for j in src.tolist()], False)
+        elif warm:
             scores, top = self.retrieve_codes(codes[warm], k)
             for j, i in enumerate(warm):
                 keep = top[j] >= 0
@@ -202,7 +270,7 @@ class Retriever:
                     ["single"] * int(keep.sum()),
                     False,
                 )
-        return [x if x is not None else self.retrieve(u, k) for u, x in zip(user_ids, out)]
+        return [x if x is not None else self.retrieve(u, k, mode=mode) for u, x in zip(user_ids, out)]
 
     def allowed_for_interests(self, interests: Sequence[str]) -> np.ndarray:
         """Sorted pin codes carrying any of the interests; an unknown interest is a ValueError."""
@@ -223,12 +291,16 @@ class Retriever:
         exclude_engaged: bool = True,
         interests: Sequence[str] | None = None,
         followed: Sequence[str] | None = None,
+        mode: str = "single",
+        explain: bool = False,
     ) -> Result:
         """One request: stored state for a known user, overridden by `history` (pin ids, most recent
         last, or {"pin_id", "action"} objects), `features` ({cat_column: value}) and `followed`
         (interest ids); `interests` filters the results to pins carrying one of them. A user with no
         history takes the tower when it has features or followed interests, else the cold-start
-        path (popular pins)."""
+        path (popular pins). mode multi (a multi-embedding bundle): one search per embedding, merged
+        round-robin under k, each item's source naming its embedding (emb0 = the most important);
+        with `explain`, each embedding's importance and history items come back too."""
         code = int(self.user_codes([user_id or ""])[0])
         known = code >= FIRST_ID
         hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
@@ -259,10 +331,21 @@ class Retriever:
             return self._popular(k, set(excl.tolist()), allowed)
         # with history: the user tower; without (a new user with features or followed interests): the
         # tower on those alone
-        s, i = self.search(
-            self.embed(hist[None], actions[None], cat[None], fol[None], users=np.array([code if known else 0])), k,
-            [excl], allowed,
-        )
+        inputs = (hist[None], actions[None], cat[None], fol[None])
+        users = np.array([code if known else 0])
+        if mode == "multi":
+            qs = self.embed_all(*inputs, users=users)
+            codes, scores, src = self.search_all(qs, k, [excl], allowed)[0]
+            sources = [f"emb{j}" if has_history else "features" for j in src.tolist()]
+            info = []
+            if explain:
+                a = qs.assign[0].numpy()
+                info = [{"source": f"emb{j}", "importance": float(qs.importance[0, j]),
+                         "history": [self.pin_ids[c] for c in hist[a == j].tolist()]}
+                        for j in range(int(qs.active[0].sum()))]
+            return Result([self.pin_ids[c] for c in codes.tolist()], scores.tolist(), sources, not has_history,
+                          info)
+        s, i = self.search(self.embed(*inputs, users=users), k, [excl], allowed)
         keep = i[0] >= 0
         source = "single" if has_history else "features"
         return Result(

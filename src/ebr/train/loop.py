@@ -38,8 +38,9 @@ from ebr.features.pinstats import PinStats
 from ebr.features.snapshot import build_snapshot
 from ebr.features.state import FIRST_ID, FeatureState, build_feature_state
 from ebr.log import bar, log
+from ebr.model.interests import nearest_embedding
 from ebr.model.towers import TwoTower
-from ebr.ranking import metrics_at_k, topk_masked
+from ebr.ranking import max_over_embeddings, metrics_at_k, topk_masked
 from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
 from ebr.workspace import Workspace, folder_lock, load_checkpoint_state, now_utc, write_json
 
@@ -125,7 +126,9 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
     for lo in range(0, len(spec.users), 512):
         ub = user_batch(spec.users[lo : lo + 512], spec.t[lo : lo + 512], d.hist, d.users, L)
         u, _ = model.embed_users_and_pins(ub.hist, ub.rest(), torch.zeros(0, dtype=torch.int64), d.pins.take)
-        tops.append(topk_masked(u @ P.T, VAL_K, spec.exclude[lo : lo + 512], allowed)[1].numpy())
+        # multi-embedding: each pin scored by its best embedding of the user (EVALUATION.md)
+        s = max_over_embeddings(u[0], u[1], P) if isinstance(u, tuple) else u @ P.T
+        tops.append(topk_masked(s, VAL_K, spec.exclude[lo : lo + 512], allowed)[1].numpy())
     model.train()
     return metrics_at_k(np.concatenate(tops), spec.targets, [VAL_K])[f"recall@{VAL_K}"]
 
@@ -240,6 +243,8 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
     pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
     q, v = s.model.embed_users_and_pins(ub.hist, ub.rest(), all_pins, d.pins.take,
                                         d.pin_stats(all_pins.numpy(), pin_t))
+    if isinstance(q, tuple):  # multi-embedding: only the embedding nearest the row's target is trained
+        q = nearest_embedding(q[0], q[1], v[: len(pos)].detach())
     extra = None
     buckets = d.time_buckets(all_pins.numpy(), ex.t[idx])
     if buckets is not None:  # every pin read as of each row's time; one that does not exist yet is no negative
