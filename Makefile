@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ebr-installed
 WORKSPACE ?= ./workspace
 
-.PHONY: install demo test lint bench lock clean
+.PHONY: install demo test lint bench lock clean browser screenshot
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,23 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/ebr demo --workspace $(WORKSPACE)
 
-test: install lint
+test: install lint browser
 	$(PY) -m pytest -q
+
+# the explorer's browser tests drive Debian's Chromium through /usr/bin/chromedriver (nothing is
+# downloaded at test time); as root this installs both, otherwise it says what to install
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "browser tests need Chromium: apt-get install chromium chromium-driver (as root)"; \
+	  fi; \
+	fi
+
+# docs/explore.png: the explorer page on the demo's world (run `make demo` first)
+screenshot: install browser
+	$(PY) tools/screenshot.py --workspace $(WORKSPACE) --out docs/explore.png
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -48,3 +48,16 @@ def ml100k_ws(tmp_path_factory) -> Workspace:
     ws = Workspace.at(tmp_path_factory.mktemp("ml100k"))
     import_movielens(ws, path)
     return ws
+
+
+@pytest.fixture(scope="session")
+def multi_tiny(tiny_ws):
+    """A capsule (multi-embedding) model on the tiny world and its exact bundle on the temporal split."""
+    from ebr.config import RunConfig
+    from ebr.index.bundle import build_bundle
+    from ebr.train.loop import train
+
+    cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64],
+                                "model.user_embeddings": "capsule"})
+    train(tiny_ws, cfg, run="multi", progress=False)
+    return tiny_ws, build_bundle(tiny_ws, "multi", "temporal")

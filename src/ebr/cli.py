@@ -21,6 +21,7 @@ data flow (each stage writes under the workspace, with a manifest.json):
   ebr index    bundle: exported user tower + pin embeddings + ANN index (exact | hnsw | ivfpq)
   ebr retrieve batch candidate generation through a bundle
   ebr serve    POST /v1/retrieve over a bundle (FastAPI + uvicorn, hot reload)
+  ebr explore  the service + a web page of one user's history, clusters and candidates
   ebr eval     offline metrics against peers through the serving Retriever
   ebr demo     every built stage on the synthetic world
 """
@@ -284,15 +285,11 @@ def cmd_retrieve(a) -> int:
 def cmd_serve(a) -> int:
     from ebr.serve.app import serve
 
-    serve(
-        str(Workspace.at(a.workspace).resolve_bundle(a.bundle)),
-        a.host,
-        a.port,
-        a.max_k,
-        a.timeout_ms,
-        a.threads,
-        a.expect_version,
-    )
+    ws = Workspace.at(a.workspace)
+    bundle = str(ws.resolve_bundle(a.bundle))
+    if getattr(a, "explore", False):
+        print(f"explorer: http://{a.host}:{a.port}/explore  (one user: /explore?user=ID)", flush=True)
+    serve(bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads, a.expect_version, workspace=str(ws.root))
     return 0
 
 
@@ -662,6 +659,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse to start unless the bundle's version is this (catches a bundle rewritten as a whole)",
     )
+
+    p = _add(
+        stages,
+        "explore",
+        "a web page showing what the retriever does for one user",
+        """\
+        Start the service over a bundle and print the explorer page's address: GET /explore (and
+        /explore?user=ID for one user). For a user picked by id or from a searchable list, the page
+        shows the stored history as tiles (newest first, coloured from each pin's embedding, hides
+        hatched), and the candidates /v1/retrieve returns, each tagged with its source; in multi
+        mode each embedding's cluster of history items (with its importance) beside the candidates
+        it brought. On a synthetic workspace it also shows the user's true latent interests
+        (WORKSPACE/truth, diagnostics). The page is shipped in the package (no CDN, works offline).
+
+        example:  ebr explore latest --workspace workspace --port 8001
+        """,
+        cmd_serve,
+    )
+    p.add_argument(
+        "bundle", nargs="?", default="latest", help="bundle: a folder, a VERSION under WORKSPACE/bundles, or 'latest'"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--max-k", type=int, default=1000)
+    p.add_argument("--timeout-ms", type=int, default=2000, help="per-request time limit")
+    p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads per request")
+    p.set_defaults(explore=True, expect_version=None)
 
     p = _add(
         stages,

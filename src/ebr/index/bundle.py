@@ -116,6 +116,8 @@ def index_recall(index: AnnIndex, ub, model: TwoTower, item_repr: np.ndarray, pi
     users = np.random.default_rng(seed).choice(warm, min(sample, len(warm)), replace=False)
     h = torch.from_numpy(item_repr)[ub.hist[users]]
     q = model.user(h, *(x[users] for x in ub.rest()))
+    if isinstance(q, tuple):  # a multi-embedding tower: every active embedding of the sampled users
+        q = q[0][q[1]]
     exact = topk_masked(q @ torch.from_numpy(pin_emb).T, k, None, torch.from_numpy(candidate))[1].numpy()
     _, got = index.search(q.numpy(), k, SearchDefaults())
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), exact.tolist())]))

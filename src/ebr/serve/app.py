@@ -14,14 +14,15 @@ import threading
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ebr.index.verify import BundleError
+from ebr.serve import explore as ex
 from ebr.serve.retriever import Retriever
 
 MODES = ("single", "multi", "conditional", "auto")
@@ -84,6 +85,11 @@ class RetrieveResponse(BaseModel):
     embeddings: list[Embedding] | None = None
 
 
+class PinsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pin_ids: list[Text] = Field(max_length=1000)
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bundle: Text = Field(min_length=1, max_length=4096, description="path of the bundle folder on the server")
@@ -119,8 +125,10 @@ def create_app(
     admin_token: str | None = None,
     expect_version: str | None = None,
     reload_timeout_s: float = 120.0,
+    workspace: str | None = None,
 ) -> FastAPI:
-    """The service over one bundle; `admin_token` defaults to $EBR_ADMIN_TOKEN (unset: reload refused)."""
+    """The service over one bundle; `admin_token` defaults to $EBR_ADMIN_TOKEN (unset: reload refused).
+    `workspace`: where the explorer page finds a synthetic world's latent interests (truth/)."""
     import faiss
     import torch
 
@@ -140,6 +148,7 @@ def create_app(
         buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
     )
     reloads = Counter("ebr_reloads", "bundle reloads by outcome", ["outcome"], registry=reg)
+    truth = ex.load_truth(workspace)
 
     app = FastAPI(
         title="ebr retrieval service",
@@ -224,6 +233,37 @@ def create_app(
             out["embeddings"] = res.embeddings
         return out
 
+    @app.get("/explore", response_class=HTMLResponse)
+    async def explore_page():
+        """The explorer page; /explore?user=ID opens one user (the page's script reads the URL and
+        reports a bad id itself)."""
+        return HTMLResponse(ex.page())
+
+    @app.get("/explore/assets/{name}")
+    async def explore_asset(name: str):
+        found = ex.asset(name)
+        if found is None:
+            return _error(404, f"no asset {name[:64]!r}; the page ships {', '.join(ex.ASSETS)}")
+        return Response(found[0], media_type=found[1])
+
+    @app.get("/v1/users")
+    async def users(q: Text = Query(default="", max_length=256), limit: int = Query(default=50, ge=1, le=500)):
+        """User ids containing q (users with history first): the explorer's search list."""
+        return {"users": ex.search_users(state["r"], q, limit)}
+
+    @app.get("/v1/users/{user_id}")
+    async def user(user_id: Text):
+        """A user's stored history (newest first) and followed interests as of the bundle; `known`
+        is false for a user the bundle does not have (the cold-start path serves them)."""
+        if not 1 <= len(user_id) <= 256:
+            return _error(422, "user_id must be 1..256 characters")
+        return ex.user_view(state["r"], user_id, truth)
+
+    @app.post("/v1/pins", responses={422: {"model": Problem}})
+    async def pins(req: PinsRequest):
+        """Colour and interests per pin id (the explorer's tiles); unknown ids are left out."""
+        return {"pins": ex.colours_of(state["r"], req.pin_ids)}
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
@@ -297,8 +337,10 @@ def serve(
     timeout_ms: int = 2000,
     threads: int = 1,
     expect_version: str | None = None,
+    workspace: str | None = None,
 ) -> None:
     import uvicorn
 
-    app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads, expect_version=expect_version)
+    app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads, expect_version=expect_version,
+                     workspace=workspace)
     uvicorn.run(app, host=host, port=port, log_level="warning")
