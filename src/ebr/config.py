@@ -72,6 +72,9 @@ class MultiConfig(_Section):
     iterations: int = Field(3, ge=1)  # routing iterations [ours; MIND and ComiRec use 3]
     init: Literal["maxmin", "random"] = "maxmin"  # capsule centres (random: MIND's; an ablation)
     assignment: Literal["single", "soft"] = "single"  # capsule routing (soft: an ablation)
+    # a cluster no history item was routed to is no embedding [ours]; off: validation recall@100
+    # 0.2445 with empty clusters kept vs 0.2399 dropped (small world, seed 0; README)
+    drop_empty: bool = False
     dim: int = 32  # width of the summarised items and cluster vectors
     # serving: each embedding's share of the k results, equal or proportional to importance [ours]
     budget: Literal["equal", "importance"] = "equal"

@@ -75,7 +75,7 @@ def test_clusters_are_ordered_and_assignments_follow_the_order(kind):
     x, a = _history()
     c = m(x, a)
     valid = (a > 0) & (a != HIDE)
-    assert c.active.sum(1).tolist() == n_embeddings(valid.sum(1), 7).tolist()
+    assert c.active.sum(1).tolist() == n_embeddings(valid.sum(1), 7).tolist()  # drop_empty off by default
     assert (c.assign[~valid] == -1).all() and (c.assign[valid] >= 0).all()
     for b in range(2):
         k = int(c.active[b].sum())
@@ -86,6 +86,27 @@ def test_clusters_are_ordered_and_assignments_follow_the_order(kind):
         if kind != "mind":  # hard assignments: importance counts the items of each cluster
             counts = torch.bincount(c.assign[b][valid[b]], minlength=7).float()
             assert torch.equal(counts, imp)
+
+
+@pytest.mark.parametrize("kind", ["capsule", "self_attention"])
+def test_empty_clusters_are_dropped_unless_asked_to_keep(kind):
+    """Hard routing can leave a cluster empty; it is no embedding (drop_empty), but K follows the
+    rule exactly with drop_empty off, and a user without valid items keeps one embedding.
+    Mutations caught: drop_empty ignored, a user left with no embedding."""
+    torch.manual_seed(0)
+    x, a = _history(L=40, B=6, seed=5)
+    a[5] = 0  # no history at all
+    keep = make_extractor(kind, 16, 8, MultiConfig(drop_empty=False))
+    drop = make_extractor(kind, 16, 8, MultiConfig(drop_empty=True))
+    drop.load_state_dict(keep.state_dict())
+    ck, cd = keep(x, a), drop(x, a)
+    valid = (a > 0) & (a != HIDE)
+    assert ck.active.sum(1).tolist() == n_embeddings(valid.sum(1), 7).tolist()
+    empty = (ck.importance == 0) & ck.active
+    assert empty[:5].any(), "the untrained routing leaves some cluster empty (else this test shows nothing)"
+    assert (cd.active.sum(1) == (ck.active & ~empty).sum(1).clamp(min=1)).all()
+    assert (cd.importance[cd.active][:-1] > 0).all(), "a kept embedding has history items routed to it"
+    assert cd.active[5].tolist() == [True] + [False] * 6
 
 
 def test_single_assignment_counts_items_soft_does_not():

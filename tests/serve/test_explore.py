@@ -20,7 +20,9 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 @pytest.fixture(scope="module")
 def server(multi_tiny):
     ws, bundle = multi_tiny
-    s = Server(bundle, args=("--workspace", str(ws.root)))
+    s = Server(bundle, args=("--workspace", str(ws.root)), command="explore")
+    # `ebr explore` prints the page's address first
+    assert s.proc.stdout.readline().split()[1] == f"http://127.0.0.1:{s.port}/explore"
     yield s
     s.stop()
 

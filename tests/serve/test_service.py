@@ -29,11 +29,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, bundle: Path, env: dict | None = None, max_k: int = 500, args: tuple[str, ...] = ()):
+    def __init__(self, bundle: Path, env: dict | None = None, max_k: int = 500, args: tuple[str, ...] = (),
+                 command: str = "serve"):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ebr.cli", "serve", str(bundle), "--port", str(self.port), "--max-k", str(max_k),
+            [sys.executable, "-m", "ebr.cli", command, str(bundle), "--port", str(self.port), "--max-k", str(max_k),
              *args],
             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 60

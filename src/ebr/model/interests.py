@@ -18,7 +18,10 @@ embedding (model/towers.py).
   importance = the number of items whose strongest head is j.
 
 Every extractor returns its active clusters ordered by importance (most important first): the
-order the explorer shows and the round-robin merge visits.
+order the explorer shows and the round-robin merge visits. Hard assignment can leave a cluster
+with no history item: its embedding is then the user's other fields alone (the explorer shows
+such embeddings bringing pins of no interest of the user's). `model.multi.drop_empty` drops them;
+off by default, as validation chose (README).
 
 Valid history items: an action other than padding and hide (unknown pins never reach the tower:
 the Retriever drops them). K = clamp(ceil(log2 n_valid), 1, K_max) (`k_rule="log2"`) or
@@ -82,27 +85,34 @@ class ItemSummariser(nn.Module):
         return self.w2(F.gelu(self.w1(x) + self.action(actions)))
 
 
-def _order_by(c: Clusters, key: torch.Tensor) -> Clusters:
-    """Reorder the active clusters by `key` (descending; inactive ones last), remapping assignments."""
-    key = key.masked_fill(~c.active, float("-inf"))
+def _finish(c: Clusters, drop_empty: bool) -> Clusters:
+    """Order the active clusters by importance (descending; inactive ones last), remapping the
+    assignments; with drop_empty, a cluster no history item was routed to (importance 0, possible
+    under hard assignment) is no embedding: its output would be the user's fields alone. Every user
+    keeps at least one embedding."""
+    active = c.active & (c.importance > 0) if drop_empty else c.active
+    key = c.importance.masked_fill(~active, float("-inf"))
     order = torch.argsort(key, dim=1, descending=True, stable=True)  # (B, K): new position -> old cluster
     rank = torch.argsort(order, dim=1)  # old cluster -> new position
-    vec = torch.gather(c.vectors, 1, order[..., None].expand_as(c.vectors))
-    imp = torch.gather(c.importance, 1, order)
+    n = active.sum(1, keepdim=True).clamp(min=1)
+    active = torch.arange(active.shape[1])[None, :] < n  # a prefix after the reorder
+    vec = torch.gather(c.vectors, 1, order[..., None].expand_as(c.vectors)) * active[..., None]
+    imp = torch.gather(c.importance, 1, order) * active
     assign = torch.where(c.assign >= 0, torch.gather(rank, 1, c.assign.clamp(min=0)), c.assign)
-    return Clusters(vec, c.active, imp, assign)  # active is a prefix: unchanged by the reorder
+    return Clusters(vec, active, imp, assign)
 
 
 class CapsuleRouting(nn.Module):
     def __init__(self, item_dim: int, d: int, k_max: int = 7, iterations: int = 3, init: str = "maxmin",
-                 assignment: str = "single", k_rule: str = "log2", fixed_k: int = 4, max_len: int = 1024):
+                 assignment: str = "single", k_rule: str = "log2", fixed_k: int = 4, max_len: int = 1024,
+                 drop_empty: bool = False):
         super().__init__()
         if init not in ("maxmin", "random") or assignment not in ("single", "soft"):
             raise ValueError(f"capsule routing: init {init!r} / assignment {assignment!r} unknown")
         self.summ = ItemSummariser(item_dim, d)
         self.S = nn.Linear(d, d, bias=False)  # the shared bilinear map
         self.k_max, self.iterations, self.init, self.assignment = k_max, iterations, init, assignment
-        self.k_rule, self.fixed_k = k_rule, fixed_k
+        self.k_rule, self.fixed_k, self.drop_empty = k_rule, fixed_k, drop_empty
         # MIND's random initial routing logits, drawn once so serving is deterministic
         self.register_buffer("b0", torch.randn(max_len, k_max, generator=torch.Generator().manual_seed(0)))
 
@@ -151,18 +161,19 @@ class CapsuleRouting(nn.Module):
             b = se @ c.transpose(1, 2)
         importance = w.sum(1) * active
         assign = torch.where(valid, w.argmax(-1), torch.full_like(actions, -1))
-        return _order_by(Clusters(c * active[..., None], active, importance, assign), importance)
+        return _finish(Clusters(c * active[..., None], active, importance, assign), self.drop_empty)
 
 
 class SelfAttentionInterests(nn.Module):
     """ComiRec-SA: K attention heads over the summarised history."""
 
-    def __init__(self, item_dim: int, d: int, k_max: int = 7, k_rule: str = "log2", fixed_k: int = 4):
+    def __init__(self, item_dim: int, d: int, k_max: int = 7, k_rule: str = "log2", fixed_k: int = 4,
+                 drop_empty: bool = False):
         super().__init__()
         self.summ = ItemSummariser(item_dim, d)
         self.w1 = nn.Linear(d, 4 * d)
         self.w2 = nn.Linear(4 * d, k_max, bias=False)
-        self.k_max, self.k_rule, self.fixed_k = k_max, k_rule, fixed_k
+        self.k_max, self.k_rule, self.fixed_k, self.drop_empty = k_max, k_rule, fixed_k, drop_empty
 
     def forward(self, x: torch.Tensor, actions: torch.Tensor) -> Clusters:
         valid = valid_items(actions)
@@ -177,7 +188,7 @@ class SelfAttentionInterests(nn.Module):
         own = F.one_hot(head, self.k_max).to(e.dtype) * valid[..., None].to(e.dtype)
         importance = own.sum(1) * active
         assign = torch.where(valid, head, torch.full_like(actions, -1))
-        return _order_by(Clusters(c * active[..., None], active, importance, assign), importance)
+        return _finish(Clusters(c * active[..., None], active, importance, assign), self.drop_empty)
 
 
 def nearest_embedding(queries: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -192,9 +203,11 @@ def nearest_embedding(queries: torch.Tensor, active: torch.Tensor, target: torch
 def make_extractor(kind: str, item_dim: int, d: int, m) -> nn.Module:
     """The cluster extractor of `model.user_embeddings` (kind), sizes from `model.multi` (m)."""
     if kind == "capsule":
-        return CapsuleRouting(item_dim, d, m.k_max, m.iterations, m.init, m.assignment, m.k_rule, m.fixed_k)
+        return CapsuleRouting(item_dim, d, m.k_max, m.iterations, m.init, m.assignment, m.k_rule, m.fixed_k,
+                              drop_empty=m.drop_empty)
     if kind == "mind":
-        return CapsuleRouting(item_dim, d, m.k_max, m.iterations, "random", "soft", m.k_rule, m.fixed_k)
+        return CapsuleRouting(item_dim, d, m.k_max, m.iterations, "random", "soft", m.k_rule, m.fixed_k,
+                              drop_empty=m.drop_empty)
     if kind == "self_attention":
-        return SelfAttentionInterests(item_dim, d, m.k_max, m.k_rule, m.fixed_k)
+        return SelfAttentionInterests(item_dim, d, m.k_max, m.k_rule, m.fixed_k, m.drop_empty)
     raise ValueError(f"unknown user_embeddings {kind!r}; available: single, capsule, mind, self_attention")

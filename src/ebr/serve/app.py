@@ -194,7 +194,8 @@ def create_app(
         return _error(422, _problems(exc))
 
     @app.post(
-        "/v1/retrieve", response_model=RetrieveResponse, responses={422: {"model": Problem}, 504: {"model": Problem}}
+        "/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True,
+        responses={422: {"model": Problem}, 504: {"model": Problem}},
     )
     async def retrieve(req: RetrieveRequest):
         r = state["r"]  # this request keeps this Retriever even if a reload swaps it

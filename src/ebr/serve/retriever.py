@@ -76,7 +76,6 @@ class Retriever:
         self.version = m["version"]
         self.L = m["history_len"]
         self.backend = m["index"]["backend"]
-        self.embeddings = m["user_tower"].get("embeddings", "single")
         self.budget = m["config"]["model"].get("multi", {}).get("budget", "equal")
         self.tower = torch.export.load(io.BytesIO(b.tower)).module()
         self.item_repr = torch.from_numpy(_npy(f["item_repr.npy"]))
@@ -231,6 +230,7 @@ class Retriever:
         pins. mode multi: every embedding searched, lists merged (`merge`: round_robin as served,
         or max: the top k by max-over-embeddings score)."""
         scores, out = [], []
+        batch = batch if mode == "single" else max(1, batch // 8)  # up to 7 queries per user
         for lo in range(0, len(codes), batch):
             c = codes[lo : lo + batch]
             ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo : lo + batch]
