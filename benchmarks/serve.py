@@ -63,6 +63,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, tries: int = 600) -> None:
+    """Poll /readyz until the server answers 200 (about 5 minutes at most)."""
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
 def loadgen(url: str, users: list[str], k: int, seconds: float, conc: int, mode: str = "single") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", LOADGEN, url, json.dumps(users), str(k), str(seconds), str(conc), mode],
@@ -110,12 +122,7 @@ def main() -> None:
         [sys.executable, "-m", "ebr.cli", "serve", str(hnsw), "--port", str(port), "--max-k", str(a.k)], env=env
     )
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_ready(url)
         warm = loadgen(url, users, a.k, 3, 1)
         warm.communicate()
         c1 = json.loads(loadgen(url, users, a.k, a.seconds, 1).communicate()[0])
@@ -158,7 +165,6 @@ def main() -> None:
 def multi_mode(ws, a, users: list[str]) -> dict:
     """A capsule model with K fixed at 7 embeddings per user, its HNSW bundle, mode multi at
     concurrency 1 (7 searches of k each per request, round-robin merge)."""
-    import httpx
 
     from ebr.config import RunConfig
     from ebr.index.bundle import build_bundle
@@ -177,12 +183,7 @@ def multi_mode(ws, a, users: list[str]) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "ebr.cli", "serve", str(bundle), "--port", str(port),
                                "--max-k", str(a.k)])
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_ready(url)
         loadgen(url, users, a.k, 3, 1, "multi").communicate()
         c1 = json.loads(loadgen(url, users, a.k, a.seconds, 1, "multi").communicate()[0])
     finally:

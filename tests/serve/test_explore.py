@@ -4,7 +4,6 @@ endpoints it reads, over a multi-embedding bundle of the tiny world served by a 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
@@ -163,7 +162,3 @@ def test_searchable_user_list(server, browser, multi_tiny):
     assert browser.find_element("id", "user-title").text == f"user {name}"
     assert np.all([t.get_attribute("data-pin") for t in _tiles(browser, "#merged .tile")])
 
-
-def test_no_browser_needed_elsewhere():
-    """The browser tests above are the only ones that need Chromium (a guard for the CI wiring)."""
-    assert shutil.which("python3") is not None
