@@ -44,3 +44,27 @@ def write(name: str, payload: dict) -> Path:
     print(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+def train_eval(ws, run: str, over: dict, out: Path, split: str | None = None, **eval_kw) -> dict:
+    """One benchmark cell, resumable: the eval JSON at `out` if it exists; else train `run` with the
+    overrides (reusing a finished run of the same name whose saved config is identical) and evaluate
+    it (ebr.eval.evaluate keyword arguments), keeping the training summary under "train"."""
+    import yaml
+
+    from ebr.config import RunConfig
+    from ebr.eval.evaluate import evaluate
+    from ebr.train.loop import train
+
+    if out.exists():
+        return json.loads(out.read_text())
+    cfg = RunConfig.load(None, over)
+    rdir = ws.run_dir(run)
+    done = rdir / "summary.json"
+    same = (done.exists() and (rdir / "config.yaml").exists()
+            and RunConfig.model_validate(yaml.safe_load((rdir / "config.yaml").read_text())) == cfg)
+    s = json.loads(done.read_text()) if same else train(ws, cfg, run=run, progress=False)
+    res = evaluate(ws, run, split, progress=False, **eval_kw)
+    res["train"] = s
+    out.write_text(json.dumps(res))
+    return res

@@ -21,19 +21,14 @@ keeps its eval JSON under --root. Writes benchmarks/results/multi_embedding.json
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
+from _common import train_eval, write  # noqa: E402
 from quality import prepare  # noqa: E402
-
-from ebr.config import RunConfig  # noqa: E402
-from ebr.eval.evaluate import evaluate  # noqa: E402
-from ebr.train.loop import train  # noqa: E402
 
 VARIANTS = {
     "single": {},
@@ -68,18 +63,12 @@ def main() -> None:
         for v in a.variants.split(","):
             runs = []
             for seed in [int(s) for s in a.seeds.split(",")]:
-                out = root / f"{ds}-{v}-{seed}.json"
-                if not out.exists():
-                    over = {**sets, **VARIANTS[v], "train.seed": seed, "train.refit": a.refit,
-                            **({"data.split": split} if split else {})}
-                    if a.steps:
-                        over.update({"train.max_steps": a.steps, "train.epochs": 1000, "train.patience": 1000})
-                    run = f"{v}-{seed}"
-                    s = train(ws, RunConfig.load(None, over), run=run, progress=False)
-                    res = evaluate(ws, run, split, peers=("interest_popular",), progress=False)
-                    res["train"] = s
-                    out.write_text(json.dumps(res))
-                runs.append(json.loads(out.read_text()))
+                over = {**sets, **VARIANTS[v], "train.seed": seed, "train.refit": a.refit,
+                        **({"data.split": split} if split else {})}
+                if a.steps:
+                    over.update({"train.max_steps": a.steps, "train.epochs": 1000, "train.patience": 1000})
+                runs.append(train_eval(ws, f"{v}-{seed}", over, root / f"{ds}-{v}-{seed}.json", split,
+                                       peers=("interest_popular",)))
                 print(ds, v, seed, {r["name"]: round(r["hr@100"], 4) for r in runs[-1]["results"]}, flush=True)
             for name in [r["name"] for r in runs[0]["results"]]:
                 if name == "interest_popular" and v != "single":

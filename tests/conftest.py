@@ -61,3 +61,17 @@ def multi_tiny(tiny_ws):
                                 "model.user_embeddings": "capsule"})
     train(tiny_ws, cfg, run="multi", progress=False)
     return tiny_ws, build_bundle(tiny_ws, "multi", "temporal")
+
+
+@pytest.fixture(scope="session")
+def cond_tiny(tiny_ws):
+    """A conditional model (model.conditional) on the tiny world and its exact bundle on the
+    temporal split."""
+    from ebr.config import RunConfig
+    from ebr.index.bundle import build_bundle
+    from ebr.train.loop import train
+
+    cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64],
+                                "model.conditional": True})
+    train(tiny_ws, cfg, run="cond", progress=False)
+    return tiny_ws, build_bundle(tiny_ws, "cond", "temporal")

@@ -267,15 +267,23 @@ def cmd_retrieve(a) -> int:
         users = [u.strip() for u in Path(a.users).read_text().splitlines() if u.strip()]
     except OSError as e:
         raise EbrError(f"--users {Path(a.users).name}: cannot read it ({e.strerror})") from None
-    mode = ("multi" if "multi" in r.manifest["modes"] else "single") if a.mode == "auto" else a.mode
-    if mode not in r.manifest["modes"]:
-        raise EbrError(f"--mode {a.mode}: bundle {r.version} serves {', '.join(r.manifest['modes'])} (and auto)")
+    try:
+        mode = r.resolve_mode(a.mode)
+    except ValueError as e:
+        raise EbrError(f"--mode {a.mode}: {e}") from None
+    interests = [x.strip() for x in (a.interests or "").split(",") if x.strip()] or None
+    if mode == "conditional" and not interests:
+        raise EbrError("--mode conditional needs --interests ID,ID (the conditions); --mode auto picks each user's")
+    try:
+        results = r.retrieve_batch(users, a.k, mode, interests)
+    except ValueError as e:
+        raise EbrError(f"--interests: {e}") from None
     out = {
         u: {
             "items": [{"pin_id": p, "score": sc, "source": src} for p, sc, src in zip(x.pin_ids, x.scores, x.sources)],
             "cold_start": x.cold_start,
         }
-        for u, x in zip(users, r.retrieve_batch(users, a.k, mode))
+        for u, x in zip(users, results)
     }
     write_json(Path(a.json), {"version": r.version, "k": a.k, "mode": mode, "users": out})
     log.info("%s users -> %s", f"{len(users):,}", a.json)
@@ -305,6 +313,7 @@ def cmd_eval(a) -> int:
         candidates=Path(a.candidates) if a.candidates else None,
         corpus=a.corpus,
         bundle=Path(a.bundle) if a.bundle else None,
+        conditional=True if a.conditional else None,
     )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
@@ -619,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
         the service runs). Users without history get the cold-start path (popular pins). --mode
         multi (bundles of a model with model.user_embeddings other than single): one search per
         user embedding, merged round-robin; each item's source names its embedding (emb0, ...).
+        --mode conditional (bundles of a model with model.conditional: true) --interests A,B: one
+        interest-conditioned search per interest, among that interest's pins, merged round-robin
+        (source interest:A, ...); --mode auto: the implicit embedding(s) plus each user's followed
+        and inferred interests. Otherwise --interests filters the results.
 
         example:  ebr retrieve --bundle workspace/bundles/VERSION --users users.txt --k 100 --json out.json
         """,
@@ -627,8 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default="latest", help="a folder, a VERSION under WORKSPACE/bundles, or 'latest'")
     p.add_argument("--users", required=True, help="file with one user id per line")
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--mode", choices=["single", "multi", "auto"], default="single",
-                   help="single, multi (several user embeddings), auto (multi where the bundle has it)")
+    p.add_argument("--mode", choices=["single", "multi", "conditional", "auto"], default="single",
+                   help="single, multi (several user embeddings), conditional (one list per --interests), auto "
+                        "(conditional auto on a conditional bundle, else multi where the bundle has it)")
+    p.add_argument("--interests", default=None,
+                   help="comma-separated interest ids: the conditions (--mode conditional), else a filter")
     p.add_argument("--json", required=True, help="output file")
 
     p = _add(
@@ -700,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
           ebr eval --split given --peers popularity,als --json eval.json
           ebr eval --candidates cands.txt --json sampled.json   # sampled protocol: 'user target cand ...'
           ebr eval --bundle workspace/bundles/VERSION --json hnsw.json   # what an ANN bundle loses
+          ebr eval --conditional --json plain.json   # a plain model's filtered per-interest numbers
+
+        A conditional model (model.conditional: true) also gets the "conditional" block: filtered
+        HR@K / Recall@K per (user, interest) on test engagements with a source interest (or the
+        target's interests where none is logged), topic match of the unfiltered top K, long-tail
+        interests apart, against the same run unconditioned and the interest's popular pins.
         """,
         cmd_eval,
     )
@@ -715,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="write the results JSON here")
     p.add_argument("--report", default="latest", help="report name under reports/")
+    p.add_argument("--conditional", action="store_true",
+                   help="also measure per-(user, interest) filtered retrieval (default: conditional models only)")
 
     from ebr import demo as _demo
 

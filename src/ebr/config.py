@@ -98,6 +98,10 @@ class ModelConfig(_Section):
     # clustering), mind (random init, soft routing), self_attention (ComiRec-SA)
     user_embeddings: Literal["single", "capsule", "mind", "self_attention"] = "single"
     multi: MultiConfig = Field(default_factory=MultiConfig)
+    # conditional retrieval (RecSys'24): an interest id is one more early-fused field of the user
+    # tower; trained with the engagement's condition (train.condition_source), served with an
+    # interest filter per condition (mode conditional / auto)
+    conditional: bool = False
     time_dim: int = 8  # width of the time term's pin embedding (features.pin_age, features.pin_counts)
     temperature: float = 0.05  # [ours] Yi et al.: 0.05-0.07 with normalised embeddings
     dropout: float = 0.0
@@ -128,6 +132,20 @@ class TrainConfig(_Section):
     max_steps: int | None = None  # stop after this many steps (benchmarks with a fixed budget)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     checkpoint_every: int = 200  # steps between 'last' checkpoints (resume granularity)
+    # conditional models: the training condition is the interest that sourced the engagement when
+    # the log has one (logged), else one of the target pin's interests at random; target: always
+    # the latter. A share condition_dropout of examples trains with no condition (the implicit
+    # embedding the same tower serves in single mode) [ours: 0.2]
+    condition_source: Literal["logged", "target"] = "logged"
+    condition_dropout: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class ServeConfig(_Section):
+    # mode auto on a conditional bundle: the implicit embedding(s), then one conditioned embedding
+    # per followed interest and per inferred interest (the most frequent interests of the history),
+    # at most auto_max_interests conditions, merged round-robin [ours]
+    auto_inferred: int = Field(3, ge=0)
+    auto_max_interests: int = Field(6, ge=0)
 
 
 class IndexConfig(_Section):
@@ -145,6 +163,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @classmethod

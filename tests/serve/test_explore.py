@@ -162,3 +162,49 @@ def test_searchable_user_list(server, browser, multi_tiny):
     assert browser.find_element("id", "user-title").text == f"user {name}"
     assert np.all([t.get_attribute("data-pin") for t in _tiles(browser, "#merged .tile")])
 
+
+
+def test_page_shows_one_column_per_interest(browser, cond_tiny):
+    """On a conditional bundle: mode conditional draws one column per interest (defaulting to the
+    user's followed interests), each holding the merged items that interest produced, all carrying
+    it; mode auto adds the implicit column first. Mutations caught: columns not drawn from the
+    explain response, a column holding another list's items, the interests box ignored."""
+    from selenium.webdriver.support.ui import Select
+
+    ws, bundle = cond_tiny
+    s = Server(bundle, args=("--workspace", str(ws.root)), command="explore")
+    try:
+        s.proc.stdout.readline()
+        r = Retriever(bundle)
+        u = next(x for x in r.fs.users.ids if r.is_warm(int(r.user_codes([x])[0]))
+                 and (r.followed[int(r.user_codes([x])[0])] > 1).sum() >= 2)
+        view = httpx.get(f"{s.url}/v1/users/{u}", timeout=10).json()
+        browser.get(f"{s.url}/explore?user={u}")
+        _loaded(browser, "single")
+        Select(browser.find_element("id", "mode")).select_by_value("conditional")
+        _loaded(browser, "conditional")
+        assert browser.find_element("id", "interests").get_attribute("value") == ",".join(view["followed"][:3])
+        res = s.post({"user_id": u, "k": 40, "mode": "conditional", "interests": view["followed"][:3],
+                      "explain": True}).json()
+        cols = _tiles(browser, "#columns .column")
+        assert [c.get_attribute("data-source") for c in cols] == [f"interest:{i}" for i in view["followed"][:3]]
+        for c, i in zip(cols, view["followed"][:3]):
+            tiles = c.find_elements("css selector", ".column-candidates .tile")
+            assert len(tiles) == sum(x["source"] == f"interest:{i}" for x in res["items"]) > 0
+            assert all(i in t.find_element("css selector", ".ints").text.split() for t in tiles)
+        merged = _tiles(browser, "#merged .tile")
+        assert [t.get_attribute("data-pin") for t in merged] == [x["pin_id"] for x in res["items"]]
+
+        box = browser.find_element("id", "interests")
+        box.clear()
+        box.send_keys(view["followed"][0] + "\n")
+        _wait(browser, lambda d: len(_tiles(d, "#columns .column")) == 1, what="one interest column")
+
+        Select(browser.find_element("id", "mode")).select_by_value("auto")
+        _loaded(browser, "auto")
+        auto = s.post({"user_id": u, "k": 40, "mode": "auto", "explain": True}).json()
+        cols = _tiles(browser, "#columns .column")
+        assert [c.get_attribute("data-source") for c in cols] == [e["source"] for e in auto["embeddings"]]
+        assert cols[0].get_attribute("data-source") == "single"
+    finally:
+        s.stop()

@@ -77,9 +77,12 @@ def check_bundle_for_split(manifest: dict[str, Any], sp: Split) -> None:
 
 def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: tuple[str, ...] = PEERS,
              ks: tuple[int, ...] = (20, 50, 100, 500), candidates: Path | None = None, progress: bool = True,
-             max_users: int | None = None, corpus: str | None = None, bundle: Path | None = None) -> dict[str, Any]:
+             max_users: int | None = None, corpus: str | None = None, bundle: Path | None = None,
+             conditional: bool | None = None) -> dict[str, Any]:
     """Evaluate a run against peers. Returns the EVALUATION.md JSON object. By default the run's
-    exact bundle as of the split's cut; `bundle` measures another (e.g. HNSW or IVF-PQ) instead."""
+    exact bundle as of the split's cut; `bundle` measures another (e.g. HNSW or IVF-PQ) instead.
+    `conditional` adds the per-(user, interest) block (eval/conditional.py); default: when the
+    bundle serves mode conditional."""
     t0 = time.time()
     sp = load_split(ws, split)
     unknown = set(peers) - set(PEERS)
@@ -134,6 +137,7 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
     multi = "multi" in r.manifest["modes"]
     _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude, allowed=only,
                               mode="multi" if multi else "single", merge="max")
+    plain_top = top
     results.append({"name": "two_tower", **metrics_at_k(top, spec.targets, ks, r.pin_interests)})
     if multi:
         _, top = r.retrieve_codes(spec.users, K, exclude=spec.exclude, allowed=only, mode="multi")
@@ -156,6 +160,14 @@ def evaluate(ws: Workspace, run: str = "main", split: str | None = None, peers: 
         "bundle": r.version, "backend": r.backend, "run": run, "candidates": corpus_name,
         "unreachable_target_share": round(unreachable, 6), "seconds": round(time.time() - t0, 2),
     }
+    if conditional or (conditional is None and "conditional" in r.manifest["modes"]):
+        from ebr.eval.conditional import conditional_metrics
+
+        popular = scorers.get("popularity") or pz.popularity(e, visible, P)
+        out["conditional"] = conditional_metrics(r, e, visible, spec, plain_top, popular, ks,
+                                                 fcfg.positive_actions, only, "multi" if multi else "single")
+        if progress and out["conditional"]:
+            log.info(format_conditional(out["conditional"]))
     if candidates:
         cands = read_candidates(candidates, r)
 
@@ -183,6 +195,17 @@ def format_table(res: dict[str, Any], cols: tuple[str, ...] = ("recall@20", "rec
     ]
     for r in res["results"]:
         lines.append(f"{r['name']:<18}" + "".join(f"{r.get(c, float('nan')):>14.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def format_conditional(c: dict[str, Any], k: int = 100) -> str:
+    lines = [f"conditional: {c['n_pairs']:,} (user, interest) pairs over {c['n_interests']} interests "
+             f"(conditions from {c['conditions_from'].replace('_', ' ')}; long tail: {c['n_longtail_pairs']:,} pairs)",
+             f"{'model':<18}" + "".join(f"{x:>22}" for x in (f"filtered_hr@{k}", f"filtered_recall@{k}",
+                                                          f"topic_match@{k}", f"longtail_filtered_hr@{k}"))]
+    for r in c["results"]:
+        lines.append(f"{r['name']:<18}" + "".join(f"{r.get(x, float('nan')):>22.4f}" for x in (
+            f"filtered_hr@{k}", f"filtered_recall@{k}", f"topic_match@{k}", f"longtail_filtered_hr@{k}")))
     return "\n".join(lines)
 
 

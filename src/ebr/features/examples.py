@@ -34,6 +34,10 @@ class Engagements:
     weight: np.ndarray
     part: np.ndarray  # Part per engagement (train, validation, test)
     timed: bool = True  # t is microseconds of real time (False: a pseudo-time, the file order)
+    cond: np.ndarray | None = None  # interest code that sourced the engagement (0: none logged)
+
+    def conditions(self) -> np.ndarray:
+        return np.zeros(len(self.user), dtype=np.int64) if self.cond is None else self.cond
 
     def __len__(self) -> int:
         return len(self.user)
@@ -71,7 +75,7 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
         join = ("LEFT JOIN (SELECT user_id, pin_id, min(pos) AS pos, bool_or(part = 'test') AS is_test "
                 "FROM assignment GROUP BY user_id, pin_id) a ON a.user_id = e.user_id AND a.pin_id = e.pin_id")
     t = con.sql(
-        f"""SELECT e.user_id, e.pin_id, e.action, e.weight, epoch_us(e.ts) AS t, {cols},
+        f"""SELECT e.user_id, e.pin_id, e.action, e.weight, epoch_us(e.ts) AS t, e.condition_interest, {cols},
                   row_number() OVER (PARTITION BY e.user_id ORDER BY e.ts NULLS LAST, e.pin_id, e.action) AS rn
            FROM engagements e {join}
            ORDER BY e.user_id, e.ts NULLS LAST, pos NULLS FIRST, e.pin_id, e.action, e.weight"""
@@ -111,9 +115,12 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
         part[tt >= test_t[user]] = Part.TEST
     action = np.array([ACTION_CODE.get(a, 0) for a in t["action"].to_pylist()], dtype=np.int64)
     w = t["weight"].to_numpy(zero_copy_only=False).astype(np.float32)
+    cond = fs.interests.encode(t["condition_interest"])
+    cond = np.where(cond >= FIRST_ID, cond, 0)  # null (none logged) -> 0
     order = np.lexsort((tt, user))  # stable: ties keep the query's deterministic order
     timed = has_time and not given  # given: pseudo-time = file position; no-time leave-last-out: row order
-    return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order], timed)
+    return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order], timed,
+                       cond[order])
 
 
 @dataclass
@@ -174,6 +181,20 @@ class Examples:
     pin: np.ndarray
     t: np.ndarray
     weight: np.ndarray
+    cond: np.ndarray  # the logged source interest (0: none)
+
+
+def draw_conditions(logged: np.ndarray, pin_interests: np.ndarray, source: str, dropout: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Training conditions of a conditional model (TECHNIQUES.md 7): the logged source interest
+    where there is one and `source` is "logged", else one of the target pin's interests at random
+    (`pin_interests` (B, K) codes of each row's target, PAD-filled; 0 when it has none); then a
+    share `dropout` of rows set to 0 (no condition). (B,) interest codes."""
+    n = (pin_interests > 0).sum(1)
+    pick = np.minimum((rng.random(len(n)) * n).astype(np.int64), np.maximum(n - 1, 0))
+    drawn = np.where(n > 0, pin_interests[np.arange(len(n)), pick], 0)
+    out = np.where(logged > 0, logged, drawn) if source == "logged" else drawn
+    return np.where(rng.random(len(n)) < dropout, 0, out)
 
 
 def positive_examples(e: Engagements, cfg: FeaturesConfig, parts: tuple[int, ...]) -> Examples:
@@ -183,7 +204,7 @@ def positive_examples(e: Engagements, cfg: FeaturesConfig, parts: tuple[int, ...
         w_by_code[ACTION_CODE[a]] = w
     m = np.isin(e.action, pos_codes) & np.isin(e.part, parts)
     w = np.where(w_by_code[e.action[m]] > 0, w_by_code[e.action[m]], 1.0) * e.weight[m]
-    return Examples(e.user[m], e.pin[m], e.t[m], w.astype(np.float32))
+    return Examples(e.user[m], e.pin[m], e.t[m], w.astype(np.float32), e.conditions()[m])
 
 
 @dataclass

@@ -236,7 +236,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             "checkpoint": {"path": str(ck_path), "sha256": file_sha256(ck_path), "refit": bool(ck.get("refit"))},
             "time_term": {"fields": snap.time.sizes if snap.time is not None else [], "as_of_us": as_of},
             "counts": {"pins": len(fs.pins) - FIRST_ID, "candidates": int(candidate.sum()), "users": U - FIRST_ID},
-            "modes": ["single"] if model.user.clusters is None else ["single", "multi"],
+            "modes": (["single"] if model.user.clusters is None else ["single", "multi"])
+            + (["conditional", "auto"] if run_cfg.model.conditional else []),
             "config": ck["config"],
             "checksums": {f: file_sha256(tmp / f) for f in BUNDLE_FILES},
             "libraries": library_versions(),

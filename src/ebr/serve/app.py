@@ -62,7 +62,8 @@ class RetrieveRequest(BaseModel):
     followed_interests: list[Text] | None = Field(
         default=None, max_length=64, description="overrides the stored followed interests (unknown ones are dropped)")
     explain: bool = Field(default=False, description="multi mode: also return each embedding's importance and the "
-                                                     "history items clustered into it")
+                                                     "history items clustered into it; conditional/auto: each list's "
+                                                     "interest and why it was chosen")
 
 
 class Item(BaseModel):
@@ -72,9 +73,15 @@ class Item(BaseModel):
 
 
 class Embedding(BaseModel):
+    """One list of the merge: an embedding of the user (multi: its importance and history cluster)
+    or, in modes conditional/auto, an interest (`kind`: requested, followed or inferred; implicit
+    for the unconditioned embedding)."""
+
     source: str
-    importance: float
-    history: list[str]
+    importance: float | None = None
+    history: list[str] | None = None
+    kind: str | None = None
+    interest: str | None = None
 
 
 class RetrieveResponse(BaseModel):
@@ -201,14 +208,10 @@ def create_app(
         r = state["r"]  # this request keeps this Retriever even if a reload swaps it
         if not 1 <= req.k <= max_k:
             return _error(422, f"k must be between 1 and {max_k} (got {req.k})")
-        # auto: the implicit embeddings, several when the bundle has them
-        mode = ("multi" if "multi" in r.manifest["modes"] else "single") if req.mode == "auto" else req.mode
-        if mode not in r.manifest["modes"]:
-            return _error(
-                422,
-                f"mode {req.mode!r} is not served by bundle {r.version}; it serves "
-                f"{', '.join(r.manifest['modes'] + ['auto'])}",
-            )
+        try:  # auto: conditional auto, else the implicit embeddings (several when the bundle has them)
+            mode = r.resolve_mode(req.mode)
+        except ValueError as e:
+            return _error(422, str(e))
         history = None if req.history is None else [h if isinstance(h, str) else h.model_dump() for h in req.history]
         try:
             res = await asyncio.wait_for(
@@ -230,7 +233,7 @@ def create_app(
             "mode": mode,
             "cold_start": res.cold_start,
         }
-        if req.explain and mode == "multi":
+        if req.explain and mode != "single":
             out["embeddings"] = res.embeddings
         return out
 

@@ -172,25 +172,94 @@ class Retriever:
         tower's first (most important) one. Arguments as embed_all."""
         return self.embed_all(*inputs, **kw).queries[:, 0]
 
-    def search_all(self, qs: Queries, k: int, exclude: Sequence[np.ndarray] | None = None,
-                   allowed: np.ndarray | None = None, merge: str = "round_robin",
-                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """One ANN query per active embedding (one batched search), then each user's lists merged
-        (serve/merge.py: round_robin under the budget, or max_merge) -> per user (codes, scores,
-        embedding index), at most k each."""
+    def search_lists(self, qs: Queries, k: int, exclude: Sequence[np.ndarray] | None = None,
+                     allowed: np.ndarray | None = None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """One ANN query per active embedding (one batched search) -> per user, each embedding's
+        (codes, scores), best first."""
         b_idx, j_idx = torch.nonzero(qs.active, as_tuple=True)
         ex = None if exclude is None else [exclude[int(b)] for b in b_idx]
         s, i = self.search(qs.queries[b_idx, j_idx], k, ex, allowed)
         out, row = [], 0
-        imp = qs.importance.numpy()
         for b in range(qs.active.shape[0]):
             n = int(qs.active[b].sum())
-            lists = [(i[row + j], s[row + j]) for j in range(n)]
+            out.append([(i[row + j], s[row + j]) for j in range(n)])
             row += n
+        return out
+
+    def search_all(self, qs: Queries, k: int, exclude: Sequence[np.ndarray] | None = None,
+                   allowed: np.ndarray | None = None, merge: str = "round_robin",
+                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """search_lists, then each user's lists merged (serve/merge.py: round_robin under the
+        budget, or max_merge) -> per user (codes, scores, embedding index), at most k each."""
+        imp = qs.importance.numpy()
+        out = []
+        for b, lists in enumerate(self.search_lists(qs, k, exclude, allowed)):
             if merge == "max":
                 out.append(max_merge(lists, k))
             else:
-                out.append(round_robin(lists, k, quotas(k, imp[b] if self.budget == "importance" else None, n)))
+                out.append(round_robin(lists, k, quotas(k, imp[b] if self.budget == "importance" else None,
+                                                        len(lists))))
+        return out
+
+    # ---- conditional retrieval ------------------------------------------------------------------
+    def resolve_mode(self, mode: str) -> str:
+        """A request's mode -> the mode served. auto: conditional auto on a conditional bundle, else
+        multi on a multi-embedding bundle, else single. A mode the bundle lacks is a ValueError."""
+        modes = self.manifest["modes"]
+        if mode == "auto":
+            return "auto" if "auto" in modes else ("multi" if "multi" in modes else "single")
+        if mode not in modes:
+            served = modes + ([] if "auto" in modes else ["auto"])
+            raise ValueError(f"mode {mode!r} is not served by bundle {self.version}; it serves {', '.join(served)}")
+        return mode
+
+    def interest_codes(self, interests: Sequence[str]) -> np.ndarray:
+        """Interest ids -> codes; unknown ones are a ValueError naming them."""
+        codes = self.fs.interests.encode([str(i) for i in interests])
+        unknown = [str(i) for i, c in zip(interests, codes) if c < FIRST_ID]
+        if unknown:
+            raise ValueError(f"unknown interest(s): {', '.join(unknown)}")
+        return codes
+
+    def inferred_interests(self, hist: np.ndarray, actions: np.ndarray, n: int) -> list[int]:
+        """The n most frequent interests of a history's valid items (hides and padding skipped),
+        ties to the most recently engaged."""
+        valid = valid_items(torch.from_numpy(actions[None]))[0].numpy() & (hist >= FIRST_ID)
+        seen: dict[int, tuple[int, int]] = {}
+        for pos in np.flatnonzero(valid).tolist():
+            for i in self.pin_interests[int(hist[pos])]:
+                seen[i] = (seen.get(i, (0, 0))[0] + 1, pos)
+        return [i for i, _ in sorted(seen.items(), key=lambda x: (-x[1][0], -x[1][1]))[:n]]
+
+    def auto_conditions(self, hist: np.ndarray, actions: np.ndarray, followed: np.ndarray) -> list[tuple[int, str]]:
+        """mode auto's conditions: (interest code, "followed" | "inferred"), followed first, no
+        repeats, only interests with candidate pins, at most serve.auto_max_interests."""
+        cfg = self.manifest["config"].get("serve", {})
+        cap, n_inf = cfg.get("auto_max_interests", 6), cfg.get("auto_inferred", 3)
+        out: dict[int, str] = {}
+        for c in followed[followed >= FIRST_ID].tolist():
+            out.setdefault(int(c), "followed")
+        for c in self.inferred_interests(hist, actions, n_inf):
+            out.setdefault(int(c), "inferred")
+        return [(c, why) for c, why in out.items() if c in self.interest_pins][:cap]
+
+    def _interest_allowed(self, code: int, filt: np.ndarray | None) -> np.ndarray:
+        allowed = self.interest_pins.get(int(code), np.zeros(0, dtype=np.int64))
+        return allowed if filt is None else np.intersect1d(allowed, filt, assume_unique=True)
+
+    def condition_lists(self, inputs: tuple[np.ndarray, ...], user: int, conds: Sequence[int], k: int,
+                        excl: np.ndarray, filt: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One user (inputs as stored_inputs, one row each), one list per condition: the tower
+        conditioned on the interest, searched among the pins carrying it (and `filt`, if given).
+        A multi-embedding tower gives one conditioned query per embedding, max-merged."""
+        n = len(conds)
+        rep = tuple(np.repeat(x, n, axis=0) for x in inputs)
+        qs = self.embed_all(*rep, condition=np.asarray(conds, dtype=np.int64), users=np.full(n, user))
+        out = []
+        for j, c in enumerate(conds):
+            sub = Queries(*(x[j : j + 1] for x in qs))
+            lists = self.search_lists(sub, k, [excl], self._interest_allowed(c, filt))[0]
+            out.append(max_merge(lists, k)[:2])
         return out
 
     def search(
@@ -224,35 +293,41 @@ class Retriever:
         allowed: np.ndarray | None = None,
         mode: str = "single",
         merge: str = "round_robin",
+        condition: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Batch retrieval for known users (offline candidate generation and evaluation): (scores
         (B, k), pin codes (B, k)), empty slots -1 / -inf. exclude defaults to each user's engaged
         pins. mode multi: every embedding searched, lists merged (`merge`: round_robin as served,
-        or max: the top k by max-over-embeddings score)."""
+        or max: the top k by max-over-embeddings score). `condition`: each user's interest code
+        for a conditional tower (0: none)."""
         scores, out = [], []
         batch = batch if mode == "single" else max(1, batch // 8)  # up to 7 queries per user
         for lo in range(0, len(codes), batch):
             c = codes[lo : lo + batch]
             ex = [self.engaged_pins(int(x)) for x in c] if exclude is None else exclude[lo : lo + batch]
             inputs = self.stored_inputs(c)
+            cond = None if condition is None else condition[lo : lo + batch]
             if mode == "single":
-                s, i = self.search(self.embed(*inputs, users=c), k, ex, allowed)
+                s, i = self.search(self.embed(*inputs, users=c, condition=cond), k, ex, allowed)
             else:
                 s = np.full((len(c), k), -np.inf, dtype=np.float32)
                 i = np.full((len(c), k), -1, dtype=np.int64)
-                for r, (ci, si, _) in enumerate(self.search_all(self.embed_all(*inputs, users=c), k, ex, allowed,
-                                                                merge)):
+                qs = self.embed_all(*inputs, users=c, condition=cond)
+                for r, (ci, si, _) in enumerate(self.search_all(qs, k, ex, allowed, merge)):
                     i[r, : len(ci)], s[r, : len(ci)] = ci, si
             scores.append(s)
             out.append(i)
         return np.concatenate(scores), np.concatenate(out)
 
-    def retrieve_batch(self, user_ids: Sequence[str], k: int, mode: str = "single") -> list[Result]:
-        """`retrieve(u, k, mode=mode)` for many users: warm users through one batched search, the
-        others (cold, unknown) one by one through the cold-start path."""
+    def retrieve_batch(self, user_ids: Sequence[str], k: int, mode: str = "single",
+                       interests: Sequence[str] | None = None) -> list[Result]:
+        """`retrieve(u, k, interests=interests, mode=mode)` for many users: warm users through one
+        batched search, the others (cold, unknown) one by one through the cold-start path."""
         codes = self.user_codes(list(user_ids))
         warm = [i for i, c in enumerate(codes) if self.is_warm(int(c))]
         out: list[Result | None] = [None] * len(codes)
+        if interests or mode in ("conditional", "auto"):  # filters, per-user conditions: one at a time
+            warm = []
         if warm and mode == "multi":
             c = codes[warm]
             merged = self.search_all(self.embed_all(*self.stored_inputs(c), users=c), k,
@@ -270,14 +345,12 @@ class Retriever:
                     ["single"] * int(keep.sum()),
                     False,
                 )
-        return [x if x is not None else self.retrieve(u, k, mode=mode) for u, x in zip(user_ids, out)]
+        return [x if x is not None else self.retrieve(u, k, interests=interests, mode=mode)
+                for u, x in zip(user_ids, out)]
 
     def allowed_for_interests(self, interests: Sequence[str]) -> np.ndarray:
         """Sorted pin codes carrying any of the interests; an unknown interest is a ValueError."""
-        codes = self.fs.interests.encode(list(interests))
-        unknown = [i for i, c in zip(interests, codes) if c < FIRST_ID]
-        if unknown:
-            raise ValueError(f"unknown interest(s): {', '.join(map(str, unknown))}")
+        codes = self.interest_codes(interests)
         parts = [self.interest_pins.get(int(c), np.zeros(0, dtype=np.int64)) for c in codes]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
@@ -300,7 +373,14 @@ class Retriever:
         history takes the tower when it has features or followed interests, else the cold-start
         path (popular pins). mode multi (a multi-embedding bundle): one search per embedding, merged
         round-robin under k, each item's source naming its embedding (emb0 = the most important);
-        with `explain`, each embedding's importance and history items come back too."""
+        with `explain`, each embedding's importance and history items come back too.
+
+        Conditional bundles: mode conditional conditions the tower on each of `interests` (then
+        not a filter) and searches among that interest's pins, one list per interest; mode auto
+        takes the implicit embedding(s) plus one conditioned list per followed and inferred
+        interest (`interests` filters every list). Lists are merged round-robin under k; sources
+        are `interest:ID` (or the embedding's). A user with nothing to embed gets each interest's
+        popular pins."""
         code = int(self.user_codes([user_id or ""])[0])
         known = code >= FIRST_ID
         hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
@@ -324,15 +404,27 @@ class Retriever:
             excl = np.concatenate([excl, self.engaged_pins(code)])
         if history is not None:
             excl = np.concatenate([excl, hist[hist >= FIRST_ID]])
+        conds: list[tuple[int, str]] | None = None
+        if mode == "conditional":
+            if not interests:
+                raise ValueError("mode conditional needs `interests`: the interest ids to condition on "
+                                 "(mode auto picks them from the user's followed and inferred interests)")
+            conds = [(int(c), "requested") for c in dict.fromkeys(self.interest_codes(interests).tolist())]
+            interests = None  # the conditions, not a filter
+        elif mode == "auto":
+            conds = self.auto_conditions(hist, actions, fol)
         allowed = self.allowed_for_interests(interests) if interests else None
         has_history = bool((hist >= FIRST_ID).any())
         has_features = bool(features and (cat >= FIRST_ID).any()) or bool((fol >= FIRST_ID).any())
+        inputs = (hist[None], actions[None], cat[None], fol[None])
+        users = np.array([code if known else 0])
+        if conds is not None:
+            return self._conditional(mode, conds, inputs, int(users[0]), k, excl, allowed,
+                                     has_history or has_features, has_history, explain)
         if not has_history and not has_features:
             return self._popular(k, set(excl.tolist()), allowed)
         # with history: the user tower; without (a new user with features or followed interests): the
         # tower on those alone
-        inputs = (hist[None], actions[None], cat[None], fol[None])
-        users = np.array([code if known else 0])
         if mode == "multi":
             qs = self.embed_all(*inputs, users=users)
             codes, scores, src = self.search_all(qs, k, [excl], allowed)[0]
@@ -351,6 +443,41 @@ class Retriever:
         return Result(
             [self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), [source] * int(keep.sum()), not has_history
         )
+
+    def _conditional(self, mode: str, conds: list[tuple[int, str]], inputs: tuple[np.ndarray, ...], user: int,
+                     k: int, excl: np.ndarray, allowed: np.ndarray | None, tower: bool, has_history: bool,
+                     explain: bool) -> Result:
+        """Modes conditional and auto (see retrieve): the lists, their names, one round-robin merge."""
+        lists: list[tuple[np.ndarray, np.ndarray]] = []
+        names: list[str] = []
+        info: list[dict] = []
+        if mode == "auto":  # the implicit embedding(s) first
+            if not tower:
+                pop = self._popular(k, set(excl.tolist()), allowed)
+                lists.append((self.pin_codes(pop.pin_ids), np.array(pop.scores, dtype=np.float32)))
+                names.append("popular")
+            elif "multi" in self.manifest["modes"]:
+                qs = self.embed_all(*inputs, users=np.array([user]))
+                lists += self.search_lists(qs, k, [excl], allowed)[0]
+                names += [f"emb{j}" if has_history else "features" for j in range(len(lists))]
+            else:
+                lists += [x[:2] for x in self.search_all(self.embed_all(*inputs, users=np.array([user])), k, [excl],
+                                                         allowed)]
+                names.append("single" if has_history else "features")
+            info += [{"source": n, "kind": "implicit"} for n in names]
+        codes = [c for c, _ in conds]
+        if tower and codes:
+            lists += self.condition_lists(inputs, user, codes, k, excl, allowed)
+        else:  # nothing to embed: each interest's popular pins
+            for c in codes:
+                pop = self._popular(k, set(excl.tolist()), self._interest_allowed(c, allowed))
+                lists.append((self.pin_codes(pop.pin_ids), np.array(pop.scores, dtype=np.float32)))
+        ids = self.fs.interests.decode(np.array(codes, dtype=np.int64))
+        names += [f"interest:{i}" for i in ids]
+        info += [{"source": f"interest:{i}", "kind": why, "interest": i} for i, (_, why) in zip(ids, conds)]
+        top, scores, src = round_robin(lists, k)
+        return Result([self.pin_ids[c] for c in top.tolist()], scores.tolist(), [names[j] for j in src.tolist()],
+                      not has_history, info if explain else [])
 
     def _history_codes(self, history: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """A request's history as the tower saw histories in training: impressions and pins unknown

@@ -31,6 +31,7 @@ from ebr.features.examples import (
     T_MAX,
     Examples,
     Histories,
+    draw_conditions,
     eval_spec,
     positive_examples,
 )
@@ -230,6 +231,10 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
     ex, n_pins = d.examples, d.sizes["n_pins"]
     ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, cfg.features.history_len)
     pos = torch.from_numpy(ex.pin[idx])
+    if cfg.model.conditional:  # drawn from (seed, step): a resumed run draws the same conditions
+        rng = np.random.default_rng([cfg.train.seed, 0xC0D, s.step])
+        ub.condition = torch.from_numpy(draw_conditions(ex.cond[idx], d.pins.interests[pos].numpy(),
+                                                        cfg.train.condition_source, cfg.train.condition_dropout, rng))
     s.est.update(pos, s.step)
     log_q = None
     if cfg.train.logq:

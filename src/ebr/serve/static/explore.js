@@ -58,9 +58,15 @@ async function loadUser(userId) {
   let view, res;
   try {
     view = await api(`/v1/users/${encodeURIComponent(userId)}`);
-    res = await api("/v1/retrieve", {user_id: userId, k: k, mode: mode, explain: mode !== "single"});
+    const body = {user_id: userId, k: k, mode: mode, explain: mode !== "single"};
+    if (mode === "conditional") {
+      // the conditions: as typed, else the user's followed interests, else its history's most frequent
+      if (!$("interests").value.trim()) $("interests").value = defaultInterests(view).join(",");
+      body.interests = $("interests").value.split(",").map((x) => x.trim()).filter((x) => x);
+    }
+    res = await api("/v1/retrieve", body);
   } catch (err) {
-    for (const s of ["summary", "history-section", "clusters-section", "merged-section"]) $(s).hidden = true;
+    for (const s of ["summary", "history-section", "clusters-section", "columns-section", "merged-section"]) $(s).hidden = true;
     showError(err.message);
     document.body.dataset.loaded = "error";
     return;
@@ -79,9 +85,24 @@ async function loadUser(userId) {
   fill($("history"), view.history.map((h) => tile(h, {action: h.action, invalid: !h.valid})));
   const items = res.items.map((x) => ({...x, ...(info[x.pin_id] || {})}));
   $("merged-section").hidden = false;
-  $("merged-note").textContent = `(mode ${res.mode}, ${items.length} pins, each tagged with the embedding that produced it)`;
+  $("merged-note").textContent = `(mode ${res.mode}, ${items.length} pins, each tagged with the embedding or interest that produced it)`;
   fill($("merged"), items.map((x) => tile(x, {source: x.source})));
-  const embs = res.embeddings || [];
+  const embs = (res.embeddings || []).filter((e) => e.history !== undefined && e.history !== null);
+  const lists = (res.embeddings || []).filter((e) => e.kind !== undefined && e.kind !== null);
+  $("columns-section").hidden = lists.length === 0;
+  fill($("columns"), lists.map((e) => {
+    const col = document.createElement("div");
+    col.className = "column";
+    col.dataset.source = e.source;
+    col.innerHTML = "<h4></h4><p><small></small></p>";
+    col.querySelector("h4").textContent = e.source;
+    col.querySelector("small").textContent = e.kind === "implicit" ? "implicit (no condition)" : `${e.kind} interest`;
+    const cands = document.createElement("div");
+    cands.className = "tiles column-candidates";
+    fill(cands, items.filter((x) => x.source === e.source).map((x) => tile(x, {source: x.source})));
+    col.appendChild(cands);
+    return col;
+  }));
   $("clusters-section").hidden = embs.length === 0;
   const byPin = new Map(view.history.map((h) => [h.pin_id, h]));
   fill($("clusters"), embs.map((e) => {
@@ -102,6 +123,13 @@ async function loadUser(userId) {
     return row;
   }));
   document.body.dataset.loaded = res.mode;
+}
+
+function defaultInterests(view) {
+  if (view.followed.length) return view.followed.slice(0, 3);
+  const counts = new Map();
+  for (const h of view.history) if (h.valid) for (const i of h.interests) counts.set(i, (counts.get(i) || 0) + 1);
+  return [...counts.entries()].sort((a, b) => b[1] - a[1]).slice(0, 3).map((x) => x[0]);
 }
 
 async function searchUsers() {
@@ -133,7 +161,11 @@ async function init() {
   $("user-search").addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(searchUsers, 200); });
   $("user-search").addEventListener("keydown", (ev) => { if (ev.key === "Enter") loadUser($("user-search").value.trim()); });
   $("open-user").addEventListener("click", () => loadUser($("user-search").value.trim()));
-  $("mode").addEventListener("change", () => loadUser($("user-search").value.trim()));
+  $("mode").addEventListener("change", () => {
+    $("interests-label").hidden = $("mode").value !== "conditional";
+    loadUser($("user-search").value.trim());
+  });
+  $("interests").addEventListener("keydown", (ev) => { if (ev.key === "Enter") loadUser($("user-search").value.trim()); });
   const user = new URL(window.location).searchParams.get("user");
   if (user) await loadUser(user);
   else await searchUsers();
