@@ -162,6 +162,7 @@ def main() -> None:
         server.wait(30)
     payload = {
         "pins": m["counts"]["candidates"],
+        "model_steps": trained_steps(ws, "serve"),
         "embedding_dim": m["embedding_dim"],
         "k": a.k,
         "hnsw_build_seconds": m["index"]["build_seconds"],
@@ -220,7 +221,17 @@ def other_mode(ws, a, users: list[str], mode: str) -> dict:
     finally:
         server.terminate()
         server.wait(30)
-    return {"recall@100_vs_exact": m["index"]["recall@100_vs_exact"], "concurrency_1": c1}
+    return {"recall@100_vs_exact": m["index"]["recall@100_vs_exact"], "model_steps": trained_steps(ws, MODELS[mode][0]),
+            "concurrency_1": c1}
+
+
+def trained_steps(ws, run: str) -> int:
+    """Training steps of the run's served checkpoint (a model reused from an earlier --prepare may
+    have stopped before --steps)."""
+    from ebr.index.bundle import served_checkpoint
+    from ebr.workspace import load_checkpoint_state
+
+    return int(load_checkpoint_state(served_checkpoint(ws, run))["step"])
 
 
 if __name__ == "__main__":

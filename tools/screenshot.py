@@ -3,7 +3,7 @@ workspace, opens /explore?user=ID in headless Debian Chromium (the browser the t
 a PNG of the whole page.
 
     python tools/screenshot.py [--workspace ./workspace] [--bundle latest] [--user ID]
-                               [--mode single|multi|auto] [--out docs/explore.png]
+                               [--mode single|multi|conditional|auto] [--out docs/explore.png]
 
 Without --user: the first user with at least 12 history items. The bundle is any the workspace
 has (`latest` by default: run `make demo` first).
@@ -27,7 +27,8 @@ def main() -> int:
     ap.add_argument("--workspace", default="./workspace")
     ap.add_argument("--bundle", default="latest")
     ap.add_argument("--user", default=None)
-    ap.add_argument("--mode", default="auto", choices=["single", "multi", "auto"])
+    ap.add_argument("--mode", default="auto", choices=["single", "multi", "conditional", "auto"],
+                    help="the page's mode (conditional: the user's followed interests as conditions)")
     ap.add_argument("--out", default="docs/explore.png")
     a = ap.parse_args()
     from selenium import webdriver
