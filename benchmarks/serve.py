@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--modes", default="single,multi,conditional",
                     help="multi: also a capsule multi-embedding model (K = 7 embeddings per user), concurrency 1; "
                          "conditional: also a conditional model, 3 interests per request, concurrency 1")
+    ap.add_argument("--reuse-bundles", action="store_true",
+                    help="serve the latest HNSW bundle of each model's checkpoint when there is one (timing only)")
     ap.add_argument("--prepare", action="store_true",
                     help="only generate the world and train the models (no timing: safe beside other work)")
     a = ap.parse_args()
@@ -109,7 +111,6 @@ def main() -> None:
 
     from ebr.config import RunConfig
     from ebr.data.synth import generate
-    from ebr.index.bundle import build_bundle
     from ebr.serve.retriever import Retriever
     from ebr.train.loop import train
     from ebr.workspace import Workspace, read_json
@@ -125,7 +126,7 @@ def main() -> None:
     if a.prepare:
         return
     t = time.time()
-    hnsw = build_bundle(ws, "serve", "latest", backend="hnsw", recall_sample=300)
+    hnsw = hnsw_bundle(ws, "serve", a.reuse_bundles)
     bundle_s = time.time() - t
     m = read_json(hnsw / "manifest.json")
     r = Retriever(hnsw)
@@ -197,11 +198,10 @@ def other_mode(ws, a, users: list[str], mode: str) -> dict:
     """The mode's model (trained by main), its HNSW bundle, the mode at concurrency 1."""
     import numpy as np
 
-    from ebr.index.bundle import build_bundle
     from ebr.serve.retriever import Retriever
     from ebr.workspace import read_json
 
-    bundle = build_bundle(ws, MODELS[mode][0], "latest", backend="hnsw", recall_sample=300)
+    bundle = hnsw_bundle(ws, MODELS[mode][0], a.reuse_bundles)
     m = read_json(bundle / "manifest.json")
     extras = None
     if mode == "conditional":  # 3 random interests (with at least k pins) per request
@@ -223,6 +223,15 @@ def other_mode(ws, a, users: list[str], mode: str) -> dict:
         server.wait(30)
     return {"recall@100_vs_exact": m["index"]["recall@100_vs_exact"], "model_steps": trained_steps(ws, MODELS[mode][0]),
             "concurrency_1": c1}
+
+
+def hnsw_bundle(ws, run: str, reuse: bool):
+    """The run's HNSW bundle: built now (its build time is reported), or with --reuse-bundles the
+    latest one of the run's current checkpoint when there is one."""
+    from ebr.index.bundle import build_bundle, find_bundle
+
+    found = find_bundle(ws, run, "latest", backend="hnsw") if reuse else None
+    return found or build_bundle(ws, run, "latest", backend="hnsw", recall_sample=300)
 
 
 def trained_steps(ws, run: str) -> int:

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ebr.index.backends import BACKENDS, AnnIndex, SearchDefaults, build_index
+from ebr.index.backends import BACKENDS, AnnIndex, SearchDefaults, build_index, members
 
 N, D, N_INTERESTS = 25_000, 32, 40
 
@@ -116,3 +116,15 @@ def test_filtered_retriever_path_falls_back_to_exact(tiny_ws):
             )
             assert len(res.pin_ids) == min(1000, n_allowed - engaged)
             assert all(code in r.pin_interests[r._pin_code[p]] for p in res.pin_ids)
+
+
+def test_members_is_the_sorted_intersection():
+    """members(x, pool) == np.intersect1d(x, pool) for unsorted x with repeats, values below,
+    between and above the pool, and empty inputs. Mutations caught: dropping the equality check
+    (values between pool entries kept), not clipping past the end, not deduplicating x."""
+    rng = np.random.default_rng(0)
+    pool = np.unique(rng.integers(0, 1000, 300))
+    for x in (rng.integers(-50, 1100, 400), np.array([999, 999, 5, -1, 2000]), np.zeros(0, dtype=np.int64),
+              pool[::-1].copy()):
+        assert np.array_equal(members(x, pool), np.intersect1d(x, pool))
+    assert len(members(np.array([1, 2]), np.zeros(0, dtype=np.int64))) == 0

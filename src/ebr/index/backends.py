@@ -79,9 +79,8 @@ class AnnIndex:
         under selective filters); a row the index answers short is completed exactly."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         B = len(queries)
-        pool = self.codes if allowed_codes is None else np.intersect1d(allowed_codes, self.codes)
-        ex = [np.zeros(0, dtype=np.int64)] * B if exclude is None else [
-            np.intersect1d(np.asarray(x, dtype=np.int64), pool) for x in exclude]
+        pool = self.codes if allowed_codes is None else members(allowed_codes, self.codes)
+        ex = [np.zeros(0, dtype=np.int64)] * B if exclude is None else [members(x, pool) for x in exclude]
         available = len(pool) - np.array([len(x) for x in ex], dtype=np.int64)
         if available.max(initial=0) < defaults.exact_below:
             return self._exact(queries, pool, k, ex)
@@ -122,6 +121,15 @@ class AnnIndex:
         D[:, :kk] = np.take_along_axis(scores, top, axis=1)
         C[:, :kk] = np.where(np.isfinite(D[:, :kk]), pool[top], -1)
         return D, C
+
+
+def members(x, pool: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of x that are in `pool` (sorted, distinct): np.intersect1d(x, pool)
+    at O(|x| log |pool|), without sorting the pool again (a 1M-pin pool per request cost ~250 ms)."""
+    x = np.unique(np.asarray(x, dtype=np.int64))
+    if len(pool) == 0 or len(x) == 0:
+        return x[:0]
+    return x[pool[np.minimum(np.searchsorted(pool, x), len(pool) - 1)] == x]
 
 
 def build_index(
