@@ -97,7 +97,7 @@ def conditional_metrics(r, e: Engagements, visible: np.ndarray, spec: EvalSpec, 
         rows = np.flatnonzero(conds == c)
         users = spec.users[uidx[rows]]
         excl = [spec.exclude[i] for i in uidx[rows]]
-        allowed = r._interest_allowed(c, only)
+        allowed = r.interest_allowed(c, only)
         cond = np.full(len(rows), c, dtype=np.int64)
         if conditional:
             tops["conditional"][rows] = r.retrieve_codes(users, K, exclude=excl, allowed=allowed, mode=mode,

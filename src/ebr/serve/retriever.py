@@ -243,7 +243,8 @@ class Retriever:
             out.setdefault(int(c), "inferred")
         return [(c, why) for c, why in out.items() if c in self.interest_pins][:cap]
 
-    def _interest_allowed(self, code: int, filt: np.ndarray | None) -> np.ndarray:
+    def interest_allowed(self, code: int, filt: np.ndarray | None) -> np.ndarray:
+        """Sorted candidate pin codes carrying the interest (code), within `filt` when given."""
         allowed = self.interest_pins.get(int(code), np.zeros(0, dtype=np.int64))
         return allowed if filt is None else np.intersect1d(allowed, filt, assume_unique=True)
 
@@ -258,7 +259,7 @@ class Retriever:
         out = []
         for j, c in enumerate(conds):
             sub = Queries(*(x[j : j + 1] for x in qs))
-            lists = self.search_lists(sub, k, [excl], self._interest_allowed(c, filt))[0]
+            lists = self.search_lists(sub, k, [excl], self.interest_allowed(c, filt))[0]
             out.append(max_merge(lists, k)[:2])
         return out
 
@@ -470,7 +471,7 @@ class Retriever:
             lists += self.condition_lists(inputs, user, codes, k, excl, allowed)
         else:  # nothing to embed: each interest's popular pins
             for c in codes:
-                pop = self._popular(k, set(excl.tolist()), self._interest_allowed(c, allowed))
+                pop = self._popular(k, set(excl.tolist()), self.interest_allowed(c, allowed))
                 lists.append((self.pin_codes(pop.pin_ids), np.array(pop.scores, dtype=np.float32)))
         ids = self.fs.interests.decode(np.array(codes, dtype=np.int64))
         names += [f"interest:{i}" for i in ids]
