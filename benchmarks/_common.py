@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -66,5 +67,35 @@ def train_eval(ws, run: str, over: dict, out: Path, split: str | None = None, **
     s = json.loads(done.read_text()) if same else train(ws, cfg, run=run, progress=False)
     res = evaluate(ws, run, split, progress=False, **eval_kw)
     res["train"] = s
-    out.write_text(json.dumps(res))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, out)  # a killed benchmark leaves no half-written cell to be read back as done
     return res
+
+
+def seeded_parser(doc: str, variants, root: str) -> argparse.ArgumentParser:
+    """The flags every seeded variant benchmark takes: --datasets, --seeds, --variants, --refit,
+    --set KEY=VALUE (repeatable; read them with `overrides`), --root."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="synth_small,ml100k")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default=",".join(variants))
+    ap.add_argument("--refit", action="store_true", help="refit on training + validation (the default pipeline)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every variant (YAML value), e.g. train.patience=1")
+    ap.add_argument("--root", default=root)
+    return ap
+
+
+def overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs -> {KEY: YAML value}."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in pairs)}
+
+
+def mean_std(x) -> dict:
+    """{"mean", "std"}: the sample std (ddof 1) over seeds, 0 for one seed."""
+    import numpy as np
+
+    return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}

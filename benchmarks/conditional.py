@@ -19,14 +19,13 @@ benchmarks/results/conditional.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import train_eval, write  # noqa: E402
+from _common import mean_std, overrides, seeded_parser, train_eval, write  # noqa: E402
 from quality import prepare  # noqa: E402
 
 VARIANTS = {
@@ -39,18 +38,8 @@ METRICS = ("filtered_hr@100", "filtered_recall@100", "topic_match@100", "longtai
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="synth_small,ml100k")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--refit", action="store_true", help="refit on training + validation (the default pipeline)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every variant (YAML value), e.g. train.patience=1")
-    ap.add_argument("--root", default="/tmp/ebr-bench-conditional")
-    a = ap.parse_args()
-    import yaml
-
-    sets = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.set)}
+    a = seeded_parser(__doc__, VARIANTS, "/tmp/ebr-bench-conditional").parse_args()
+    sets = overrides(a.set)
     root = Path(a.root)
     rows = []
     for ds in a.datasets.split(","):
@@ -76,7 +65,7 @@ def main() -> None:
                     else:
                         x = [next(r for r in run["conditional"]["results"] if r["name"] == name).get(m, np.nan)
                              for run in runs]
-                    vals[m] = {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
+                    vals[m] = mean_std(x)
                 label = {"two_tower": "plain two-tower + filter", "interest_popular": "interest-popular"}.get(name, v)
                 rows.append({"dataset": ds, "model": label, "seeds": len(runs),
                              "pairs": runs[0]["conditional"]["n_pairs"],

@@ -20,14 +20,13 @@ keeps its eval JSON under --root. Writes benchmarks/results/multi_embedding.json
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import train_eval, write  # noqa: E402
+from _common import mean_std, overrides, seeded_parser, train_eval, write  # noqa: E402
 from quality import prepare  # noqa: E402
 
 VARIANTS = {
@@ -42,19 +41,10 @@ METRICS = ("hr@100", "recall@50", "recall@100", "coverage@100", "diversity@100")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="synth_small,ml100k")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap = seeded_parser(__doc__, VARIANTS, "/tmp/ebr-bench-multi")
     ap.add_argument("--steps", type=int, default=None, help="fixed step budget per run (default: early stopping)")
-    ap.add_argument("--refit", action="store_true", help="refit on training + validation (the default pipeline)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every variant (YAML value), e.g. train.patience=1")
-    ap.add_argument("--root", default="/tmp/ebr-bench-multi")
     a = ap.parse_args()
-    import yaml
-
-    sets = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.set)}
+    sets = overrides(a.set)
     root = Path(a.root)
     rows = []
     for ds in a.datasets.split(","):
@@ -77,8 +67,7 @@ def main() -> None:
                 rows.append({"dataset": ds, "variant": v if name != "interest_popular" else "interest feed",
                              "list": name, "seeds": len(runs),
                              "train_seconds": float(np.mean([run["train"]["train_seconds"] for run in runs])),
-                             **{m: {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
-                                for m, x in vals.items()}})
+                             **{m: mean_std(x) for m, x in vals.items()}})
     md = ["| dataset | variant | list | " + " | ".join(METRICS) + " | train s |",
           "|---|---|---|" + "---|" * len(METRICS) + "---|"]
     for r in rows:

@@ -272,8 +272,6 @@ def cmd_retrieve(a) -> int:
     except ValueError as e:
         raise EbrError(f"--mode {a.mode}: {e}") from None
     interests = [x.strip() for x in (a.interests or "").split(",") if x.strip()] or None
-    if mode == "conditional" and not interests:
-        raise EbrError("--mode conditional needs --interests ID,ID (the conditions); --mode auto picks each user's")
     try:
         results = r.retrieve_batch(users, a.k, mode, interests)
     except ValueError as e:

@@ -84,7 +84,6 @@ def conditional_metrics(r, e: Engagements, visible: np.ndarray, spec: EvalSpec, 
         return None
     K = max(ks)
     conditional = "conditional" in r.manifest["modes"]
-    merge = "max"
     P = len(r.pin_ids)
 
     def has(pins: np.ndarray, c: int) -> np.ndarray:
@@ -101,10 +100,10 @@ def conditional_metrics(r, e: Engagements, visible: np.ndarray, spec: EvalSpec, 
         cond = np.full(len(rows), c, dtype=np.int64)
         if conditional:
             tops["conditional"][rows] = r.retrieve_codes(users, K, exclude=excl, allowed=allowed, mode=mode,
-                                                         merge=merge, condition=cond)[1]
-            topic_c[rows] = r.retrieve_codes(users, K, exclude=excl, allowed=only, mode=mode, merge=merge,
+                                                         merge="max", condition=cond)[1]
+            topic_c[rows] = r.retrieve_codes(users, K, exclude=excl, allowed=only, mode=mode, merge="max",
                                              condition=cond)[1]
-        tops["two_tower"][rows] = r.retrieve_codes(users, K, exclude=excl, allowed=allowed, mode=mode, merge=merge)[1]
+        tops["two_tower"][rows] = r.retrieve_codes(users, K, exclude=excl, allowed=allowed, mode=mode, merge="max")[1]
         mask = torch.zeros(P, dtype=torch.bool)
         mask[torch.from_numpy(allowed)] = True
         tops["interest_popular"][rows] = topk_masked(popularity(users), K, excl, mask)[1].numpy()
