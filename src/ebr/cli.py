@@ -17,6 +17,7 @@ FLOW = """\
 data flow (each stage writes under the workspace, with a manifest.json):
   ebr data     import | synth | split | sql | stats   validated Parquet tables (+ quarantine)
   ebr corpus   serving corpus: dedup by image signature, time-decayed, top N (DuckDB | Spark)
+  ebr pretrain-ids  user and pin ID tables, contrastive, on TorchRec (older window)
   ebr train    two-tower model: logQ sampled softmax, checkpoints, resume
   ebr index    bundle: exported user tower + pin embeddings + ANN index (exact | hnsw | ivfpq)
   ebr retrieve batch candidate generation through a bundle
@@ -196,6 +197,44 @@ def cmd_train(a) -> int:
     cfg = RunConfig.load(a.config, _overrides(a))
     s = train(Workspace.at(a.workspace), cfg, run=a.run, resume=a.resume)
     print(json.dumps(s, indent=2))
+    return 0
+
+
+def cmd_pretrain_ids(a) -> int:
+    from ebr.config import RunConfig
+    from ebr.pretrain import snapshots
+
+    ws = Workspace.at(a.workspace)
+    if a.action == "list":
+        snaps = snapshots.list_snapshots(ws)
+        if a.json:
+            print(json.dumps(snaps, indent=2))
+        elif not snaps:
+            print(f"no ID snapshots in {snapshots.root(ws)}: run `ebr pretrain-ids`")
+        for m in [] if a.json else snaps:
+            c = m["counts"]
+            print(f"{m['name']}  dim {m['dim']}  {m['window_text']}  {c['examples']:,} examples, {c['users']:,} users, "
+                  f"{c['pins']:,} pins  loss {m['loss_curve'][0]:.3f} -> {m['loss_curve'][-1]:.3f}  "
+                  f"{m['content_hash'][:12]}")
+        return 0
+    from ebr.pretrain.ids import pretrain_ids
+    from ebr.train import distributed
+
+    over = _overrides(a)
+    for flag in ("dim", "batch_size", "lr"):
+        if getattr(a, flag) is not None:
+            over[f"pretrain.{flag}"] = getattr(a, flag)
+    if a.epochs is not None:  # pretraining's own epochs, not train.epochs
+        over.pop("train.epochs", None)
+        over["pretrain.epochs"] = a.epochs
+    cfg = RunConfig.load(a.config, over)
+    try:
+        m = pretrain_ids(ws, cfg, window=a.window, name=a.run)
+    finally:
+        distributed.teardown()
+    if m:
+        print(json.dumps({k: m[k] for k in ("name", "window_text", "dim", "counts", "loss_curve", "throughput",
+                                            "content_hash")}, indent=2))
     return 0
 
 
@@ -529,6 +568,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+
+    p = _add(
+        stages,
+        "pretrain-ids",
+        "pretrain user and pin ID embeddings (contrastive, TorchRec tables)",
+        """\
+        Contrastive pretraining of user and pin ID tables (TECHNIQUES.md 4): sampled softmax over
+        in-batch + uniform negatives with logQ, every positive engagement of the window (all
+        surfaces, no downsampling), several epochs; the tables are a TorchRec EmbeddingBagCollection
+        with fbgemm's fused row-wise Adagrad, sharded table-wise or column-wise across processes.
+        Writes WORKSPACE/pretrain/NAME/ (tables, ids, manifest with window, dims, counts, loss curve
+        and content hash).
+
+        The window: by default the older data.id_pretrain_fraction (0.7) of the split's training
+        part (data without time: a seeded 70% of each user's training pairs); the retrieval model
+        with model.id_embeddings=frozen|finetune then trains on the recent rest and takes the latest
+        snapshot whose window ends before its own. --window train pretrains on the whole training
+        part (it overlaps every retrieval model: ablations, with ebr train --allow-overlap).
+
+        examples:
+          ebr pretrain-ids                              # defaults: dim 64, 10 epochs, older 70%
+          ebr pretrain-ids --dim 32 --epochs 20 --run ids32
+          ebr pretrain-ids --window 2026-01-01:2026-03-01
+          ebr pretrain-ids list
+          ebr train --set model.id_embeddings=frozen    # uses the latest non-overlapping snapshot
+          torchrun --nproc_per_node 2 -m ebr.cli pretrain-ids --run ids2   # 2 processes, gloo
+        """,
+        cmd_pretrain_ids,
+    )
+    p.add_argument("action", nargs="?", choices=["run", "list"], default="run", help="pretrain (default) or list")
+    p.add_argument("--window", help="START:END (ISO dates/times), or 'train' (default: the older share)")
+    p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
+    p.add_argument("--dim", type=int, help="embedding width (pretrain.dim, default 64)")
+    p.add_argument("--epochs", type=int, help="epochs (pretrain.epochs, default 10)")
+    p.add_argument("--batch-size", type=int, help="global batch (pretrain.batch_size, default 1024)")
+    p.add_argument("--lr", type=float, help="row-wise Adagrad learning rate (pretrain.lr)")
+    p.add_argument("--seed", type=int, help="initialisation and order seed (train.seed)")
+    p.add_argument("--run", help="snapshot name (default: ids-TIMESTAMP)")
+    p.add_argument("--config", help="YAML run config (sections data, features, pretrain, ...)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--json", action="store_true", help="list: print the manifests as JSON")
 
     p = _add(
         stages,

@@ -20,6 +20,25 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     split: str | None = None  # default: the given split when the import had one, else temporal
+    # ID pretraining (pretrain/windows.py): the older share of the training part is the pretraining
+    # window, the recent rest trains a retrieval model with ID embeddings (data without time: a
+    # seeded partition of the training pairs, drawn with id_pretrain_seed)
+    id_pretrain_fraction: float = Field(0.7, gt=0.0, lt=1.0)
+    id_pretrain_seed: int = 0
+
+
+class PretrainConfig(_Section):
+    """`ebr pretrain-ids`: contrastive user and pin ID tables (TECHNIQUES.md 4)."""
+
+    dim: int = Field(64, ge=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(1024, ge=2)  # the global batch (every rank's rows together)
+    lr: float = Field(0.05, gt=0.0)  # row-wise Adagrad, fused into the backward pass (fbgemm TBE)
+    temperature: float = Field(0.1, gt=0.0)
+    # uniform corpus negatives: one per row of the batch, shared by every row, with their logQ
+    uniform_negatives: bool = True
+    init_std: float = Field(0.1, gt=0.0)
+    sharding: Literal["table_wise", "column_wise"] = "table_wise"  # TorchRec plan (CPU: no row-wise)
 
 
 class FeaturesConfig(_Section):
@@ -94,6 +113,11 @@ class ModelConfig(_Section):
     use_pin_id: bool = True
     use_content: bool = True
     use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default
+    # pretrained user and pin ID tables from an `ebr pretrain-ids` snapshot (replace the jointly
+    # learned ID tables above; their width is the snapshot's): frozen (the seed's recipe) or
+    # finetune (an ablation); element-wise dropout on the ID embeddings while training
+    id_embeddings: Literal["none", "frozen", "finetune"] = "none"
+    id_dropout: float = Field(0.5, ge=0.0, lt=1.0)
     # one user embedding, or K from clustering the history: capsule (KDD'25 differentiable
     # clustering), mind (random init, soft routing), self_attention (ComiRec-SA)
     user_embeddings: Literal["single", "capsule", "mind", "self_attention"] = "single"
@@ -138,6 +162,10 @@ class TrainConfig(_Section):
     # embedding the same tower serves in single mode) [ours: 0.2]
     condition_source: Literal["logged", "target"] = "logged"
     condition_dropout: float = Field(0.2, ge=0.0, le=1.0)
+    # model.id_embeddings: the snapshot to use (None: the latest whose window ends before the
+    # training window), and whether an overlapping one is accepted (ablations; recorded, warned)
+    id_snapshot: str | None = None
+    allow_overlap: bool = False
 
 
 class ServeConfig(_Section):
@@ -164,6 +192,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @classmethod

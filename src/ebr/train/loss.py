@@ -95,13 +95,19 @@ def sampled_softmax_logq(
     neg_ids: torch.Tensor | None = None,
     neg_log_q: torch.Tensor | None = None,
     extra: torch.Tensor | None = None,
+    row_offset: int = 0,
+    norm: int | None = None,
 ) -> torch.Tensor:
-    """user (B, D), item (B, D) positives, item_ids (B,), log_q (B,) or None (no correction);
-    optional extra negatives neg (N, D) with ids (N,) and log q (N,) (mixed negative sampling);
-    optional `extra` (B, B + N) logits added to every (row, column) pair before the correction
-    (the pin-age term; -inf removes a column from a row: a pin that does not exist yet at the
-    row's time is no negative). Returns the scalar loss."""
-    B = user.shape[0]
+    """user (R, D) rows, item (B, D) the batch's positives, item_ids (B,), log_q (B,) or None (no
+    correction); row r's positive is column row_offset + r (R = B, offset 0 on one process; a rank
+    of a distributed step holds R of the global batch's rows and every rank's positives as
+    columns); optional extra negatives neg (N, D) with ids (N,) and log q (N,) (mixed negative
+    sampling); optional `extra` (R, B + N) logits added to every (row, column) pair before the
+    correction (the pin-age term; -inf removes a column from a row: a pin that does not exist yet
+    at the row's time is no negative). Returns sum_r w_r nll_r / norm (norm: the global batch
+    size, default R)."""
+    R, B = user.shape[0], item.shape[0]
+    pos = torch.arange(R) + row_offset
     logits = user @ item.T / temperature
     ids = item_ids
     if log_q is not None:
@@ -114,9 +120,9 @@ def sampled_softmax_logq(
         ids = torch.cat([item_ids, neg_ids])
     if extra is not None:
         logits = logits + extra
-    hit = item_ids[:, None] == ids[None, :]
-    hit[:, :B].fill_diagonal_(False)  # the row's own positive stays
+    hit = item_ids[pos][:, None] == ids[None, :]
+    hit[torch.arange(R), pos] = False  # the row's own positive stays
     logits = logits.masked_fill(hit, float("-inf"))
-    nll = -F.log_softmax(logits, dim=1)[torch.arange(B), torch.arange(B)]
+    nll = -F.log_softmax(logits, dim=1)[torch.arange(R), pos]
     w = torch.ones_like(nll) if weight is None else weight
-    return (w * nll).sum() / B
+    return (w * nll).sum() / (R if norm is None else norm)

@@ -1,0 +1,216 @@
+"""`ebr pretrain-ids`: contrastive pretraining of user and pin ID tables (TECHNIQUES.md 4).
+
+The minimal model Hsu et al. pretrain on broad data: score(u, i) = <e_u, e_i> / tau on L2-normalised
+rows of a user table and a pin table, trained with sampled softmax over the batch's positives
+(in-batch negatives) plus one uniform corpus negative per row, each column corrected by its logQ
+(the exact in-batch inclusion probability for positives, B / P for the uniform ones). Every positive
+engagement of the window counts, from every surface, with its action weight; no downsampling;
+several epochs.
+
+The tables live in a TorchRec EmbeddingBagCollection sharded by DistributedModelParallel (table-wise
+or column-wise on CPU over gloo; row-wise needs GPUs) with fbgemm's fused TBE and row-wise Adagrad
+applied in the backward pass. One process runs the same code with a one-process group; under
+`torchrun --nproc_per_node N -m ebr.cli pretrain-ids` each rank computes its chunk of the global
+batch and the columns are gathered across ranks (train/distributed.py). The tables are initialised
+from the seed as full tables and copied into each rank's shards, so a run's start does not depend on
+how many processes share it.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ebr.config import RunConfig
+from ebr.data.splits import Part, load_split
+from ebr.errors import EbrError
+from ebr.features.examples import load_engagements, positive_examples
+from ebr.features.state import ACTION_CODE, FIRST_ID, build_feature_state
+from ebr.log import bar, log
+from ebr.pretrain import snapshots
+from ebr.pretrain.windows import IdWindow, custom_window, mask, whole_window, windows
+from ebr.train import distributed
+from ebr.train.loss import inclusion_log_prob, sampled_softmax_logq
+from ebr.workspace import Workspace, check_name, library_versions, now_utc, version_stamp
+
+TABLES = ("user", "pin")
+
+
+def _ebc(n_users: int, n_pins: int, dim: int, lr: float, sharding: str, ranks: distributed.Ranks):
+    """The sharded EmbeddingBagCollection (features user -> user table; pin, neg -> pin table)."""
+    import torchrec
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    ebc = torchrec.EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="user", embedding_dim=dim, num_embeddings=n_users, feature_names=["user"],
+                           pooling=PoolingType.SUM),
+        EmbeddingBagConfig(name="pin", embedding_dim=dim, num_embeddings=n_pins, feature_names=["pin", "neg"],
+                           pooling=PoolingType.SUM)], device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": lr})
+    cons = {t: ParameterConstraints(sharding_types=[sharding]) for t in TABLES}
+    sharders = [EmbeddingBagCollectionSharder()]
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("torchrec.distributed.planner.types",
+                                            "torchrec.distributed.planner.storage_reservations",
+                                            "torchrec.distributed.planner.stats")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=ranks.world, compute_device="cpu"),
+                                           constraints=cons)
+        import torch.distributed as dist
+
+        plan = planner.collective_plan(ebc, sharders, dist.GroupMember.WORLD)
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+    return DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+
+
+def _tables(model) -> dict:
+    return {k.split(".")[-2]: v for k, v in model.state_dict().items() if k.endswith(".weight")}
+
+
+@torch.no_grad()
+def _init(model, full: dict[str, torch.Tensor]) -> None:
+    """Copy the full initial tables into this rank's shards."""
+    for name, st in _tables(model).items():
+        for shard in st.local_shards():
+            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shard.tensor.copy_(full[name][r0: r0 + nr, c0: c0 + nc])
+
+
+def _gather(model, ranks: distributed.Ranks) -> dict[str, np.ndarray]:
+    """The full tables on rank 0 (empty dict elsewhere)."""
+    out = {}
+    for name, st in _tables(model).items():
+        full = torch.zeros(st.size()) if ranks.main else None
+        st.gather(dst=0, out=full)
+        if ranks.main:
+            out[name] = full.numpy()
+    return out
+
+
+def resolve_window(e, split, cfg: RunConfig, window: str | None) -> IdWindow:
+    """--window: None (the older id_pretrain_fraction of the training part), 'train' (all of it,
+    an overlapping snapshot for ablations) or START:END (ISO times, data with time only)."""
+    val_seed = cfg.train.seed if split.kind == "given" else 0
+    frac, seed = cfg.data.id_pretrain_fraction, cfg.data.id_pretrain_seed
+    if window is None:
+        return windows(e, split.name, frac, seed, val_seed)[0]
+    if window == "train":
+        return whole_window(e, split.name, frac, seed, val_seed)
+    import datetime as dt
+
+    try:
+        a, b = window.split(":", 1) if window.count(":") == 1 else window.split("/", 1)
+        ts = [dt.datetime.fromisoformat(x) for x in (a, b)]
+    except ValueError:
+        raise EbrError(f"--window {window!r}: expected START:END dates (e.g. 2026-01-01:2026-03-01), START/END "
+                       "ISO times, or 'train'") from None
+    us = [int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp() * 1e6) for t in ts]
+    return custom_window(e, split.name, us[0], us[1])
+
+
+def pretrain_ids(ws: Workspace, cfg: RunConfig, window: str | None = None, name: str | None = None,
+                 progress: bool = True) -> dict:
+    """Pretrain the ID tables on the window and save a snapshot; returns its manifest (rank 0; the
+    other ranks return an empty dict)."""
+    p = cfg.pretrain
+    ranks = distributed.setup(need_group=True)
+    if p.batch_size < ranks.world:
+        raise EbrError(f"pretrain.batch_size {p.batch_size} is smaller than the {ranks.world} processes")
+    name = name or f"ids-{version_stamp()}"
+    check_name(name, "snapshot")
+    t0 = time.time()
+    fs = build_feature_state(ws)
+    split = load_split(ws, cfg.data.split)
+    e = load_engagements(ws, fs, split, seed=cfg.train.seed)
+    w = resolve_window(e, split, cfg, window)
+    m = mask(e, w)
+    ex = positive_examples(e, cfg.features, parts=(Part.TRAIN,))  # keep: those inside the window
+    keep = m[np.isin(e.action, [ACTION_CODE[a] for a in cfg.features.positive_actions]) & (e.part == Part.TRAIN)]
+    users, pins, weight = ex.user[keep], ex.pin[keep], ex.weight[keep]
+    if len(users) == 0:
+        raise EbrError(f"the window {w.describe()} has no positive engagements "
+                       f"({', '.join(cfg.features.positive_actions)}): choose another window or split")
+    n_users, n_pins = len(fs.users), len(fs.pins)
+    torch.manual_seed(cfg.train.seed)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    full = {"user": torch.randn(n_users, p.dim, generator=g) * p.init_std,
+            "pin": torch.randn(n_pins, p.dim, generator=g) * p.init_std}
+    model = _ebc(n_users, n_pins, p.dim, p.lr, p.sharding, ranks)
+    _init(model, full)
+    B = p.batch_size
+    log_q = inclusion_log_prob(np.bincount(pins, minlength=n_pins), B)
+    neg_lq = math.log(B / max(n_pins - FIRST_ID, 1))
+    w_t = torch.from_numpy(weight)
+    n, steps_per_epoch = len(users), math.ceil(len(users) / B)
+    curve, seen, t_train = [], 0, time.time()
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    for epoch in range(p.epochs):
+        perm = np.random.default_rng([cfg.train.seed, 0x1D5, epoch]).permutation(n)
+        pbar = bar(steps_per_epoch, f"pretrain epoch {epoch + 1}/{p.epochs}", progress and ranks.main, unit="step")
+        loss_sum = 0.0
+        for step in range(steps_per_epoch):
+            idx = perm[step * B: (step + 1) * B]
+            off, size, sizes = ranks.chunk(len(idx))
+            loc = idx[off: off + size]
+            negs = np.random.default_rng([cfg.train.seed, 0x4E6, epoch, step]).integers(FIRST_ID, n_pins, len(idx))
+            u_codes, p_codes = torch.from_numpy(users[loc]), torch.from_numpy(pins[loc])
+            n_codes = torch.from_numpy(negs[off: off + size])
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=["user", "pin", "neg"], values=torch.cat([u_codes, p_codes, n_codes]),
+                lengths=torch.ones(3 * size, dtype=torch.int32))
+            d = model(kjt).to_dict()
+            u = F.normalize(d["user"], dim=-1)
+            v = distributed.gather_rows(F.normalize(d["pin"], dim=-1), sizes)
+            all_pins = torch.from_numpy(pins[idx])
+            neg = neg_ids = neg_q = None
+            if p.uniform_negatives:
+                neg = distributed.gather_rows(F.normalize(d["neg"], dim=-1), sizes)
+                neg_ids, neg_q = torch.from_numpy(negs), torch.full((len(idx),), neg_lq)
+            loss = sampled_softmax_logq(u, v, all_pins, log_q[all_pins], p.temperature, w_t[loc], neg, neg_ids, neg_q,
+                                        row_offset=off, norm=len(idx))
+            loss.backward()  # the fused row-wise Adagrad updates the tables here
+            loss_sum += distributed.all_sum(float(loss.detach())) * len(idx)
+            seen += len(idx)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss_sum / min(seen - epoch * n, n):.3f}")
+        pbar.close()
+        curve.append(round(loss_sum / n, 5))
+        if ranks.main and progress:
+            log.info("pretrain epoch %d: loss %.4f", epoch + 1, curve[-1])
+    seconds = time.time() - t_train
+    tables = _gather(model, ranks)
+    distributed.barrier()
+    if not ranks.main:
+        return {}
+    lookups = 3 if p.uniform_negatives else 2
+    manifest = {
+        "window": w.to_dict(), "window_text": w.describe(), "split": split.name, "dim": p.dim,
+        "config": p.model_dump(), "seed": cfg.train.seed, "positive_actions": cfg.features.positive_actions,
+        "counts": {"examples": int(n), "users": int(len(np.unique(users))), "pins": int(len(np.unique(pins))),
+                   "user_rows": n_users - FIRST_ID, "pin_rows": n_pins - FIRST_ID},
+        "loss_curve": curve, "processes": ranks.world,
+        "throughput": {"examples_per_s": round(seen / max(seconds, 1e-9), 1),
+                       "ids_per_s": round(lookups * seen / max(seconds, 1e-9), 1), "train_seconds": round(seconds, 2),
+                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
+        "seconds": round(time.time() - t0, 2), "created_at": now_utc().isoformat(), "versions": library_versions(),
+    }
+    return snapshots.save(ws, name, list(fs.users.ids), list(fs.pins.ids), tables["user"][FIRST_ID:],
+                          tables["pin"][FIRST_ID:], manifest)
