@@ -187,6 +187,8 @@ def _overrides(a) -> dict:
             out[key] = getattr(a, flag)
     if getattr(a, "no_refit", False):
         out["train.refit"] = False
+    if getattr(a, "allow_overlap", False):
+        out["train.allow_overlap"] = True
     return out
 
 
@@ -218,7 +220,6 @@ def cmd_pretrain_ids(a) -> int:
                   f"{m['content_hash'][:12]}")
         return 0
     from ebr.pretrain.ids import pretrain_ids
-    from ebr.train import distributed
 
     over = _overrides(a)
     for flag in ("dim", "batch_size", "lr"):
@@ -228,10 +229,7 @@ def cmd_pretrain_ids(a) -> int:
         over.pop("train.epochs", None)
         over["pretrain.epochs"] = a.epochs
     cfg = RunConfig.load(a.config, over)
-    try:
-        m = pretrain_ids(ws, cfg, window=a.window, name=a.run)
-    finally:
-        distributed.teardown()
+    m = pretrain_ids(ws, cfg, window=a.window, name=a.run)
     if m:
         print(json.dumps({k: m[k] for k in ("name", "window_text", "dim", "counts", "loss_curve", "throughput",
                                             "content_hash")}, indent=2))
@@ -557,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
           ebr train --run quick --no-refit     # serve the selected model (half the training time)
           ebr train --config run.yaml --set model.temperature=0.07 --set train.lr=0.001
           ebr train --run main --resume        # continue a crashed run from its last checkpoint
+          ebr train --run ids --set model.id_embeddings=frozen   # after ebr pretrain-ids
+
+        With model.id_embeddings frozen | finetune the model trains on the recent share of the
+        training part (1 - data.id_pretrain_fraction) and takes pretrained user and pin ID tables
+        from the latest snapshot whose window ends before that (train.id_snapshot to pick one).
         """,
         cmd_train,
     )
@@ -564,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="main")
     p.add_argument("--resume", action="store_true", help="continue from runs/RUN/checkpoints/last.pt")
     p.add_argument("--no-refit", action="store_true", help="skip the refit on training + validation (train.refit)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="model.id_embeddings: accept an ID snapshot whose window overlaps the training window "
+                        "(ablations; recorded in summary.json with a warning)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--split", help="split name (default: the given split if any, else temporal)")

@@ -197,12 +197,16 @@ def draw_conditions(logged: np.ndarray, pin_interests: np.ndarray, source: str, 
     return np.where(rng.random(len(n)) < dropout, 0, out)
 
 
-def positive_examples(e: Engagements, cfg: FeaturesConfig, parts: tuple[int, ...]) -> Examples:
+def positive_examples(e: Engagements, cfg: FeaturesConfig, parts: tuple[int, ...],
+                      within: np.ndarray | None = None) -> Examples:
+    """The positive engagements of `parts` (and of the `within` mask, when given) as examples."""
     pos_codes = np.array([ACTION_CODE[a] for a in cfg.positive_actions])
     w_by_code = np.zeros(max(ACTION_CODE.values()) + 1, dtype=np.float32)
     for a, w in cfg.action_weights.items():
         w_by_code[ACTION_CODE[a]] = w
     m = np.isin(e.action, pos_codes) & np.isin(e.part, parts)
+    if within is not None:
+        m &= within
     w = np.where(w_by_code[e.action[m]] > 0, w_by_code[e.action[m]], 1.0) * e.weight[m]
     return Examples(e.user[m], e.pin[m], e.t[m], w.astype(np.float32), e.conditions()[m])
 

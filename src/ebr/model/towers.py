@@ -29,9 +29,10 @@ class ItemEncoder(nn.Module):
 
     def __init__(self, n_pins: int, pin_cat: list[int], n_num: int, emb_dim: int, id_dim: int, cat_dim: int,
                  field_dim: int, use_id: bool = True, use_content: bool = True,
-                 interest: nn.Embedding | None = None):
+                 interest: nn.Embedding | None = None, id_dropout: float = 0.0):
         super().__init__()
         self.id = nn.Embedding(n_pins, id_dim) if use_id else None
+        self.id_drop = nn.Dropout(id_dropout) if id_dropout else None
         self.cats = nn.ModuleList(nn.Embedding(n, cat_dim) for n in pin_cat)
         self.num = nn.Sequential(nn.Linear(n_num, field_dim), nn.ReLU()) if n_num else None
         self.content = nn.Linear(emb_dim, field_dim) if (emb_dim and use_content) else None
@@ -49,7 +50,7 @@ class ItemEncoder(nn.Module):
         """ids (N,), cat (N, C), num (N, Nn), emb (N, E), interests (N, K) -> (N, out_dim)"""
         fields = []
         if self.id is not None:
-            fields.append(self.id(ids))
+            fields.append(self.id(ids) if self.id_drop is None else self.id_drop(self.id(ids)))
         fields += [e(cat[:, j]) for j, e in enumerate(self.cats)]
         if self.num is not None:
             fields.append(self.num(num))
@@ -96,16 +97,18 @@ class UserTower(nn.Module):
     the ItemEncoder's output per pin."""
 
     def __init__(self, item_dim: int, user_cat: list[int], n_interests: int, n_users: int, cfg,
-                 interest: nn.Embedding | None = None, time_dim: int = 0):
+                 interest: nn.Embedding | None = None, time_dim: int = 0, pretrained_id_dim: int = 0):
         super().__init__()
         self.history = HistoryEncoder(item_dim, cfg.field_dim)
         self.cats = nn.ModuleList(nn.Embedding(n, cfg.cat_dim) for n in user_cat)
         self.followed = interest
         self.condition = nn.Embedding(n_interests, cfg.cat_dim)
-        self.user_id = nn.Embedding(n_users, cfg.id_dim) if cfg.use_user_id else None
+        id_dim = pretrained_id_dim or (cfg.id_dim if cfg.use_user_id else 0)
+        self.user_id = nn.Embedding(n_users, id_dim) if id_dim else None
+        self.id_drop = nn.Dropout(cfg.id_dropout) if pretrained_id_dim and cfg.id_dropout else None
         self.clusters = (None if cfg.user_embeddings == "single"
                          else make_extractor(cfg.user_embeddings, item_dim, cfg.multi.dim, cfg.multi))
-        widths = (self.history.widths + [cfg.cat_dim] * (len(user_cat) + 1) + ([cfg.id_dim] if cfg.use_user_id else [])
+        widths = (self.history.widths + [cfg.cat_dim] * (len(user_cat) + 1) + ([id_dim] if id_dim else [])
                   + ([interest.embedding_dim] if interest is not None else [])
                   + ([cfg.multi.dim] if self.clusters is not None else []))
         self.crossing = make_crossing(cfg.user_crossing or cfg.crossing, widths, cfg.dim, cfg)
@@ -118,7 +121,7 @@ class UserTower(nn.Module):
         fields = [self.history(hist, actions)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
         fields.append(self.condition(condition))
         if self.user_id is not None:
-            fields.append(self.user_id(user))
+            fields.append(self.user_id(user) if self.id_drop is None else self.id_drop(self.user_id(user)))
         if self.followed is not None:
             fields.append(bag_mean(self.followed, followed))
         x = torch.cat(fields, dim=-1)
@@ -155,24 +158,36 @@ class TwoTower(nn.Module):
     """The retrieval model: score(u, i, t) = <query(u), [v_i, c_i(t)]> / temperature.
 
     sizes["interest_features"]: embed pin and followed interests (one table); sizes["time_fields"]:
-    the bucket count of each time-term field (empty: no time term)."""
+    the bucket count of each time-term field (empty: no time term); sizes["pretrained_id_dim"]: the
+    width of pretrained user and pin ID tables (model.id_embeddings frozen | finetune), which take
+    the place of the jointly learned ones (`load_id_tables` fills them)."""
 
     def __init__(self, sizes: dict, cfg):
         super().__init__()
         interest = (nn.Embedding(sizes["n_interests"], cfg.cat_dim, padding_idx=0)
                     if sizes.get("interest_features") else None)
+        pre = int(sizes.get("pretrained_id_dim", 0))
         self.items = ItemEncoder(sizes["n_pins"], sizes["pin_cat"], sizes["n_pin_num"], sizes["emb_dim"],
-                                 cfg.id_dim, cfg.cat_dim, cfg.field_dim, cfg.use_pin_id, cfg.use_content, interest)
+                                 pre or cfg.id_dim, cfg.cat_dim, cfg.field_dim, bool(pre) or cfg.use_pin_id,
+                                 cfg.use_content, interest, cfg.id_dropout if pre else 0.0)
         # the time term's fields (pin age, engagement counts per window): bucket counts per field
         fields = list(sizes.get("time_fields", []))
         self.time = nn.ModuleList(nn.Embedding(n, cfg.time_dim) for n in fields)
         for e in self.time:
             nn.init.zeros_(e.weight)  # the time term starts neutral
         self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg,
-                              interest, cfg.time_dim if fields else 0)
+                              interest, cfg.time_dim if fields else 0, pre)
         self.pin = PinTower(self.items.widths, sizes.get("n_pin_stats", 0), cfg)
         self.dim = cfg.dim
         self.temperature = cfg.temperature
+
+    @torch.no_grad()
+    def load_id_tables(self, user: torch.Tensor, pin: torch.Tensor, frozen: bool) -> None:
+        """Pretrained ID tables (n_users, d), (n_pins, d) into the user and pin ID embeddings;
+        frozen: they take no gradient (the optimiser skips them)."""
+        for table, w in ((self.user.user_id, user), (self.items.id, pin)):
+            table.weight.copy_(w)
+            table.weight.requires_grad_(not frozen)
 
     @torch.no_grad()
     def index_vectors(self, v: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
@@ -203,6 +218,11 @@ class TwoTower(nn.Module):
             reps.append(r)
             embs.append(self.pin(r, None if stats is None else stats[sl]))
         return torch.cat(reps), torch.cat(embs)
+
+    def forward(self, hist: torch.Tensor, rest: tuple[torch.Tensor, ...], pins: torch.Tensor, pin_fields,
+                pin_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pass: embed_users_and_pins (forward, so that DDP sees it)."""
+        return self.embed_users_and_pins(hist, rest, pins, pin_fields, pin_stats)
 
     def embed_users_and_pins(self, hist: torch.Tensor, rest: tuple[torch.Tensor, ...], pins: torch.Tensor, pin_fields,
                              pin_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

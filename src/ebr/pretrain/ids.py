@@ -30,7 +30,7 @@ from ebr.config import RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
 from ebr.features.examples import load_engagements, positive_examples
-from ebr.features.state import ACTION_CODE, FIRST_ID, build_feature_state
+from ebr.features.state import FIRST_ID, build_feature_state
 from ebr.log import bar, log
 from ebr.pretrain import snapshots
 from ebr.pretrain.windows import IdWindow, custom_window, mask, whole_window, windows
@@ -128,9 +128,20 @@ def resolve_window(e, split, cfg: RunConfig, window: str | None) -> IdWindow:
 def pretrain_ids(ws: Workspace, cfg: RunConfig, window: str | None = None, name: str | None = None,
                  progress: bool = True) -> dict:
     """Pretrain the ID tables on the window and save a snapshot; returns its manifest (rank 0; the
-    other ranks return an empty dict)."""
+    other ranks return an empty dict). A process group this call creates, it destroys."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    try:
+        return _pretrain(ws, cfg, window, name, progress, distributed.setup(need_group=True))
+    finally:
+        if owned:
+            distributed.teardown()
+
+
+def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | None, progress: bool,
+              ranks: distributed.Ranks) -> dict:
     p = cfg.pretrain
-    ranks = distributed.setup(need_group=True)
     if p.batch_size < ranks.world:
         raise EbrError(f"pretrain.batch_size {p.batch_size} is smaller than the {ranks.world} processes")
     name = name or f"ids-{version_stamp()}"
@@ -140,10 +151,8 @@ def pretrain_ids(ws: Workspace, cfg: RunConfig, window: str | None = None, name:
     split = load_split(ws, cfg.data.split)
     e = load_engagements(ws, fs, split, seed=cfg.train.seed)
     w = resolve_window(e, split, cfg, window)
-    m = mask(e, w)
-    ex = positive_examples(e, cfg.features, parts=(Part.TRAIN,))  # keep: those inside the window
-    keep = m[np.isin(e.action, [ACTION_CODE[a] for a in cfg.features.positive_actions]) & (e.part == Part.TRAIN)]
-    users, pins, weight = ex.user[keep], ex.pin[keep], ex.weight[keep]
+    ex = positive_examples(e, cfg.features, parts=(Part.TRAIN,), within=mask(e, w))
+    users, pins, weight = ex.user, ex.pin, ex.weight
     if len(users) == 0:
         raise EbrError(f"the window {w.describe()} has no positive engagements "
                        f"({', '.join(cfg.features.positive_actions)}): choose another window or split")

@@ -117,9 +117,11 @@ def load_tables(ws: Workspace, manifest: dict, users: Vocab, pins: Vocab) -> tup
     d = root(ws) / check_name(manifest["name"], "snapshot")
     missing = [f for f in FILES if not (d / f).is_file()]
     if missing:
-        raise EbrError(f"ID snapshot {manifest['name']!r} is incomplete (missing {', '.join(missing)}); pretrain it again")
+        raise EbrError(f"ID snapshot {manifest['name']!r} is incomplete (missing {', '.join(missing)}); "
+                       "pretrain it again")
     if content_hash(d) != manifest["content_hash"]:
-        raise EbrError(f"ID snapshot {manifest['name']!r} does not match its manifest's content hash; pretrain it again")
+        raise EbrError(f"ID snapshot {manifest['name']!r} does not match its manifest's content hash; "
+                       "pretrain it again")
     out = []
     for kind, vocab in (("user", users), ("pin", pins)):
         try:

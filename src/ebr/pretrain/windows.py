@@ -56,7 +56,8 @@ class IdWindow:
             f = dt.datetime.fromtimestamp
             return (f"{f(self.start / 1e6, dt.UTC):%Y-%m-%d %H:%M} to {f(self.end / 1e6, dt.UTC):%Y-%m-%d %H:%M} "
                     f"({self.side}, split {self.split})")
-        return f"{self.side} partition of split {self.split}'s training pairs (fraction {self.fraction}, seed {self.seed})"
+        return (f"{self.side} partition of split {self.split}'s training pairs (fraction {self.fraction}, "
+                f"seed {self.seed})")
 
     def overlaps(self, other: IdWindow) -> bool:
         """Whether the two windows can share an engagement."""

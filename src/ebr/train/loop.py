@@ -42,6 +42,7 @@ from ebr.log import bar, log
 from ebr.model.interests import nearest_embedding
 from ebr.model.towers import TwoTower
 from ebr.ranking import max_over_embeddings, metrics_at_k, topk_masked
+from ebr.train import distributed
 from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
 from ebr.workspace import Workspace, folder_lock, load_checkpoint_state, now_utc, write_json
 
@@ -66,6 +67,10 @@ class TrainData:
     time: TimeFields | None  # the time term's fields from the visible data (None: no time term)
     as_of: int  # time of the last visible engagement
     interest_features: bool = False  # pins and users carry interests the model embeds
+    # model.id_embeddings: the snapshot's manifest and its (user, pin) tables on this vocabulary
+    id_snapshot: dict | None = None
+    id_tables: tuple[np.ndarray, np.ndarray] | None = None
+    id_overlap: bool = False  # the snapshot's window overlaps the training window (--allow-overlap)
 
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
@@ -86,7 +91,8 @@ class TrainData:
     def sizes(self) -> dict:
         return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0,
                 "interest_features": self.interest_features,
-                "time_fields": self.time.sizes if self.time is not None else []}
+                "time_fields": self.time.sizes if self.time is not None else [],
+                "pretrained_id_dim": self.id_snapshot["dim"] if self.id_snapshot else 0}
 
 
 def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit: bool = False) -> TrainData:
@@ -97,15 +103,37 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     split = load_split(ws, cfg.data.split)
     parts = (Part.TRAIN, Part.VALIDATION) if refit else (Part.TRAIN,)
     snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, parts)
-    ex = positive_examples(snap.e, cfg.features, parts=parts)
+    within, ids = None, (None, None, False)
+    if cfg.model.id_embeddings != "none":  # the recent window only; histories still read all visible data
+        within, ids = _id_window(ws, cfg, snap, parts)
+    ex = positive_examples(snap.e, cfg.features, parts=parts, within=within)
     if len(ex.user) == 0:
         raise EbrError(f"split {split.name!r} has no positive training engagements "
-                       f"({', '.join(cfg.features.positive_actions)})")
+                       f"({', '.join(cfg.features.positive_actions)}){' in the retrieval window' if ids[0] else ''}")
     val = None if refit else eval_spec(snap.e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,),
                                        max_users=cfg.train.val_users, seed=cfg.train.seed)
     interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
     return TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
-                     snap.time, snap.as_of, interest)
+                     snap.time, snap.as_of, interest, *ids)
+
+
+def _id_window(ws: Workspace, cfg: RunConfig, snap, parts: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
+    """A model with pretrained IDs trains on the recent window of the training part (in the refit,
+    with validation); its snapshot: train.id_snapshot, else the latest whose window ends before.
+    Returns (the examples' window mask, (manifest, tables, overlaps))."""
+    from ebr.config import ModelConfig
+    from ebr.pretrain import snapshots
+    from ebr.pretrain.windows import IdWindow, mask, windows
+
+    val_seed = cfg.train.seed if snap.split.kind == "given" else 0
+    _, w = windows(snap.e, snap.split.name, cfg.data.id_pretrain_fraction, cfg.data.id_pretrain_seed, val_seed)
+    m = snapshots.choose(ws, w, cfg.train.id_snapshot, cfg.train.allow_overlap)
+    if cfg.model.id_dim not in (ModelConfig.model_fields["id_dim"].default, m["dim"]):
+        raise EbrError(f"model.id_dim is {cfg.model.id_dim} but ID snapshot {m['name']!r} has width {m['dim']}: "
+                       "drop model.id_dim (a pretrained table brings its width) or pretrain with --dim "
+                       f"{cfg.model.id_dim}")
+    overlap = IdWindow.from_dict(m["window"]).overlaps(w)
+    return mask(snap.e, w, parts), (m, snapshots.load_tables(ws, m, snap.fs.users, snap.fs.pins), overlap)
 
 
 def index_vectors(model: TwoTower, d: TrainData, pin_emb: torch.Tensor) -> torch.Tensor:
@@ -172,8 +200,18 @@ def train(ws: Workspace, cfg: RunConfig, run: str = "main", resume: bool = False
     """Train a two-tower model; returns the summary (best validation recall, steps, timings). The run
     folder is locked while training: a second `ebr train --run` of it is refused. `on_epoch(epoch,
     validation recall)` is called after each selection epoch (`ebr tune` prunes trials there)."""
-    with folder_lock(ws.run_dir(run), f"run {run!r}"):
-        return _train(ws, cfg, run, resume, progress, on_epoch)
+    import contextlib
+
+    import torch.distributed as dist
+
+    owned = distributed.launched() and not dist.is_initialized()
+    ranks = distributed.setup()  # torchrun: one process per rank, gloo; else one process, no group
+    try:  # rank 0 holds the run's lock and writes its files; every rank trains
+        with folder_lock(ws.run_dir(run), f"run {run!r}") if ranks.main else contextlib.nullcontext():
+            return _train(ws, cfg, run, resume, progress and ranks.main, on_epoch, ranks)
+    finally:
+        if owned:
+            distributed.teardown()
 
 
 @dataclass
@@ -191,12 +229,25 @@ class TrainState:
     best_step: int = 0  # the step of the best validation recall (the refit trains that many)
     bad_epochs: int = 0
     done: bool = False
+    ranks: distributed.Ranks = distributed.Ranks()
+    ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun, N > 1)
+
+    def distribute(self, ranks: distributed.Ranks) -> None:
+        """Run the model under DDP across the launched processes (nothing on one process)."""
+        self.ranks = ranks
+        if ranks.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model)
 
     @classmethod
-    def fresh(cls, cfg: RunConfig, sizes: dict) -> TrainState:
+    def fresh(cls, cfg: RunConfig, sizes: dict, id_tables: tuple[np.ndarray, np.ndarray] | None = None) -> TrainState:
         model = TwoTower(sizes, cfg.model)
+        if id_tables is not None:  # pretrained IDs: frozen ones are left out of the optimiser
+            model.load_id_tables(*map(torch.from_numpy, id_tables), frozen=cfg.model.id_embeddings == "frozen")
         t = cfg.train
-        return cls(model, torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay),
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(model, torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
                    FrequencyEstimator(t.estimator_buckets, t.estimator_hashes, t.estimator_alpha, seed=t.seed),
                    torch.Generator().manual_seed(t.seed + 1))
 
@@ -213,6 +264,11 @@ class TrainState:
             setattr(self, k, state[k])
         self.best_step = state.get("best_step", 0)
 
+    def save(self, path: Path, cfg: RunConfig, d: TrainData, full: bool = False, extra: dict | None = None) -> None:
+        """Write a checkpoint atomically (rank 0 only: the ranks hold the same model)."""
+        if self.ranks.main:
+            _save(path, {**self.checkpoint(cfg, d, full), **(extra or {})})
+
     def checkpoint(self, cfg: RunConfig, d: TrainData, full: bool) -> dict:
         """The 'best' checkpoint (model, config, feature state) or, with full, the 'last' one."""
         base = {"model": self.model.state_dict(), "config": cfg.model_dump(), "sizes": d.sizes,
@@ -227,14 +283,20 @@ class TrainState:
 
 
 def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor) -> float:
-    """One optimiser step on the examples `idx`; returns the batch loss."""
+    """One optimiser step on the examples `idx` (the global batch); returns the batch loss. Under
+    torchrun each rank embeds its chunk of the rows and the positives are gathered as every rank's
+    columns (train/distributed.py); on one process the chunk is the whole batch."""
     ex, n_pins = d.examples, d.sizes["n_pins"]
-    ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, cfg.features.history_len)
+    off, size, sizes = s.ranks.chunk(len(idx))
+    loc = idx[off: off + size]
+    ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len)
     pos = torch.from_numpy(ex.pin[idx])
+    pos_loc = pos[off: off + size]
     if cfg.model.conditional:  # drawn from (seed, step): a resumed run draws the same conditions
         rng = np.random.default_rng([cfg.train.seed, 0xC0D, s.step])
-        ub.condition = torch.from_numpy(draw_conditions(ex.cond[idx], d.pins.interests[pos].numpy(),
-                                                        cfg.train.condition_source, cfg.train.condition_dropout, rng))
+        cond = draw_conditions(ex.cond[idx], d.pins.interests[pos].numpy(), cfg.train.condition_source,
+                               cfg.train.condition_dropout, rng)
+        ub.condition = torch.from_numpy(cond[off: off + size])
     s.est.update(pos, s.step)
     log_q = None
     if cfg.train.logq:
@@ -244,29 +306,31 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
         negs = torch.randint(FIRST_ID, n_pins, (cfg.train.mixed_negatives,), generator=s.neg_gen)
         if cfg.train.logq:
             neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
-    all_pins = pos if negs is None else torch.cat([pos, negs])
-    pin_t = ex.t[idx] if negs is None else np.r_[ex.t[idx], np.full(len(negs), int(np.median(ex.t[idx])))]
-    q, v = s.model.embed_users_and_pins(ub.hist, ub.rest(), all_pins, d.pins.take,
-                                        d.pin_stats(all_pins.numpy(), pin_t))
+    local_pins = pos_loc if negs is None else torch.cat([pos_loc, negs])
+    pin_t = ex.t[loc] if negs is None else np.r_[ex.t[loc], np.full(len(negs), int(np.median(ex.t[idx])))]
+    forward = s.ddp if s.ddp is not None else s.model
+    q, v = forward(ub.hist, ub.rest(), local_pins, d.pins.take, d.pin_stats(local_pins.numpy(), pin_t))
     if isinstance(q, tuple):  # multi-embedding: only the embedding nearest the row's target is trained
-        q = nearest_embedding(q[0], q[1], v[: len(pos)].detach())
+        q = nearest_embedding(q[0], q[1], v[:size].detach())
     extra = None
-    buckets = d.time_buckets(all_pins.numpy(), ex.t[idx])
+    columns = pos if negs is None else torch.cat([pos, negs])
+    buckets = d.time_buckets(columns.numpy(), ex.t[loc])
     if buckets is not None:  # every pin read as of each row's time; one that does not exist yet is no negative
         if d.time.has_age:
-            diag = torch.arange(len(idx))
-            own = buckets[diag, diag, 0]
-            buckets[diag, diag, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)  # a positive exists then
+            rows, own_col = torch.arange(size), torch.arange(size) + off
+            own = buckets[rows, own_col, 0]
+            buckets[rows, own_col, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)  # a positive exists then
         extra = s.model.time_logits(q, buckets) / cfg.model.temperature
         if d.time.has_age:
             extra = extra.masked_fill(buckets[..., 0] == NOT_YET, float("-inf"))
     u = q[:, : s.model.dim]
-    loss = sampled_softmax_logq(u, v[: len(pos)], pos, log_q, cfg.model.temperature, torch.from_numpy(ex.weight[idx]),
-                                v[len(pos):] if negs is not None else None, negs, neg_lq, extra)
+    loss = sampled_softmax_logq(u, distributed.gather_rows(v[:size], sizes), pos, log_q, cfg.model.temperature,
+                                torch.from_numpy(ex.weight[loc]), v[size:] if negs is not None else None, negs,
+                                neg_lq, extra, row_offset=off, norm=len(idx))
     s.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * s.ranks.world).backward()  # DDP averages the ranks' gradients: this makes it their sum
     s.opt.step()
-    return float(loss.detach())
+    return distributed.all_sum(float(loss.detach()))
 
 
 REFIT = "refit"  # the phase after model selection: training + validation, the selected number of steps
@@ -311,7 +375,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
                 s.done = True
                 break
             if s.step % cfg.train.checkpoint_every == 0:
-                _save(ck / last_name, s.checkpoint(cfg, d, full=True))
+                s.save(ck / last_name, cfg, d, full=True)
         pbar.close()
         epoch_done = s.pos_in_epoch >= n
         rec = {"phase": phase, "epoch": s.epoch + 1, "step": s.step, "loss": loss_sum / max(loss_n, 1),
@@ -326,26 +390,28 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             rec[f"val_recall@{VAL_K}"] = recall
             if s.bad_epochs >= cfg.train.patience:
                 s.done = True
-        with open(rdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if s.ranks.main:
+            with open(rdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if progress:
             log.info("%sepoch %d: loss %.4f%s", "" if select else "refit ", s.epoch + 1, rec["loss"],
                      f"  val recall@{VAL_K} {rec[f'val_recall@{VAL_K}']:.4f}{'  (best)' if improved else ''}"
                      if select else "")
         if improved:
-            _save(ck / "best.pt", s.checkpoint(cfg, d, full=False))
+            s.save(ck / "best.pt", cfg, d)
         if select and on_epoch is not None:
             on_epoch(s.epoch + 1, rec[f"val_recall@{VAL_K}"])
         if epoch_done:
             s.epoch, s.pos_in_epoch = s.epoch + 1, 0
         if not select and (s.done or s.epoch >= cfg.train.epochs):
-            _save(ck / "refit.pt", {**s.checkpoint(cfg, d, full=False), "refit": True})
-        _save(ck / last_name, s.checkpoint(cfg, d, full=True))
+            s.save(ck / "refit.pt", cfg, d, extra={"refit": True})
+        s.save(ck / last_name, cfg, d, full=True)
     return time.time() - t_start
 
 
 def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool,
-           on_epoch: Callable[[int, float], None] | None = None) -> dict:
+           on_epoch: Callable[[int, float], None] | None = None,
+           ranks: distributed.Ranks = distributed.Ranks()) -> dict:
     rdir = ws.run_dir(run)
     last_path = rdir / "checkpoints" / "last.pt"
     state, fs = None, None
@@ -365,38 +431,54 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     t_prep = time.time()
     d = prepare(ws, cfg, fs)
     prep_s = time.time() - t_prep
+    if d.id_snapshot is not None:  # the refit and a resume use the same snapshot
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.id_snapshot = d.id_snapshot["name"]
+        if d.id_overlap:
+            log.warning("ID snapshot %s overlaps the retrieval training window: its IDs saw these labels "
+                        "(--allow-overlap, for ablations)", d.id_snapshot["name"])
     ck = rdir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and ranks.main:
         for stale in ("refit.pt", "refit_last.pt"):  # a refit of an earlier run of this name
             (ck / stale).unlink(missing_ok=True)
         (rdir / "config.yaml").write_text(cfg.to_yaml())
         (rdir / "feature_state.json").write_text(json.dumps(d.fs.to_dict()))
         (rdir / "metrics.jsonl").write_text("")
-    s = TrainState.fresh(cfg, d.sizes)
+    s = TrainState.fresh(cfg, d.sizes, d.id_tables)
     if state is not None:
         s.load(state)
+    s.distribute(ranks)
     seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
     summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt"}
+    if d.id_snapshot is not None:
+        m = d.id_snapshot
+        summary["id_embeddings"] = {"mode": cfg.model.id_embeddings, "snapshot": m["name"], "dim": m["dim"],
+                                    "content_hash": m["content_hash"], "window": m["window_text"],
+                                    "overlaps_training_window": d.id_overlap, "dropout": cfg.model.id_dropout}
+    if ranks.world > 1:
+        summary["processes"] = ranks.world
     if cfg.train.refit and s.best_step > 0:
-        summary.update(_refit(ws, cfg, d.fs, rdir, s.best_step, resume, progress))
-    write_json(rdir / "summary.json", summary)
+        summary.update(_refit(ws, cfg, d.fs, rdir, s.best_step, resume, progress, ranks))
+    if ranks.main:
+        write_json(rdir / "summary.json", summary)
     return summary
 
 
 def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: int, resume: bool,
-           progress: bool) -> dict:
+           progress: bool, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
     """Retrain from scratch on training + validation for the selected number of steps, as a
     production pipeline does once validation has chosen the budget: the most recent data is then
     in the model. Bundles serve refit.pt; best.pt (the selected model) is kept."""
     t0 = time.time()
     rd = prepare(ws, cfg, fs, refit=True)
-    r = TrainState.fresh(cfg, rd.sizes)
+    r = TrainState.fresh(cfg, rd.sizes, rd.id_tables)
     last = rdir / "checkpoints" / "refit_last.pt"
     if resume and last.exists():
         r.load(load_checkpoint_state(last))
+    r.distribute(ranks)
     if progress:
         log.info("refit: %d steps on training + validation (%s examples)", steps, f"{len(rd.examples.user):,}")
     seconds = fit(r, rd, cfg, rdir, progress, phase=REFIT, max_steps=steps)

@@ -106,7 +106,7 @@ def sampled_softmax_logq(
     correction (the pin-age term; -inf removes a column from a row: a pin that does not exist yet
     at the row's time is no negative). Returns sum_r w_r nll_r / norm (norm: the global batch
     size, default R)."""
-    R, B = user.shape[0], item.shape[0]
+    R = user.shape[0]
     pos = torch.arange(R) + row_offset
     logits = user @ item.T / temperature
     ids = item_ids
