@@ -7,13 +7,14 @@
 Per (dataset, seed): `ebr pretrain-ids` at its defaults (the older data.id_pretrain_fraction of the
 training part; ids-only data: a seeded 70% of each user's training pairs) and, for the overlap
 ablation, the same on the whole training part (--window train). Variants: none (today's model,
-every training example), finetune and frozen (model.id_embeddings, the recent window, the
+every training example), none_recent (no IDs, the recent window only: what the window alone
+does), finetune and frozen (model.id_embeddings, the recent window, the
 non-overlapping snapshot) and frozen_overlap (frozen, the whole-window snapshot, --allow-overlap).
 Peers (popularity, ALS) are evaluated with the none variant. Without --refit the selected
 checkpoint is served (the quick setting); with it, the default pipeline. --memory adds the
 pretraining throughput and peak RSS for 0.2M and 2M ID rows (child processes) to derive the memory
 per 1M IDs. Resumable: each finished cell keeps its eval JSON under --root. Writes
-benchmarks/results/id_pretrain.json.
+benchmarks/results/NAME.json (--name, default id_pretrain; use another --root with other settings).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ebr.pretrain.ids import pretrain_ids  # noqa: E402
 
 VARIANTS = {
     "none": {},
+    "none_recent": {"data.recent_only": True},
     "finetune": {"model.id_embeddings": "finetune"},
     "frozen": {"model.id_embeddings": "frozen"},
     "frozen_overlap": {"model.id_embeddings": "frozen", "train.allow_overlap": True},
@@ -90,11 +92,12 @@ def main() -> None:
     ap = seeded_parser(__doc__, VARIANTS, "/tmp/ebr-bench-ids")
     ap.set_defaults(datasets="ml100k_ids,ml100k,synth_small")
     ap.add_argument("--memory", action="store_true", help="also measure pretraining memory per 1M IDs")
+    ap.add_argument("--name", default="id_pretrain", help="results/NAME.json (variants of the settings)")
     a = ap.parse_args()
     sets = overrides(a.set)
     root = Path(a.root)
     out = {"variants": VARIANTS, "datasets": {}}
-    results = Path(__file__).resolve().parent / "results" / "id_pretrain.json"
+    results = Path(__file__).resolve().parent / "results" / f"{a.name}.json"
     if results.exists():  # keep the parts this invocation does not rerun
         old = json.loads(results.read_text())
         out["datasets"], out["memory"] = old.get("datasets", {}), old.get("memory")
@@ -108,7 +111,7 @@ def main() -> None:
             pre.append({k: snaps[False][k] for k in ("counts", "loss_curve", "throughput", "window_text", "dim")})
             for v in a.variants.split(","):
                 over = {**sets, **VARIANTS[v], "train.seed": seed, "train.refit": a.refit}
-                if v != "none":
+                if "none" not in v:
                     over["train.id_snapshot"] = snaps[v == "frozen_overlap"]["name"]
                 res = train_eval(ws, f"{v}-{seed}", over, root / f"{ds}-ids-{v}-{seed}.json",
                                  peers=("popularity", "als") if v == "none" else ())
@@ -138,7 +141,7 @@ def main() -> None:
                          f"{r['val_recall@100']['mean']:.4f} ± {r['val_recall@100']['std']:.4f} | "
                          f"{int(r['train_examples']['mean']):,} |")
     out["markdown"] = "\n".join(lines)
-    write("id_pretrain", out)
+    write(a.name, out)
     print(out["markdown"])
 
 

@@ -12,6 +12,11 @@ and measures mode multi at concurrency 1 (target p99 <= 15 ms; recall@100 over e
 search), and a conditional model answering mode conditional with 3 interests per request (3
 conditioned queries, each searched among its interest's pins). `--prepare` only generates the world
 and trains the models, so that part can run beside other work and the timed part alone.
+
+Concurrency 1 runs three phases of --seconds each: `concurrency_1` is the phase with the median p99
+(`p99_ms_phases` lists all three) and `stages_ms` the mean milliseconds per request of each stage
+(ebr/stages.py: parse, dispatch, user_state, user_tower, filters, ann_search, results, encode), read
+from the service's ebr_stage_seconds histogram before and after the phases.
 """
 
 from __future__ import annotations
@@ -91,6 +96,35 @@ def loadgen(url: str, users: list[str], k: int, seconds: float, conc: int, mode:
     )
 
 
+def stage_means(before: str, after: str) -> dict[str, float]:
+    """Mean milliseconds per request of each stage of /v1/retrieve (ebr/stages.py) between two
+    /metrics scrapes (the ebr_stage_seconds histogram)."""
+    def samples(text: str, name: str) -> dict[str, float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                label, value = line[len(name) + 1:].split("} ")
+                out[label.split('"')[1]] = float(value)
+        return out
+
+    s0, s1 = samples(before, "ebr_stage_seconds_sum"), samples(after, "ebr_stage_seconds_sum")
+    c0, c1 = samples(before, "ebr_stage_seconds_count"), samples(after, "ebr_stage_seconds_count")
+    return {k: round(1e3 * (s1[k] - s0.get(k, 0.0)) / max(c1[k] - c0.get(k, 0.0), 1), 3) for k in s1}
+
+
+def concurrency_1(url: str, users: list[str], k: int, seconds: float, mode: str = "single",
+                  extras: list[dict] | None = None, phases: int = 3) -> dict:
+    """Three phases at concurrency 1: the phase with the median p99 (its p99_ms is the median of
+    the phases'), every phase's p99, and the mean time per stage over all of them."""
+    import httpx
+
+    before = httpx.get(url + "/metrics", timeout=30).text
+    runs = [json.loads(loadgen(url, users, k, seconds, 1, mode, extras).communicate()[0]) for _ in range(phases)]
+    after = httpx.get(url + "/metrics", timeout=30).text
+    mid = sorted(runs, key=lambda r: r["p99_ms"])[len(runs) // 2]
+    return {**mid, "p99_ms_phases": [r["p99_ms"] for r in runs], "stages_ms": stage_means(before, after)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pins", type=int, default=1_000_000)
@@ -142,7 +176,8 @@ def main() -> None:
         wait_ready(url)
         warm = loadgen(url, users, a.k, 3, 1)
         warm.communicate()
-        c1 = json.loads(loadgen(url, users, a.k, a.seconds, 1).communicate()[0])
+        c1 = concurrency_1(url, users, a.k, a.seconds)
+        print("concurrency 1, mean ms per stage:", c1["stages_ms"], flush=True)
         sat = json.loads(loadgen(url, users, a.k, a.seconds, 8).communicate()[0])
         # reload under load: swap to the same bundle's copy twice while 4 clients run
         lg = loadgen(url, users, a.k, a.seconds, 4)
@@ -217,7 +252,8 @@ def other_mode(ws, a, users: list[str], mode: str) -> dict:
     try:
         wait_ready(url)
         loadgen(url, users, a.k, 3, 1, mode, extras).communicate()
-        c1 = json.loads(loadgen(url, users, a.k, a.seconds, 1, mode, extras).communicate()[0])
+        c1 = concurrency_1(url, users, a.k, a.seconds, mode, extras)
+        print(f"mode {mode}, concurrency 1, mean ms per stage:", c1["stages_ms"], flush=True)
     finally:
         server.terminate()
         server.wait(30)

@@ -62,8 +62,10 @@ def test_given_split_partitions_each_users_pairs(tmp_path):
     """Without time, pretraining and the retrieval model get a seeded partition of the training
     pairs: disjoint, 70% of each user's pairs (rounded) on the pretraining side, the same in every
     call, another one for another partition seed, and the validation draw's seed is part of the
-    window (a snapshot of seed 0 overlaps a seed-1 model). Mutations caught: a partition of rows
-    across all users (per-user shares drift), an unseeded draw, val_seed ignored in overlaps()."""
+    window (a snapshot of seed 0 overlaps a seed-1 model); data.id_partition file_order gives each
+    user's older pairs (file order) to pretraining. Mutations caught: a partition of rows across
+    all users (per-user shares drift), an unseeded draw, val_seed ignored in overlaps(), file_order
+    ranked from the newest pair."""
     ws = _adjacency(tmp_path)
     _, e = _engagements(ws)
     pre, ret = windows(e, "given", 0.7, 0)
@@ -77,6 +79,13 @@ def test_given_split_partitions_each_users_pairs(tmp_path):
     assert not (mask(e, windows(e, "given", 0.7, 1)[0]) == mp).all()
     assert not pre.overlaps(ret)
     assert windows(e, "given", 0.7, 0, val_seed=1)[0].overlaps(ret)
+    fpre, fret = windows(e, "given", 0.7, 0, rule="file_order")
+    fp, fr = mask(e, fpre), mask(e, fret)
+    assert not (fp & fr).any() and ((fp | fr) == train).all() and fpre.overlaps(ret)
+    for u in np.unique(e.user[train]):
+        mine = e.user == u
+        assert int((fp & mine).sum()) == int(np.floor(0.7 * (train & mine).sum() + 0.5))
+        assert e.t[fp & mine].max() < e.t[fr & mine].min()  # the older pairs in file order pretrain
 
 
 def _auc(user_t: np.ndarray, pin_t: np.ndarray, users: np.ndarray, pins: np.ndarray, among: np.ndarray,
@@ -91,9 +100,10 @@ def _auc(user_t: np.ndarray, pin_t: np.ndarray, users: np.ndarray, pins: np.ndar
 def test_pretraining_learns_held_out_pairs(snap):
     """The pretrained tables rank a user's later engagements (the retrieval window, never read by
     pretraining; pairs new to it, between users and pins it saw) above random pins it saw: AUC >
-    0.62 (measured 0.68; 0.5 at random, 0.51 after one epoch). The manifest records window, counts and a falling loss curve. Mutations caught: the
-    loss's sign flipped or its backward skipped (the fused optimiser never steps): AUC about 0.5;
-    examples not restricted to the window (counts differ)."""
+    0.62 (measured 0.68; 0.5 at random, 0.51 after one epoch). The manifest records window,
+    counts and a falling loss curve. Mutations caught: the loss's sign flipped or its backward
+    skipped (the fused optimiser never steps): AUC about 0.5; examples not restricted to the window
+    (counts differ)."""
     ws, m = snap
     fs, e = _engagements(ws)
     U, P = snapshots.load_tables(ws, m, fs.users, fs.pins)
@@ -187,9 +197,10 @@ def frozen(snap):
 
     ws, _ = snap
     runs = {}
-    for mode in ("frozen", "finetune"):
+    for mode in ("frozen", "finetune", "recent"):
+        ids = {"data.recent_only": True} if mode == "recent" else {"model.id_embeddings": mode}
         cfg = RunConfig.load(None, {"train.epochs": 1, "train.batch_size": 256, "model.hidden": [32],
-                                    "model.id_embeddings": mode, "train.id_snapshot": "t-one", "train.refit": False})
+                                    "train.id_snapshot": "t-one", "train.refit": False, **ids})
         runs[mode] = train(ws, cfg, run=f"ids-{mode}", progress=False)
     return ws, runs, build_bundle(ws, "ids-frozen", "temporal")
 
@@ -197,15 +208,17 @@ def frozen(snap):
 def test_frozen_tables_stay_and_training_reads_the_recent_window(frozen):
     """frozen: the checkpoint's user and pin ID tables equal the snapshot's, bit for bit, after
     training; finetune: they moved. The model trained only on the retrieval window's positives,
-    and the run records the snapshot and that it does not overlap. Mutations caught: the frozen flag
-    ignored (the tables take gradients); the window filter dropped (all
-    training positives used); the snapshot loaded by code instead of id (rows shuffled)."""
+    as did the data.recent_only ablation without IDs, and the run records the snapshot and that it
+    does not overlap. Mutations caught: the frozen flag ignored (the tables take gradients); the
+    window filter dropped (all training positives used); the snapshot loaded by code instead of id
+    (rows shuffled)."""
     ws, runs, _ = frozen
     fs, e = _engagements(ws)
     m = next(x for x in snapshots.list_snapshots(ws) if x["name"] == "t-one")
     U, P = snapshots.load_tables(ws, m, fs.users, fs.pins)
     _, ret = windows(e, "temporal", 0.7, 0)
     n_ret = len(positive_examples(e, RunConfig().features, (Part.TRAIN,), within=mask(e, ret)).user)
+    assert runs["recent"]["train_examples"] == n_ret and "id_embeddings" not in runs["recent"]
     for mode, same in (("frozen", True), ("finetune", False)):
         s = runs[mode]
         assert s["train_examples"] == n_ret

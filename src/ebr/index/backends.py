@@ -18,6 +18,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ebr.stages import mark
+
 BACKENDS = ("exact", "hnsw", "ivfpq")
 
 
@@ -71,24 +73,30 @@ class AnnIndex:
         return p
 
     def search(self, queries: np.ndarray, k: int, defaults: SearchDefaults, allowed_codes: np.ndarray | None = None,
-               exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude: Sequence[np.ndarray] | None = None, stages=None) -> tuple[np.ndarray, np.ndarray]:
         """(B, D) -> (scores (B, k), pin codes (B, k)); -1 codes (and -inf scores) fill empty slots.
         Every result is inside `allowed_codes` (when given) and outside the row's `exclude`, and every
         row holds min(k, available) results, available = indexed ∩ allowed − excluded. Fewer than
         defaults.exact_below available pins are scored exactly (graph and IVF search lose recall
-        under selective filters); a row the index answers short is completed exactly."""
+        under selective filters); a row the index answers short is completed exactly. `stages`
+        (ebr/stages.py) times the filter bookkeeping apart from the index search."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         B = len(queries)
         pool = self.codes if allowed_codes is None else members(allowed_codes, self.codes)
         ex = [np.zeros(0, dtype=np.int64)] * B if exclude is None else [members(x, pool) for x in exclude]
         available = len(pool) - np.array([len(x) for x in ex], dtype=np.int64)
         if available.max(initial=0) < defaults.exact_below:
-            return self._exact(queries, pool, k, ex)
+            mark(stages, "filters")
+            out = self._exact(queries, pool, k, ex)
+            mark(stages, "ann_search")
+            return out
         sel = None
         if allowed_codes is not None:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(np.searchsorted(self.codes, pool), dtype=np.int64))
         kk = min(k + max(len(x) for x in ex), len(pool))
+        mark(stages, "filters")
         D, pos = self.index.search(queries, kk, params=self._params(defaults, sel))
+        mark(stages, "ann_search")
         codes = np.where(pos >= 0, self.codes[np.maximum(pos, 0)], -1)
         scores = np.full((B, k), -np.inf, dtype=np.float32)
         out = np.full((B, k), -1, dtype=np.int64)
@@ -98,6 +106,7 @@ class AnnIndex:
                 scores[b], out[b] = (x[0] for x in self._exact(queries[b: b + 1], pool, k, ex[b: b + 1]))
             else:
                 scores[b, : len(keep)], out[b, : len(keep)] = D[b, keep], codes[b, keep]
+        mark(stages, "filters")
         return scores, out
 
     def _exact(self, queries: np.ndarray, pool: np.ndarray, k: int,

@@ -110,7 +110,7 @@ def resolve_window(e, split, cfg: RunConfig, window: str | None) -> IdWindow:
     val_seed = cfg.train.seed if split.kind == "given" else 0
     frac, seed = cfg.data.id_pretrain_fraction, cfg.data.id_pretrain_seed
     if window is None:
-        return windows(e, split.name, frac, seed, val_seed)[0]
+        return windows(e, split.name, frac, seed, val_seed, cfg.data.id_partition)[0]
     if window == "train":
         return whole_window(e, split.name, frac, seed, val_seed)
     import datetime as dt

@@ -9,7 +9,8 @@ validation, never test) into
 - data without time (a `given` split, pseudo-time = file order): a seeded partition of the training
   (user, pin) pairs, a random 70% of each user's pairs for pretraining and the rest for the
   retrieval model (`data.id_pretrain_seed`; every row of a pair falls on the same side, so a pair's
-  label is never on both). A given split's validation pairs are drawn per training seed, so such a
+  label is never on both). `data.id_partition: file_order` takes each user's older 70% of pairs
+  in pseudo-time (the file order) instead. A given split's validation pairs are drawn per training seed, so such a
   snapshot serves retrieval models of the seed it was pretrained with (`ebr pretrain-ids --seed`).
 
 A window is described by an IdWindow (saved in each snapshot's manifest); `overlaps` says whether a
@@ -40,6 +41,7 @@ class IdWindow:
     fraction: float = 0.7
     seed: int = 0  # the partition's seed (data.id_pretrain_seed)
     val_seed: int = 0  # given splits: the training seed that drew validation (it shapes the training part)
+    rule: str = "random"  # partitions: random (seeded) or file_order (each user's older pairs pretrain)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +49,7 @@ class IdWindow:
     @classmethod
     def from_dict(cls, d: dict) -> IdWindow:
         return cls(**{k: d[k] for k in ("split", "kind", "side", "start", "end", "fraction", "seed",
-                                                                 "val_seed") if k in d})
+                                                                 "val_seed", "rule") if k in d})
 
     def describe(self) -> str:
         if self.kind == "time":
@@ -56,8 +58,8 @@ class IdWindow:
             f = dt.datetime.fromtimestamp
             return (f"{f(self.start / 1e6, dt.UTC):%Y-%m-%d %H:%M} to {f(self.end / 1e6, dt.UTC):%Y-%m-%d %H:%M} "
                     f"({self.side}, split {self.split})")
-        return (f"{self.side} partition of split {self.split}'s training pairs (fraction {self.fraction}, "
-                f"seed {self.seed})")
+        return (f"{self.side} partition of split {self.split}'s training pairs ({self.rule}, fraction "
+                f"{self.fraction}, seed {self.seed})")
 
     def overlaps(self, other: IdWindow) -> bool:
         """Whether the two windows can share an engagement."""
@@ -67,21 +69,23 @@ class IdWindow:
             return True  # not comparable: treated as overlapping (the safe answer)
         if WHOLE in (self.side, other.side):
             return True
-        return self.side == other.side or (self.fraction, self.seed, self.val_seed) != (
-            other.fraction, other.seed, other.val_seed)
+        return self.side == other.side or (self.fraction, self.seed, self.val_seed, self.rule) != (
+            other.fraction, other.seed, other.val_seed, other.rule)
 
 
-def windows(e: Engagements, split: str, fraction: float, seed: int, val_seed: int = 0) -> tuple[IdWindow, IdWindow]:
+def windows(e: Engagements, split: str, fraction: float, seed: int, val_seed: int = 0,
+            rule: str = "random") -> tuple[IdWindow, IdWindow]:
     """(pretraining window, retrieval training window) of a split's training part; `val_seed` is
-    the training seed the engagements were loaded with (a given split's validation draw)."""
+    the training seed the engagements were loaded with (a given split's validation draw); `rule`
+    the partition of data without time (data.id_partition)."""
     if not 0 < fraction < 1:
         raise EbrError(f"data.id_pretrain_fraction must be in (0, 1), got {fraction}")
     train = e.part == Part.TRAIN
     if not train.any():
         raise EbrError(f"split {split!r} has no training engagements to pretrain IDs on")
     if not e.timed:
-        return (IdWindow(split, "partition", PRETRAIN, fraction=fraction, seed=seed, val_seed=val_seed),
-                IdWindow(split, "partition", RETRIEVAL, fraction=fraction, seed=seed, val_seed=val_seed))
+        return (IdWindow(split, "partition", PRETRAIN, fraction=fraction, seed=seed, val_seed=val_seed, rule=rule),
+                IdWindow(split, "partition", RETRIEVAL, fraction=fraction, seed=seed, val_seed=val_seed, rule=rule))
     lo, hi = int(e.t[train].min()), int(e.t[train].max()) + 1
     cut = lo + int(round(fraction * (hi - lo)))
     return (IdWindow(split, "time", PRETRAIN, lo, cut, fraction, seed),
@@ -110,16 +114,25 @@ def custom_window(e: Engagements, split: str, start: int, end: int) -> IdWindow:
     return IdWindow(split, "time", CUSTOM, start, end)
 
 
-def pair_partition(e: Engagements, fraction: float, seed: int) -> np.ndarray:
+def pair_partition(e: Engagements, fraction: float, seed: int, rule: str = "random") -> np.ndarray:
     """(len(e),) bool: the engagements whose (user, pin) pair is on the pretraining side: a seeded
-    random `fraction` of each user's training pairs (all rows of a pair on one side)."""
+    random `fraction` of each user's training pairs (rule random), or each user's first `fraction`
+    of them in pseudo-time, the file order (rule file_order); all rows of a pair on one side."""
     train = e.part == Part.TRAIN
     key = e.user.astype(np.int64) * (int(e.pin.max()) + 1 if len(e.pin) else 1) + e.pin
     uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
     order = np.sort(first)  # pairs in engagement order (deterministic: by user, then time)
     rank_of = np.empty(len(uniq), dtype=np.int64)
     rank_of[np.argsort(first)] = np.arange(len(uniq))
-    side = given_validation(e.user[order], train[order], seed=seed + 0x1D, fraction=fraction)
+    if rule == "file_order":
+        idx = np.flatnonzero(train[order])
+        u = e.user[order][idx]  # sorted: rows are by user, then (pseudo-)time
+        rank = np.arange(len(u)) - np.searchsorted(u, u, side="left")
+        n_u = np.bincount(u)[u] if len(u) else u
+        side = np.zeros(len(order), dtype=bool)
+        side[idx[rank < np.floor(n_u * fraction + 0.5)]] = True
+    else:
+        side = given_validation(e.user[order], train[order], seed=seed + 0x1D, fraction=fraction)
     return side[rank_of[inv]] & train
 
 
@@ -132,5 +145,5 @@ def mask(e: Engagements, w: IdWindow, parts: tuple[int, ...] = (Part.TRAIN,)) ->
         return inside & (e.t >= w.start) & (e.t < end)
     if w.side == WHOLE:
         return inside & (e.part == Part.TRAIN)
-    pre = pair_partition(e, w.fraction, w.seed)
+    pre = pair_partition(e, w.fraction, w.seed, w.rule)
     return inside & (pre if w.side == PRETRAIN else ~pre)

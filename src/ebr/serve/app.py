@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ebr.index.verify import BundleError
 from ebr.serve import explore as ex
 from ebr.serve.retriever import Retriever
+from ebr.stages import Stages
 
 MODES = ("single", "multi", "conditional", "auto")
 MAX_BODY_BYTES = 1 << 20  # a request body above this is a 413 (the largest valid request is far below)
@@ -154,6 +155,14 @@ def create_app(
         registry=reg,
         buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
     )
+    stage_seconds = Histogram(
+        "ebr_stage_seconds",
+        "time of each stage of POST /v1/retrieve (ebr/stages.py: parse, dispatch, user_state, user_tower, filters, "
+        "ann_search, results, encode)",
+        ["stage"],
+        registry=reg,
+        buckets=(5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+    )
     reloads = Counter("ebr_reloads", "bundle reloads by outcome", ["outcome"], registry=reg)
     truth = ex.load_truth(workspace)
 
@@ -182,6 +191,7 @@ def create_app(
         """Every answer, errors included, is counted by endpoint and status."""
         t0 = time.perf_counter()
         endpoint = request.url.path if request.url.path in {r.path for r in app.routes} else "other"
+        stages = request.state.stages = Stages(t0) if endpoint == "/v1/retrieve" else None
         try:
             response = None
             if request.method == "POST" and endpoint != "/v1/admin/reload":  # reload reads its body after the token
@@ -194,6 +204,10 @@ def create_app(
         if response.status_code >= 400:
             errors.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - t0)
+        if stages is not None and response.status_code == 200:
+            stages.mark("encode")
+            for name, seconds in stages.spent.items():
+                stage_seconds.labels(name).observe(seconds)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -204,7 +218,9 @@ def create_app(
         "/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True,
         responses={422: {"model": Problem}, 504: {"model": Problem}},
     )
-    async def retrieve(req: RetrieveRequest):
+    async def retrieve(req: RetrieveRequest, request: Request):
+        stages = request.state.stages
+        stages.mark("parse")
         r = state["r"]  # this request keeps this Retriever even if a reload swaps it
         if not 1 <= req.k <= max_k:
             return _error(422, f"k must be between 1 and {max_k} (got {req.k})")
@@ -217,7 +233,7 @@ def create_app(
             res = await asyncio.wait_for(
                 run_in_threadpool(
                     r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None,
-                    req.followed_interests, mode, req.explain,
+                    req.followed_interests, mode, req.explain, stages,
                 ),
                 timeout=timeout_s,
             )
@@ -235,6 +251,7 @@ def create_app(
         }
         if req.explain and mode != "single":
             out["embeddings"] = res.embeddings
+        stages.mark("results")
         return out
 
     @app.get("/explore", response_class=HTMLResponse)

@@ -20,10 +20,11 @@ from ebr.features.state import ACTION_CODE, FIRST_ID, N_ACTION_CODES, OOV, PAD, 
 from ebr.index.backends import AnnIndex, SearchDefaults
 from ebr.index.verify import BundleError, CheckedBundle, verified_bundle
 from ebr.model.interests import valid_items
+from ebr.ranking import topk_masked
 from ebr.serve.merge import max_merge, quotas, round_robin
+from ebr.stages import Stages, mark
 
 __all__ = ["BundleError", "Result", "Retriever"]
-from ebr.ranking import topk_masked
 
 
 @dataclass
@@ -264,22 +265,26 @@ class Retriever:
         return out
 
     def search(
-        self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None, allowed: np.ndarray | None = None
+        self, emb: torch.Tensor, k: int, exclude: Sequence[np.ndarray] | None = None, allowed: np.ndarray | None = None,
+        stages: Stages | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(B, D) user embeddings -> (scores (B, k), pin codes (B, k)); excluded codes never appear;
         `allowed` (sorted pin codes) restricts the candidates (an interest filter, a corpus).
         Exact bundles score densely; others go through the ANN index with a selector (which scores
-        selective filters exactly). Empty slots: code -1, score -inf."""
+        selective filters exactly). Empty slots: code -1, score -inf. `stages` times the filters
+        apart from the search (ebr/stages.py)."""
         if self.backend == "exact":
             cand = self.candidate
             if allowed is not None:
                 cand = torch.zeros_like(cand)
                 cand[torch.from_numpy(np.asarray(allowed, dtype=np.int64))] = True
                 cand &= self.candidate
+            mark(stages, "filters")
             vals, idx = topk_masked(emb @ self.pin_emb.T, k, exclude, cand)
             v, i = vals.numpy(), idx.numpy()
+            mark(stages, "ann_search")
             return v, np.where(np.isfinite(v), i, -1)
-        return self.index.search(emb.numpy(), k, self.defaults, allowed, exclude)
+        return self.index.search(emb.numpy(), k, self.defaults, allowed, exclude, stages)
 
     def stored_inputs(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(history, actions, categorical codes, followed interests) of users, as of the bundle's time."""
@@ -367,6 +372,7 @@ class Retriever:
         followed: Sequence[str] | None = None,
         mode: str = "single",
         explain: bool = False,
+        stages: Stages | None = None,
     ) -> Result:
         """One request: stored state for a known user, overridden by `history` (pin ids, most recent
         last, or {"pin_id", "action"} objects), `features` ({cat_column: value}) and `followed`
@@ -381,7 +387,10 @@ class Retriever:
         takes the implicit embedding(s) plus one conditioned list per followed and inferred
         interest (`interests` filters every list). Lists are merged round-robin under k; sources
         are `interest:ID` (or the embedding's). A user with nothing to embed gets each interest's
-        popular pins."""
+        popular pins. `stages` (ebr/stages.py) times the request's stages: single and multi mode
+        stage by stage; conditional, auto and cold-start requests count everything after the
+        user state as `results`."""
+        mark(stages, "dispatch")
         code = int(self.user_codes([user_id or ""])[0])
         known = code >= FIRST_ID
         hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
@@ -419,6 +428,7 @@ class Retriever:
         has_features = bool(features and (cat >= FIRST_ID).any()) or bool((fol >= FIRST_ID).any())
         inputs = (hist[None], actions[None], cat[None], fol[None])
         users = np.array([code if known else 0])
+        mark(stages, "user_state")
         if conds is not None:
             return self._conditional(mode, conds, inputs, int(users[0]), k, excl, allowed,
                                      has_history or has_features, has_history, explain)
@@ -428,7 +438,9 @@ class Retriever:
         # tower on those alone
         if mode == "multi":
             qs = self.embed_all(*inputs, users=users)
+            mark(stages, "user_tower")
             codes, scores, src = self.search_all(qs, k, [excl], allowed)[0]
+            mark(stages, "ann_search")
             sources = [f"emb{j}" if has_history else "features" for j in src.tolist()]
             info = []
             if explain:
@@ -436,14 +448,19 @@ class Retriever:
                 info = [{"source": f"emb{j}", "importance": float(qs.importance[0, j]),
                          "history": [self.pin_ids[c] for c in hist[a == j].tolist()]}
                         for j in range(int(qs.active[0].sum()))]
-            return Result([self.pin_ids[c] for c in codes.tolist()], scores.tolist(), sources, not has_history,
-                          info)
-        s, i = self.search(self.embed(*inputs, users=users), k, [excl], allowed)
+            out = Result([self.pin_ids[c] for c in codes.tolist()], scores.tolist(), sources, not has_history, info)
+            mark(stages, "results")
+            return out
+        emb = self.embed(*inputs, users=users)
+        mark(stages, "user_tower")
+        s, i = self.search(emb, k, [excl], allowed, stages)
         keep = i[0] >= 0
         source = "single" if has_history else "features"
-        return Result(
+        out = Result(
             [self.pin_ids[c] for c in i[0][keep]], s[0][keep].tolist(), [source] * int(keep.sum()), not has_history
         )
+        mark(stages, "results")
+        return out
 
     def _conditional(self, mode: str, conds: list[tuple[int, str]], inputs: tuple[np.ndarray, ...], user: int,
                      k: int, excl: np.ndarray, allowed: np.ndarray | None, tower: bool, has_history: bool,

@@ -104,7 +104,7 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     parts = (Part.TRAIN, Part.VALIDATION) if refit else (Part.TRAIN,)
     snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, parts)
     within, ids = None, (None, None, False)
-    if cfg.model.id_embeddings != "none":  # the recent window only; histories still read all visible data
+    if cfg.model.id_embeddings != "none" or cfg.data.recent_only:  # the recent window; histories read all
         within, ids = _id_window(ws, cfg, snap, parts)
     ex = positive_examples(snap.e, cfg.features, parts=parts, within=within)
     if len(ex.user) == 0:
@@ -120,13 +120,17 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
 def _id_window(ws: Workspace, cfg: RunConfig, snap, parts: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
     """A model with pretrained IDs trains on the recent window of the training part (in the refit,
     with validation); its snapshot: train.id_snapshot, else the latest whose window ends before.
-    Returns (the examples' window mask, (manifest, tables, overlaps))."""
+    Returns (the examples' window mask, (manifest, tables, overlaps)); data.recent_only without
+    IDs: (the mask, (None, None, False))."""
     from ebr.config import ModelConfig
     from ebr.pretrain import snapshots
     from ebr.pretrain.windows import IdWindow, mask, windows
 
     val_seed = cfg.train.seed if snap.split.kind == "given" else 0
-    _, w = windows(snap.e, snap.split.name, cfg.data.id_pretrain_fraction, cfg.data.id_pretrain_seed, val_seed)
+    _, w = windows(snap.e, snap.split.name, cfg.data.id_pretrain_fraction, cfg.data.id_pretrain_seed, val_seed,
+                   cfg.data.id_partition)
+    if cfg.model.id_embeddings == "none":
+        return mask(snap.e, w, parts), (None, None, False)
     m = snapshots.choose(ws, w, cfg.train.id_snapshot, cfg.train.allow_overlap)
     if cfg.model.id_dim not in (ModelConfig.model_fields["id_dim"].default, m["dim"]):
         raise EbrError(f"model.id_dim is {cfg.model.id_dim} but ID snapshot {m['name']!r} has width {m['dim']}: "

@@ -1,0 +1,42 @@
+"""Where a request's time goes: a per-request stage clock, exported by the service as the
+Prometheus histogram ebr_stage_seconds{stage} and printed by benchmarks/serve.py.
+
+Stages of POST /v1/retrieve, in order (each mark adds the time since the previous mark):
+  parse       body read, JSON parsing, pydantic validation, routing (until the handler runs)
+  dispatch    the hop to the worker thread (the Retriever runs off the event loop)
+  user_state  stored state lookup, request history / features / followed interests, exclusions
+  user_tower  the exported user tower (every embedding of the request)
+  filters     exclusion and interest-filter bookkeeping around the index (pools, selectors, the
+              post-filter of the index's answer)
+  ann_search  the index search itself (FAISS; dense scoring on exact bundles)
+  results     pin ids, scores and sources of the merged list (Python objects)
+  encode      the response: pydantic serialisation and JSON encoding, framework overhead after the
+              handler
+"""
+
+from __future__ import annotations
+
+import time
+
+STAGES = ("parse", "dispatch", "user_state", "user_tower", "filters", "ann_search", "results", "encode")
+
+
+class Stages:
+    """mark(name) adds the time since the previous mark (or the start) to `name`."""
+
+    __slots__ = ("t", "spent")
+
+    def __init__(self, start: float | None = None):
+        self.t = time.perf_counter() if start is None else start
+        self.spent: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spent[name] = self.spent.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def mark(stages: Stages | None, name: str) -> None:
+    """Mark when a clock is given (library calls pass none)."""
+    if stages is not None:
+        stages.mark(name)
