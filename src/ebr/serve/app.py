@@ -367,4 +367,4 @@ def serve(
 
     app = create_app(bundle, max_k=max_k, timeout_s=timeout_ms / 1000, threads=threads, expect_version=expect_version,
                      workspace=workspace)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", loop="uvloop", http="httptools")
