@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -198,7 +199,8 @@ def cmd_train(a) -> int:
 
     cfg = RunConfig.load(a.config, _overrides(a))
     s = train(Workspace.at(a.workspace), cfg, run=a.run, resume=a.resume)
-    print(json.dumps(s, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps(s, indent=2))
     return 0
 
 
