@@ -12,7 +12,7 @@ does), finetune and frozen (model.id_embeddings, the recent window, the
 non-overlapping snapshot) and frozen_overlap (frozen, the whole-window snapshot, --allow-overlap).
 Peers (popularity, ALS) are evaluated with the none variant. Without --refit the selected
 checkpoint is served (the quick setting); with it, the default pipeline. --memory adds the
-pretraining throughput and peak RSS for 0.2M and 2M ID rows (child processes) to derive the memory
+pretraining throughput and peak RSS for 0.2M and 4M ID rows (child processes) to derive the memory
 per 1M IDs. Resumable: each finished cell keeps its eval JSON under --root. Writes
 benchmarks/results/NAME.json (--name, default id_pretrain; use another --root with other settings).
 """
@@ -41,14 +41,16 @@ VARIANTS = {
 METRICS = ("recall@20", "recall@50", "recall@100", "hr@100")
 
 MEMORY = r"""
-import json, resource, sys, time, numpy as np, torch, torch.nn.functional as F
+import json, sys, time, numpy as np, torch, torch.nn.functional as F
 from ebr.pretrain.ids import _ebc
 from ebr.train import distributed
 from ebr.train.loss import sampled_softmax_logq
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+def status(key):  # kB from /proc/self/status (ru_maxrss survives exec on Linux: the parent's peak)
+    return int(next(x for x in open("/proc/self/status") if x.startswith(key)).split()[1])
 n, B, steps = int(sys.argv[1]), 1024, 60
 ranks = distributed.setup(need_group=True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = status("VmRSS:")
 m = _ebc(n, n, 64, 0.05, "table_wise", ranks)
 g = torch.Generator().manual_seed(0)
 t0 = None
@@ -64,8 +66,7 @@ for step in range(steps):
 s = time.time() - t0
 print(json.dumps({"id_rows": 2 * n, "examples_per_s": round((steps - 10) * B / s, 1),
                   "ids_per_s": round(3 * (steps - 10) * B / s, 1),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "rss_before_tables_mb": round(base / 1024, 1)}))
+                  "peak_rss_mb": round(status("VmHWM:") / 1024, 1), "rss_before_tables_mb": round(base / 1024, 1)}))
 """
 
 
@@ -81,7 +82,7 @@ def snapshot(ws, seed: int, whole: bool, sets: dict) -> dict:
 
 
 def memory() -> dict:
-    rows = [run_child(MEMORY.replace("sys.argv[1]", f"'{n}'")) for n in (100_000, 1_000_000)]
+    rows = [run_child(MEMORY.replace("sys.argv[1]", f"'{n}'")) for n in (100_000, 2_000_000)]
     per_m = (rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]) / ((rows[1]["id_rows"] - rows[0]["id_rows"]) / 1e6)
     return {"runs": rows, "peak_rss_mb_per_1m_ids": round(per_m, 1),
             "note": "dim 64, batch 1024, one process, table-wise, fused row-wise Adagrad; the table alone is "
