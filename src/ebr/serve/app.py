@@ -234,16 +234,17 @@ def create_app(
             await (too_big or inner)(scope, receive, sending)
         except Exception as exc:  # never a bare 500 page, never an uncounted one
             if status[0]:
-                raise
+                raise  # the answer has started: it cannot become an error page (counted below)
             await _error(500, f"internal error: {type(exc).__name__}")(scope, receive, sending)
-        requests.labels(endpoint, str(status[0])).inc()
-        if status[0] >= 400:
-            errors.labels(endpoint, str(status[0])).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
-        if stages is not None and status[0] == 200:
-            stages.mark("encode")
-            for name, seconds in stages.spent.items():
-                stage_seconds.labels(name).observe(seconds)
+        finally:
+            requests.labels(endpoint, str(status[0])).inc()
+            if status[0] >= 400:
+                errors.labels(endpoint, str(status[0])).inc()
+            latency.labels(endpoint).observe(time.perf_counter() - t0)
+            if stages is not None and status[0] == 200:
+                stages.mark("encode")
+                for name, seconds in stages.spent.items():
+                    stage_seconds.labels(name).observe(seconds)
 
     app.add_middleware(_Observe, observe=observe)
 
