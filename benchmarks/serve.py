@@ -99,16 +99,10 @@ def loadgen(url: str, users: list[str], k: int, seconds: float, conc: int, mode:
 def stage_means(before: str, after: str) -> dict[str, float]:
     """Mean milliseconds per request of each stage of /v1/retrieve (ebr/stages.py) between two
     /metrics scrapes (the ebr_stage_seconds histogram)."""
-    def samples(text: str, name: str) -> dict[str, float]:
-        out = {}
-        for line in text.splitlines():
-            if line.startswith(name + "{"):
-                label, value = line[len(name) + 1:].split("} ")
-                out[label.split('"')[1]] = float(value)
-        return out
+    from ebr.stages import samples
 
-    s0, s1 = samples(before, "ebr_stage_seconds_sum"), samples(after, "ebr_stage_seconds_sum")
-    c0, c1 = samples(before, "ebr_stage_seconds_count"), samples(after, "ebr_stage_seconds_count")
+    s0, s1 = (samples(x, "ebr_stage_seconds_sum", "stage") for x in (before, after))
+    c0, c1 = (samples(x, "ebr_stage_seconds_count", "stage") for x in (before, after))
     return {k: round(1e3 * (s1[k] - s0.get(k, 0.0)) / max(c1[k] - c0.get(k, 0.0), 1), 3) for k in s1}
 
 

@@ -30,10 +30,19 @@ class Stages:
         self.t = time.perf_counter() if start is None else start
         self.spent: dict[str, float] = {}
 
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
+    def mark(self, name: str, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
         self.spent[name] = self.spent.get(name, 0.0) + now - self.t
         self.t = now
+
+
+def samples(metrics_text: str, name: str, label: str) -> dict[str, float]:
+    """{label value: sample value} of the series `name` in a /metrics scrape (Prometheus text),
+    e.g. samples(text, "ebr_stage_seconds_sum", "stage")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels[label]: s.value for fam in text_string_to_metric_families(metrics_text) for s in fam.samples
+            if s.name == name and label in s.labels}
 
 
 def mark(stages: Stages | None, name: str) -> None:

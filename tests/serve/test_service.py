@@ -126,6 +126,8 @@ def test_bad_requests_are_422_with_a_message(server, body, fragment):
 
 
 def test_health_metrics_docs(server):
+    server.post({"user_id": "u1", "k": 5})  # one answer and one error of its own (the test runs alone too)
+    server.post({"user_id": "u1", "k": 0})
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
     assert httpx.get(server.url + "/docs").status_code == 200
@@ -133,15 +135,6 @@ def test_health_metrics_docs(server):
     assert 'ebr_requests_total{endpoint="/v1/retrieve",status="200"}' in text
     assert 'ebr_errors_total{endpoint="/v1/retrieve",status="422"}' in text
     assert "ebr_request_latency_seconds_bucket" in text
-
-
-def _samples(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            label, value = line[len(name) + 1:].split("} ")
-            out[label.split('"')[1]] = float(value)
-    return out
 
 
 def test_stage_breakdown_accounts_for_the_request(server, bundles):
@@ -152,7 +145,7 @@ def test_stage_breakdown_accounts_for_the_request(server, bundles):
     count stays behind), the stage clock restarted in the handler (parse lost, the sum falls short),
     error answers observed."""
     from ebr.serve.retriever import Retriever
-    from ebr.stages import STAGES
+    from ebr.stages import STAGES, samples
 
     users = Retriever(bundles[2]).fs.users.ids[:20]
     before = httpx.get(server.url + "/metrics").text
@@ -160,12 +153,12 @@ def test_stage_breakdown_accounts_for_the_request(server, bundles):
         assert server.post({"user_id": u, "k": 30}).status_code == 200
     assert server.post({"user_id": "u1", "k": 0}).status_code == 422
     after = httpx.get(server.url + "/metrics").text
-    c0, c1 = (_samples(x, "ebr_stage_seconds_count") for x in (before, after))
+    c0, c1 = (samples(x, "ebr_stage_seconds_count", "stage") for x in (before, after))
     counts = {s: c1.get(s, 0) - c0.get(s, 0) for s in STAGES}
     assert counts == {s: len(users) for s in STAGES}, counts
-    spent = sum(_samples(after, "ebr_stage_seconds_sum")[s] - _samples(before, "ebr_stage_seconds_sum").get(s, 0)
-                for s in STAGES)
-    lat = [_samples(x, "ebr_request_latency_seconds_sum").get("/v1/retrieve", 0.0) for x in (before, after)]
+    s0, s1 = (samples(x, "ebr_stage_seconds_sum", "stage") for x in (before, after))
+    spent = sum(s1[s] - s0.get(s, 0.0) for s in STAGES)
+    lat = [samples(x, "ebr_request_latency_seconds_sum", "endpoint").get("/v1/retrieve", 0.0) for x in (before, after)]
     total = lat[1] - lat[0]  # includes the 422 (no stages): tiny next to 20 searches
     assert 0.95 * total <= spent <= total * 1.0001, (spent, total)
 
