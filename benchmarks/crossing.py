@@ -2,7 +2,7 @@
 budget, on the synthetic world and ML-100K (temporal), 3 seeds, a fixed step budget per run.
 
     python benchmarks/crossing.py [--datasets synth_small,ml100k] [--seeds 0,1,2] [--steps 1500]
-                                  [--budgets default,matched] [--root /tmp/ebr-bench-crossing]
+                                  [--budgets default,matched] [--threads 2] [--root /tmp/ebr-bench-crossing]
 
 Reports Recall@50/100 (mean ± std over seeds), training examples/s, crossing parameter counts and
 the latency of one user-tower request (exported tower, batch 1, median of 200 calls).
@@ -77,8 +77,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="default,matched")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--root", default="/tmp/ebr-bench-crossing")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (train ex/s and latency depend on it)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     root = Path(a.root)
     rows = []
     for ds in a.datasets.split(","):
@@ -129,7 +130,8 @@ def main() -> None:
             f"{r['examples_per_s']['mean']:,.0f} | {r['tower_latency_ms']['mean']:.2f} |"
         )
     print("\n".join(md))
-    write("crossing", {"rows": rows, "markdown": "\n".join(md), "steps": a.steps, "seeds": a.seeds})
+    write("crossing", {"rows": rows, "markdown": "\n".join(md), "steps": a.steps, "seeds": a.seeds,
+                       "threads": a.threads})
 
 
 if __name__ == "__main__":

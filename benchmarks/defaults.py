@@ -2,10 +2,12 @@
 synthetic world with ANOTHER seed (seed 1; the README reports seed 0) and compared by that world's
 test recall@100, so no default is picked on the test numbers we report.
 
-    python benchmarks/defaults.py [--seeds 0,1] [--root /tmp/ebr-bench-defaults]
+    python benchmarks/defaults.py [--seeds 0,1,2] [--threads 2] [--root /tmp/ebr-bench-defaults]
 
-Settings (one at a time against the current defaults): the validation window (2% vs 10% of the
-training period) and per-pin engagement statistics as pin-tower features (off vs on).
+Settings (one at a time against the current defaults, each with the full default pipeline,
+refit included): the validation window (2% vs 10% of the training period), per-pin engagement
+statistics as pin-tower features (off vs on) and the crossing blocks' input normalisation
+(`model.input_norm`: a LayerNorm per field vs one over the concatenation vs none).
 Resumable: a finished (setting, seed) keeps its eval JSON under --root.
 """
 
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write  # noqa: E402
@@ -32,16 +35,20 @@ SETTINGS = {  # name: (split val_fraction, config overrides)
     "default": (0.02, {}),
     "val_window_10pct": (0.10, {}),
     "pin_stats_on": (0.02, {"features.pin_stats": True}),
+    "input_norm_global": (0.02, {"model.input_norm": "global"}),
+    "input_norm_none": (0.02, {"model.input_norm": "none"}),
 }
 METRICS = ("recall@50", "recall@100", "recall@500")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per training run")
     ap.add_argument("--world-seed", type=int, default=1)
     ap.add_argument("--root", default="/tmp/ebr-bench-defaults")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     root = Path(a.root)
     ws = Workspace.at(root / f"synth_small_world{a.world_seed}")
     if not ws.has_table("engagements"):
@@ -71,7 +78,8 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in METRICS) + " |")
     md = "\n".join(lines)
     print(md)
-    write("defaults", {"rows": rows, "markdown": md, "seeds": a.seeds, "world_seed": a.world_seed})
+    write("defaults", {"rows": rows, "markdown": md, "seeds": a.seeds, "world_seed": a.world_seed,
+                       "threads": a.threads})
 
 
 if __name__ == "__main__":

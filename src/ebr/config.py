@@ -114,6 +114,9 @@ class ModelConfig(_Section):
     crossing: Literal["mlp", "masknet", "dhen"] = "mlp"  # both towers, unless overridden below
     user_crossing: Literal["mlp", "masknet", "dhen"] | None = None
     pin_crossing: Literal["mlp", "masknet", "dhen"] | None = None
+    # input normalisation of every crossing block: a LayerNorm per feature field, one over the
+    # concatenated fields, or none (re-checked on another world's seed: benchmarks/defaults.py)
+    input_norm: Literal["field", "global", "none"] = "field"
     masknet: MaskNetConfig = Field(default_factory=MaskNetConfig)
     dhen: DHENConfig = Field(default_factory=DHENConfig)
     use_pin_id: bool = True

@@ -24,6 +24,30 @@ def test_shapes_and_every_parameter_gets_a_gradient(kind):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("kind", ["mlp", "masknet", "dhen"])
+def test_input_norm_setting_reaches_every_block(kind):
+    """model.input_norm: `field` is blind to one field's scale, `global` only to the whole input's,
+    `none` to neither. Catches a block that ignores the setting (always per-field: the global and
+    none cases fail) or a norm applied over the wrong span."""
+    torch.manual_seed(0)
+    x = torch.randn(4, sum(WIDTHS))
+    one_field = x.clone()
+    one_field[:, 16:24] *= 50.0  # the second field only
+    outs = {}
+    for norm in ("field", "global", "none"):
+        torch.manual_seed(1)
+        block = make_crossing(kind, WIDTHS, 24, ModelConfig(hidden=[64], input_norm=norm)).eval()
+        with torch.no_grad():
+            outs[norm] = [block(v) for v in (x, one_field, 3.0 * x)]
+    same = lambda a, b: torch.allclose(a, b, atol=1e-4)  # noqa: E731
+    assert same(outs["field"][0], outs["field"][1]) and same(outs["field"][0], outs["field"][2])
+    assert not same(outs["global"][0], outs["global"][1]) and same(outs["global"][0], outs["global"][2])
+    assert not same(outs["none"][0], outs["none"][1]) and not same(outs["none"][0], outs["none"][2])
+    with pytest.raises(ValueError, match="input_norm"):
+        from ebr.model.crossing import input_norm
+        input_norm(WIDTHS, "batch")
+
+
 def test_original_maskblock_variant():
     cfg = ModelConfig(hidden=[64])
     cfg.masknet.variant = "original"

@@ -1,7 +1,8 @@
 """Feature-crossing blocks of the towers (TECHNIQUES.md sections 2 and 3).
 
-Every block takes the concatenated feature fields (B, in_dim), knows the field widths, applies a
-per-field LayerNorm first (fields arrive on very different scales), and returns (B, out_dim):
+Every block takes the concatenated feature fields (B, in_dim), knows the field widths, normalises
+its input first (`input_norm`: a LayerNorm per field, the default, since fields arrive on very
+different scales; one LayerNorm over the concatenation; or none) and returns (B, out_dim):
 
 - `MLPCrossing`: Linear-ReLU stack;
 - `ParallelMaskNet`: Pinterest's variant: mask = W2 act(W1 x) (m -> ratio*m -> m), h = x * mask,
@@ -36,6 +37,20 @@ class FieldLayerNorm(nn.Module):
         return torch.cat([n(p) for n, p in zip(self.norms, parts)], dim=-1)
 
 
+INPUT_NORMS = ("field", "global", "none")
+
+
+def input_norm(widths: Sequence[int], kind: str = "field") -> nn.Module:
+    """The input normalisation of a crossing block: per field, over the concatenation, or none."""
+    if kind == "field":
+        return FieldLayerNorm(widths)
+    if kind == "global":
+        return nn.LayerNorm(sum(widths))
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown input_norm {kind!r}; available: {', '.join(INPUT_NORMS)}")
+
+
 def _mlp(dims: Sequence[int], act: str = "relu", last_act: bool = False, dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -48,11 +63,12 @@ def _mlp(dims: Sequence[int], act: str = "relu", last_act: bool = False, dropout
 
 
 class MLPCrossing(nn.Module):
-    """Per-field LayerNorm, then Linear-ReLU stacks, then Linear to out_dim."""
+    """Input normalisation, then Linear-ReLU stacks, then Linear to out_dim."""
 
-    def __init__(self, widths: Sequence[int], out_dim: int, hidden: Sequence[int], dropout: float = 0.0):
+    def __init__(self, widths: Sequence[int], out_dim: int, hidden: Sequence[int], dropout: float = 0.0,
+                 norm: str = "field"):
         super().__init__()
-        self.norm = FieldLayerNorm(widths)
+        self.norm = input_norm(widths, norm)
         self.net = _mlp([sum(widths), *hidden, out_dim], dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, out_dim)
@@ -144,13 +160,13 @@ class DHENLevel(nn.Module):
 
 
 class DHEN(nn.Module):
-    """Stacked DHEN levels over per-field-normalised input, then Linear to out_dim."""
+    """Stacked DHEN levels over the normalised input, then Linear to out_dim."""
 
     def __init__(self, widths: Sequence[int], out_dim: int, levels: Sequence[Sequence[str]], width: int = 256,
                  ensemble: str = "sum", masknet: dict | None = None, transformer: dict | None = None,
-                 mlp_hidden: int = 512):
+                 mlp_hidden: int = 512, norm: str = "field"):
         super().__init__()
-        self.norm = FieldLayerNorm(widths)
+        self.norm = input_norm(widths, norm)
         masknet, transformer = masknet or {}, transformer or {}
         blocks = []
         d_in, fields = sum(widths), list(widths)
@@ -178,15 +194,15 @@ class DHEN(nn.Module):
 def make_crossing(kind: str, widths: Sequence[int], out_dim: int, cfg) -> nn.Module:
     """The crossing block named `kind` for fields of these widths; sizes from the model config."""
     if kind == "mlp":
-        return MLPCrossing(widths, out_dim, cfg.hidden, cfg.dropout)
+        return MLPCrossing(widths, out_dim, cfg.hidden, cfg.dropout, cfg.input_norm)
     if kind == "masknet":
         m = cfg.masknet
-        return nn.Sequential(FieldLayerNorm(widths), ParallelMaskNet(
+        return nn.Sequential(input_norm(widths, cfg.input_norm), ParallelMaskNet(
             sum(widths), out_dim, m.blocks, m.q, m.ratio, m.bottleneck, m.variant, m.activation))
     if kind == "dhen":
         d = cfg.dhen
         mk = {"blocks": cfg.masknet.blocks, "q": cfg.masknet.q, "ratio": cfg.masknet.ratio,
               "bottleneck": cfg.masknet.bottleneck, "variant": cfg.masknet.variant, "act": cfg.masknet.activation}
         tr = {"token_dim": d.token_dim, "layers": d.transformer_layers, "heads": d.heads}
-        return DHEN(widths, out_dim, d.levels, d.width, d.ensemble, mk, tr, d.mlp_hidden)
+        return DHEN(widths, out_dim, d.levels, d.width, d.ensemble, mk, tr, d.mlp_hidden, cfg.input_norm)
     raise ValueError(f"unknown crossing {kind!r}; available: mlp, masknet, dhen")
