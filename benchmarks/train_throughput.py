@@ -1,10 +1,12 @@
-"""Training throughput at the default model sizes: examples/s, and model FLOP/s as a share of
-the matmul FLOP/s measured in the same process (utilisation).
+"""Training throughput at the default model sizes: examples/s, where a step's time goes, and
+model FLOP/s as a share of the matmul FLOP/s measured in the same process (utilisation).
 
-    python benchmarks/train_throughput.py [--preset small] [--steps 60] [--threads 2]
+    python benchmarks/train_throughput.py [--preset small] [--steps 60] [--threads 2] [--set KEY=VALUE ...]
 
-FLOPs of one training step (forward + backward) come from torch.utils.flop_counter; step times
-are medians over --steps steps after warm-up, on real batches of the synthetic world.
+Steps are the training loop's own `train_step` (ebr.train.loop) on real batches of the synthetic
+world, default config (`--set` overrides a key, e.g. --set train.fused_adam=false for the before
+figure); the split (batch assembly, forward, backward, optimizer) and step times are medians over
+--steps steps after warm-up. FLOPs of one step come from torch.utils.flop_counter.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
+from _common import overrides, write  # noqa: E402
 
 from ebr.config import RunConfig  # noqa: E402
 from ebr.data.synth import generate  # noqa: E402
-from ebr.features.batches import user_batch  # noqa: E402
-from ebr.model.towers import TwoTower  # noqa: E402
-from ebr.train.loop import prepare  # noqa: E402
-from ebr.train.loss import FrequencyEstimator, sampled_softmax_logq  # noqa: E402
+from ebr.stages import Stages  # noqa: E402
+from ebr.train.loop import TrainState, epoch_order, prepare, train_step  # noqa: E402
+from ebr.train.loss import inclusion_log_prob  # noqa: E402
 from ebr.workspace import Workspace  # noqa: E402
+
+PARTS = ("assembly", "forward", "backward", "optimizer")
 
 
 def matmul_flops(n: int = 1024, reps: int = 20) -> float:
@@ -49,58 +52,50 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workspace", default=None)
+    ap.add_argument("--workspace", default=None, help="reuse a generated world (default: a fresh temp folder)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--name", default="train_throughput", help="results file name")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ws = Workspace.at(a.workspace or tempfile.mkdtemp(prefix="ebr-tp-"))
     if not ws.has_table("engagements"):
         generate(ws, a.preset, seed=0, progress=False)
-    cfg = RunConfig()
+    cfg = RunConfig.load(None, overrides(a.set))
     d = prepare(ws, cfg)
-    model = TwoTower(d.sizes, cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    est = FrequencyEstimator(cfg.train.estimator_buckets, cfg.train.estimator_hashes, cfg.train.estimator_alpha)
-    ex, B, L = d.examples, cfg.train.batch_size, cfg.features.history_len
-    rng = np.random.default_rng(0)
+    s = TrainState.fresh(cfg, d.sizes)
+    s.model.train()
+    B = cfg.train.batch_size
+    log_q = inclusion_log_prob(np.bincount(d.examples.pin, minlength=d.sizes["n_pins"]), B)
+    perm = epoch_order(d.examples, B, cfg.train.seed, 0, cfg.train.time_local_batches)
 
-    def step(i: int, count: FlopCounterMode | None = None) -> tuple[float, float]:
-        idx = rng.choice(len(ex.user), B, replace=False)
-        t0 = time.perf_counter()
-        ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, L)
-        pos = torch.from_numpy(ex.pin[idx])
-        est.update(pos, i + 1)
-        t1 = time.perf_counter()
-        with count if count is not None else torch.enable_grad():
-            q, v = model.embed_users_and_pins(ub.hist, ub.rest(), pos, d.pins.take, d.pin_stats(pos.numpy(), ex.t[idx]))
-            b = d.time_buckets(pos.numpy(), ex.t[idx])
-            extra = None if b is None else model.time_logits(q, b) / cfg.model.temperature
-            loss = sampled_softmax_logq(q[:, : model.dim], v, pos, est.log_prob(pos), cfg.model.temperature,
-                                        torch.from_numpy(ex.weight[idx]), extra=extra)
-            opt.zero_grad()
-            loss.backward()
-        opt.step()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+    def step(i: int) -> dict[str, float]:
+        clock = Stages()
+        s.step += 1
+        train_step(s, d, cfg, perm[i * B: (i + 1) * B], log_q, clock)
+        return clock.spent
 
     for i in range(5):
         step(i)
-    fc = FlopCounterMode(display=False)
-    step(5, fc)
+    with FlopCounterMode(display=False) as fc:
+        step(5)
     flops = fc.get_total_flops()
-    data_t, model_t = zip(*(step(10 + i) for i in range(a.steps)))
-    step_s = statistics.median(np.add(data_t, model_t))
+    split = [step(10 + i) for i in range(a.steps)]
+    med = {k: statistics.median(x[k] for x in split) for k in PARTS}
+    step_s = statistics.median(sum(x.values()) for x in split)
+    model_s = statistics.median(x["forward"] + x["backward"] + x["optimizer"] for x in split)
     mm = matmul_flops()
     res = {
-        "preset": a.preset, "threads": a.threads, "batch_size": B, "history_len": L,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "median_step_s": round(step_s, 4), "median_batch_assembly_s": round(statistics.median(data_t), 4),
+        "preset": a.preset, "threads": a.threads, "batch_size": B, "history_len": cfg.features.history_len,
+        "set": a.set, "parameters": sum(p.numel() for p in s.model.parameters()),
+        "median_step_s": round(step_s, 4), "split_ms": {k: round(1000 * v, 2) for k, v in med.items()},
         "examples_per_s": round(B / step_s, 1),
-        "model_flops_per_step": flops, "model_flop_s": round(flops / statistics.median(model_t) / 1e9, 2),
+        "model_flops_per_step": flops, "model_flop_s": round(flops / model_s / 1e9, 2),
         "matmul_flop_s": round(mm / 1e9, 2),
-        "utilisation": round(flops / statistics.median(model_t) / mm, 4),
-        "unit": "flop_s in GFLOP/s",
+        "utilisation": round(flops / step_s / mm, 4),
+        "unit": "flop_s in GFLOP/s; utilisation = model FLOPs per whole step / matmul FLOP/s",
     }
-    write("train_throughput", res)
+    print(res, flush=True)
+    write(a.name, res)
 
 
 if __name__ == "__main__":

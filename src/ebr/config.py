@@ -146,6 +146,9 @@ class TrainConfig(_Section):
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.0
+    # Adam as one fused kernel over all parameters (the same update; PyTorch's per-tensor loop when
+    # off, the earlier default: 2.5x slower on the small world's 2M parameters)
+    fused_adam: bool = True
     logq: bool = True
     # exact: p_j = 1 - (1 - n_j/N)^B from the training counts (random batches); streaming: Yi et
     # al.'s estimator (for data that arrives as a stream, or time-local batches)

@@ -119,14 +119,20 @@ class DailyCounts:
     def at(self, pins: np.ndarray, t: np.ndarray) -> np.ndarray:
         """pins and times (broadcast together, any shape S) -> (S..., windows) counts of the pin's group
         in the `w` whole days before t's day."""
-        pins, t = np.broadcast_arrays(np.asarray(pins), np.asarray(t, dtype=np.int64))
         D = self.cum.shape[1] - 1
-        d = t // DAY_US - self.day0
-        g = self.group[pins]
+        d = np.asarray(t, dtype=np.int64) // DAY_US - self.day0
+        g = self.group[np.asarray(pins)]  # gathered before broadcasting: (1, N) against (B, 1) stays small
         hi = self.cum[g, np.clip(d, 0, D)]
         return np.stack([hi - self.cum[g, np.clip(d - w, 0, D)] for w in self.windows], axis=-1)
 
     def buckets(self, pins: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Log-spaced buckets of `at`: min(floor(2 log2(1 + count)), N_COUNT_BUCKETS - 1)."""
+        """Log-spaced buckets of `at`: min(floor(2 log2(1 + count)), N_COUNT_BUCKETS - 1).
+
+        Every pin of a batch as of every row's time (pins (1, N), t (B, 1)) is read once per
+        distinct day of the rows (counts depend on t's day only), then repeated per row."""
+        pins, t = np.asarray(pins), np.asarray(t, dtype=np.int64)
+        if pins.ndim == 2 and t.ndim == 2 and pins.shape[0] == 1 and t.shape[1] == 1 and t.shape[0] > 1:
+            days, inv = np.unique(t[:, 0] // DAY_US, return_inverse=True)
+            return self.buckets(pins[0], days[:, None] * DAY_US)[inv]
         c = self.at(pins, t)
         return np.minimum(np.floor(2 * np.log2(1 + c)), N_COUNT_BUCKETS - 1).astype(np.int64)

@@ -72,9 +72,11 @@ class HistoryEncoder(nn.Module):
         self.widths = [field_dim, field_dim]
         self.out_dim = 2 * field_dim
 
-    def forward(self, hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """hist (B, L, item_dim), actions (B, L) -> (B, 2 * field_dim)"""
-        h = F.gelu(self.proj(hist) + self.action(actions))
+    def forward(self, hist: torch.Tensor | None, actions: torch.Tensor,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """hist (B, L, item_dim), actions (B, L) -> (B, 2 * field_dim). `projected` (B, L, field_dim)
+        is proj(hist) computed elsewhere (training projects each distinct item once, then gathers)."""
+        h = F.gelu((self.proj(hist) if projected is None else projected) + self.action(actions))
         valid = valid_items(actions)  # hides stay in the sequence, excluded from pooling
         m = valid.unsqueeze(-1).to(h.dtype)
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
@@ -114,11 +116,12 @@ class UserTower(nn.Module):
         self.crossing = make_crossing(cfg.user_crossing or cfg.crossing, widths, cfg.dim, cfg)
         self.time_weights = nn.Linear(cfg.dim, time_dim) if time_dim else None
 
-    def forward(self, hist: torch.Tensor, actions: torch.Tensor, user_cat: torch.Tensor, followed: torch.Tensor,
-                condition: torch.Tensor, user: torch.Tensor):
+    def forward(self, hist: torch.Tensor | None, actions: torch.Tensor, user_cat: torch.Tensor, followed: torch.Tensor,
+                condition: torch.Tensor, user: torch.Tensor, hist_proj: torch.Tensor | None = None):
         """hist (B, L, item_dim), actions (B, L), user_cat (B, Cu), followed (B, K), condition (B,), user (B,)
-        -> (B, dim [+ time_dim]), or the multi-embedding tuple (see the class)"""
-        fields = [self.history(hist, actions)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
+        -> (B, dim [+ time_dim]), or the multi-embedding tuple (see the class). hist_proj: the
+        history's projection (HistoryEncoder `projected`) in place of hist (single embedding only)."""
+        fields = [self.history(hist, actions, hist_proj)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
         fields.append(self.condition(condition))
         if self.user_id is not None:
             fields.append(self.user_id(user) if self.id_drop is None else self.id_drop(self.user_id(user)))
@@ -233,8 +236,10 @@ class TwoTower(nn.Module):
         B, L = hist.shape
         uniq, inv = torch.unique(torch.cat([hist.reshape(-1), pins]), return_inverse=True)
         rep = self.items(*pin_fields(uniq))
-        h = rep[inv[: B * L]].view(B, L, -1)
-        u = self.user(h, *rest)
+        if self.user.clusters is None:  # the history's projection on distinct items, then gathered (B*L rows)
+            u = self.user(None, *rest, hist_proj=self.user.history.proj(rep)[inv[: B * L]].view(B, L, -1))
+        else:
+            u = self.user(rep[inv[: B * L]].view(B, L, -1), *rest)
         if pins.numel() == 0:
             return u, rep.new_zeros(0, self.dim)
         return u, self.pin(rep[inv[B * L:]], pin_stats)

@@ -42,6 +42,7 @@ from ebr.log import bar, log
 from ebr.model.interests import nearest_embedding
 from ebr.model.towers import TwoTower
 from ebr.ranking import max_over_embeddings, metrics_at_k, topk_masked
+from ebr.stages import Stages, mark
 from ebr.train import distributed
 from ebr.train.loss import FrequencyEstimator, inclusion_log_prob, sampled_softmax_logq
 from ebr.workspace import Workspace, folder_lock, load_checkpoint_state, now_utc, write_json
@@ -251,7 +252,9 @@ class TrainState:
             model.load_id_tables(*map(torch.from_numpy, id_tables), frozen=cfg.model.id_embeddings == "frozen")
         t = cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
-        return cls(model, torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
+        opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay,
+                               **({"fused": True} if t.fused_adam else {"foreach": False}))
+        return cls(model, opt,
                    FrequencyEstimator(t.estimator_buckets, t.estimator_hashes, t.estimator_alpha, seed=t.seed),
                    torch.Generator().manual_seed(t.seed + 1))
 
@@ -286,10 +289,13 @@ class TrainState:
                 "best_step": self.best_step}
 
 
-def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor) -> float:
+def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor,
+               clock: Stages | None = None) -> float:
     """One optimiser step on the examples `idx` (the global batch); returns the batch loss. Under
     torchrun each rank embeds its chunk of the rows and the positives are gathered as every rank's
-    columns (train/distributed.py); on one process the chunk is the whole batch."""
+    columns (train/distributed.py); on one process the chunk is the whole batch. A `clock` gets the
+    step's split: assembly (batch tensors, logQ, negatives, time buckets), forward (towers, time
+    term, loss), backward, optimizer (benchmarks/train_throughput.py prints it)."""
     ex, n_pins = d.examples, d.sizes["n_pins"]
     off, size, sizes = s.ranks.chunk(len(idx))
     loc = idx[off: off + size]
@@ -312,18 +318,20 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
             neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
     local_pins = pos_loc if negs is None else torch.cat([pos_loc, negs])
     pin_t = ex.t[loc] if negs is None else np.r_[ex.t[loc], np.full(len(negs), int(np.median(ex.t[idx])))]
+    stats = d.pin_stats(local_pins.numpy(), pin_t)
+    columns = pos if negs is None else torch.cat([pos, negs])
+    buckets = d.time_buckets(columns.numpy(), ex.t[loc])
+    if buckets is not None and d.time.has_age:  # a positive exists at its own row's time
+        rows, own_col = torch.arange(size), torch.arange(size) + off
+        own = buckets[rows, own_col, 0]
+        buckets[rows, own_col, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)
+    mark(clock, "assembly")
     forward = s.ddp if s.ddp is not None else s.model
-    q, v = forward(ub.hist, ub.rest(), local_pins, d.pins.take, d.pin_stats(local_pins.numpy(), pin_t))
+    q, v = forward(ub.hist, ub.rest(), local_pins, d.pins.take, stats)
     if isinstance(q, tuple):  # multi-embedding: only the embedding nearest the row's target is trained
         q = nearest_embedding(q[0], q[1], v[:size].detach())
     extra = None
-    columns = pos if negs is None else torch.cat([pos, negs])
-    buckets = d.time_buckets(columns.numpy(), ex.t[loc])
     if buckets is not None:  # every pin read as of each row's time; one that does not exist yet is no negative
-        if d.time.has_age:
-            rows, own_col = torch.arange(size), torch.arange(size) + off
-            own = buckets[rows, own_col, 0]
-            buckets[rows, own_col, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)  # a positive exists then
         extra = s.model.time_logits(q, buckets) / cfg.model.temperature
         if d.time.has_age:
             extra = extra.masked_fill(buckets[..., 0] == NOT_YET, float("-inf"))
@@ -331,9 +339,12 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
     loss = sampled_softmax_logq(u, distributed.gather_rows(v[:size], sizes), pos, log_q, cfg.model.temperature,
                                 torch.from_numpy(ex.weight[loc]), v[size:] if negs is not None else None, negs,
                                 neg_lq, extra, row_offset=off, norm=len(idx))
+    mark(clock, "forward")
     s.opt.zero_grad(set_to_none=True)
     (loss * s.ranks.world).backward()  # DDP averages the ranks' gradients: this makes it their sum
+    mark(clock, "backward")
     s.opt.step()
+    mark(clock, "optimizer")
     return distributed.all_sum(float(loss.detach()))
 
 
