@@ -27,6 +27,42 @@ def test_age_buckets_by_hand():
     assert age_buckets(created[None, :2], t[:2, None]).tolist() == [[2, 2], [4, 4]]
 
 
+def test_fast_bucket_paths_equal_the_definitions():
+    """Training reads every pin of a batch as of every row's time, (1, N) against (B, 1), through
+    fast paths: ages by integer bucket edges and a cumulative count down the time-sorted rows, counts
+    once per distinct day. Both must equal the definitions pair by pair (the float formula for ages,
+    DailyCounts.at element-wise for counts), including ages exactly at, one microsecond before and
+    after each edge. Mutations caught: side="left" in the edge search (an age exactly at an edge one
+    bucket low), edges found for the wrong bucket, rows not put back in their order after the sort,
+    the per-day counts repeated in sorted-day order instead of each row's day."""
+    from ebr.features.age import AGE_EDGES_US, N_AGE_BUCKETS, _age_bucket_formula
+    from ebr.features.pinstats import N_COUNT_BUCKETS
+
+    rng = np.random.default_rng(0)
+    edges = np.concatenate([AGE_EDGES_US - 1, AGE_EDGES_US, AGE_EDGES_US + 1])
+    ages = np.concatenate([edges[edges >= 0], rng.integers(0, 2 * 10**13, 5000)])
+    assert age_buckets(np.zeros_like(ages), ages).tolist() == _age_bucket_formula(ages).tolist()
+    assert age_buckets(np.array([5]), np.array([4])).tolist() == [NOT_YET]
+    t0 = 10**15
+    created = t0 - rng.integers(-10 * HOUR_US, 4000 * HOUR_US, 40)
+    created[::5] = NO_TIME
+    t = t0 + rng.integers(-5 * HOUR_US, 50 * HOUR_US, 30)
+    t[3] = created[1] + AGE_EDGES_US[6]  # exactly on an edge
+    fast = age_buckets(created[None, :], t[:, None])
+    slow = np.array([[age_buckets(created[j:j + 1], t[i:i + 1])[0] for j in range(40)] for i in range(30)])
+    assert fast.shape == (30, 40) and np.array_equal(fast, slow)
+    assert fast.min() == UNKNOWN and fast.max() < N_AGE_BUCKETS
+
+    days = rng.uniform(0, 30, 400)
+    e = _events([(d, int(p)) for d, p in zip(days, rng.integers(2, 12, 400))])
+    c = DailyCounts.build(e, np.arange(12) // 2, np.ones(400, dtype=bool), [1, 7, 30])
+    pins, tt = rng.integers(0, 12, 25), (rng.uniform(0, 35, 60) * DAY_US).astype(np.int64)
+    fast = c.buckets(pins[None, :], tt[:, None])
+    slow = c.at(np.broadcast_to(pins, (60, 25)).ravel(), np.repeat(tt, 25)).reshape(60, 25, 3)
+    assert np.array_equal(fast, np.minimum(np.floor(2 * np.log2(1 + slow)), N_COUNT_BUCKETS - 1))
+    assert len(np.unique(tt // DAY_US)) < 60 and fast.max() > 2  # days repeat; counts are not all zero
+
+
 def test_creation_time_falls_back_to_the_first_visible_engagement():
     """The table's creation time wins; without one, the first *visible* engagement. Mutation caught:
     taking the first engagement over every part (a test-window first engagement would leak)."""
