@@ -33,10 +33,10 @@ from ebr.workspace import Workspace  # noqa: E402
 
 SETTINGS = {  # name: (split val_fraction, config overrides)
     "default": (0.02, {}),
-    "val_window_10pct": (0.10, {}),
-    "pin_stats_on": (0.02, {"features.pin_stats": True}),
     "input_norm_global": (0.02, {"model.input_norm": "global"}),
     "input_norm_none": (0.02, {"model.input_norm": "none"}),
+    "val_window_10pct": (0.10, {}),
+    "pin_stats_on": (0.02, {"features.pin_stats": True}),
 }
 METRICS = ("recall@50", "recall@100", "recall@500")
 
@@ -44,6 +44,7 @@ METRICS = ("recall@50", "recall@100", "recall@500")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="which rows, in this order")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per training run")
     ap.add_argument("--world-seed", type=int, default=1)
     ap.add_argument("--root", default="/tmp/ebr-bench-defaults")
@@ -54,7 +55,8 @@ def main() -> None:
     if not ws.has_table("engagements"):
         generate(ws, "small", seed=a.world_seed, progress=False)
     rows = {}
-    for name, (val_fraction, sets) in SETTINGS.items():
+    for name in a.settings.split(","):
+        val_fraction, sets = SETTINGS[name]
         split = f"temporal_v{int(val_fraction * 100)}"
         if split not in ws.splits():
             make_temporal(ws, name=split, val_fraction=val_fraction)

@@ -3,19 +3,23 @@ model FLOP/s as a share of the matmul FLOP/s measured in the same process (utili
 
     python benchmarks/train_throughput.py [--preset small] [--steps 60] [--threads 2] [--set KEY=VALUE ...]
 
-Steps are the training loop's own `train_step` (ebr.train.loop) on real batches of the synthetic
-world, default config (`--set` overrides a key, e.g. --set train.fused_adam=false for the before
-figure); the split (batch assembly, forward, backward, optimizer) and step times are medians over
---steps steps after warm-up. FLOPs of one step come from torch.utils.flop_counter.
+Steps are the training loop's own: batches assembled one ahead in a worker thread (`prefetched`,
+as `ebr train` does; --no-prefetch assembles each in line) and `train_step` on real batches of the
+synthetic world, default config (`--set` overrides a key, e.g. --set train.fused_adam=false). The
+split (assembly: waiting for the batch; forward, backward, optimizer), the assembly's own time and
+step times are medians over --steps steps after warm-up. FLOPs of one step come from
+torch.utils.flop_counter.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,7 @@ from _common import overrides, write  # noqa: E402
 from ebr.config import RunConfig  # noqa: E402
 from ebr.data.synth import generate  # noqa: E402
 from ebr.stages import Stages  # noqa: E402
-from ebr.train.loop import TrainState, epoch_order, prepare, train_step  # noqa: E402
+from ebr.train.loop import TrainState, assemble, epoch_order, prefetched, prepare, train_step  # noqa: E402
 from ebr.train.loss import inclusion_log_prob  # noqa: E402
 from ebr.workspace import Workspace  # noqa: E402
 
@@ -55,6 +59,7 @@ def main() -> None:
     ap.add_argument("--workspace", default=None, help="reuse a generated world (default: a fresh temp folder)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--name", default="train_throughput", help="results file name")
+    ap.add_argument("--no-prefetch", action="store_true", help="assemble each batch in line (the earlier loop)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ws = Workspace.at(a.workspace or tempfile.mkdtemp(prefix="ebr-tp-"))
@@ -68,10 +73,15 @@ def main() -> None:
     log_q = inclusion_log_prob(np.bincount(d.examples.pin, minlength=d.sizes["n_pins"]), B)
     perm = epoch_order(d.examples, B, cfg.train.seed, 0, cfg.train.time_local_batches)
 
+    n_steps = 6 + a.steps
+    args = [(perm[i * B: (i + 1) * B], i + 1, s.ranks) for i in range(n_steps)]
+    batches = iter(prefetched(partial(assemble, d, cfg), args) if not a.no_prefetch else [None] * n_steps)
+
     def step(i: int) -> dict[str, float]:
         clock = Stages()
+        batch = next(batches)  # the wait for a prefetched batch counts as assembly
         s.step += 1
-        train_step(s, d, cfg, perm[i * B: (i + 1) * B], log_q, clock)
+        train_step(s, d, cfg, args[i][0], log_q, clock, batch)
         return clock.spent
 
     for i in range(5):
@@ -79,7 +89,12 @@ def main() -> None:
     with FlopCounterMode(display=False) as fc:
         step(5)
     flops = fc.get_total_flops()
-    split = [step(10 + i) for i in range(a.steps)]
+    split = [step(6 + i) for i in range(a.steps)]
+    assembly_alone = []
+    for idx, k, r in itertools.islice(args, 20):
+        t = time.perf_counter()
+        assemble(d, cfg, idx, k, r)
+        assembly_alone.append(time.perf_counter() - t)
     med = {k: statistics.median(x[k] for x in split) for k in PARTS}
     step_s = statistics.median(sum(x.values()) for x in split)
     model_s = statistics.median(x["forward"] + x["backward"] + x["optimizer"] for x in split)
@@ -87,7 +102,9 @@ def main() -> None:
     res = {
         "preset": a.preset, "threads": a.threads, "batch_size": B, "history_len": cfg.features.history_len,
         "set": a.set, "parameters": sum(p.numel() for p in s.model.parameters()),
-        "median_step_s": round(step_s, 4), "split_ms": {k: round(1000 * v, 2) for k, v in med.items()},
+        "prefetch": not a.no_prefetch, "median_step_s": round(step_s, 4),
+        "split_ms": {k: round(1000 * v, 2) for k, v in med.items()},
+        "assembly_alone_ms": round(1000 * statistics.median(assembly_alone), 2),
         "examples_per_s": round(B / step_s, 1),
         "model_flops_per_step": flops, "model_flop_s": round(flops / model_s / 1e9, 2),
         "matmul_flop_s": round(mm / 1e9, 2),

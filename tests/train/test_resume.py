@@ -78,3 +78,34 @@ def test_refit_trains_the_selected_steps_on_validation_too_and_resumes(tiny_ws, 
     s2 = train(tiny_ws, RunConfig.load(None, {**CFG, "train.refit": False}), run="r-straight", progress=False)
     assert s2["served"] == "best.pt" and not (ck / "refit.pt").exists()
     assert served_checkpoint(tiny_ws, "r-straight").name == "best.pt"
+
+
+def test_the_prefetched_loop_trains_what_in_line_steps_train(tiny_ws, tmp_path, single_thread):
+    """`fit` assembles each batch in a worker thread one step ahead; its weights after 7 steps equal
+    7 plain `train_step` calls assembling in line (mixed negatives and conditions are drawn from
+    (seed, step), so the step number given to the worker must be the step that uses the batch).
+    Catches an off-by-one step handed to the prefetched assembly, or batches out of order."""
+    import numpy as np
+
+    from ebr.train.loop import TrainState, epoch_order, fit, prepare, train_step
+    from ebr.train.loss import inclusion_log_prob
+
+    cfg = RunConfig.load(None, {**CFG, "train.max_steps": 7, "model.dropout": 0.0})
+    torch.set_num_threads(1)  # train() does this for train.threads; fit is called directly here
+    d = prepare(tiny_ws, cfg)
+    B = cfg.train.batch_size
+    torch.manual_seed(0)
+    fast = TrainState.fresh(cfg, d.sizes)
+    (tmp_path / "checkpoints").mkdir()
+    fit(fast, d, cfg, tmp_path, progress=False)
+    torch.manual_seed(0)
+    plain = TrainState.fresh(cfg, d.sizes)
+    plain.model.train()
+    perm = epoch_order(d.examples, B, cfg.train.seed, 0, cfg.train.time_local_batches)
+    log_q = inclusion_log_prob(np.bincount(d.examples.pin, minlength=d.sizes["n_pins"]), B)
+    for i in range(7):
+        plain.step += 1
+        train_step(plain, d, cfg, perm[i * B: (i + 1) * B], log_q)
+    assert fast.step == plain.step == 7
+    for (name, a), b in zip(fast.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.equal(a, b), name

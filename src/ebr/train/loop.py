@@ -15,8 +15,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from ebr.config import RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
 from ebr.features.age import NOT_YET, TimeFields
-from ebr.features.batches import PinInputs, user_batch
+from ebr.features.batches import PinInputs, UserBatch, user_batch
 from ebr.features.examples import (
     T_MAX,
     Examples,
@@ -226,7 +228,6 @@ class TrainState:
     model: TwoTower
     opt: torch.optim.Optimizer
     est: FrequencyEstimator
-    neg_gen: torch.Generator
     epoch: int = 0
     pos_in_epoch: int = 0
     step: int = 0
@@ -255,8 +256,7 @@ class TrainState:
         opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay,
                                **({"fused": True} if t.fused_adam else {"foreach": False}))
         return cls(model, opt,
-                   FrequencyEstimator(t.estimator_buckets, t.estimator_hashes, t.estimator_alpha, seed=t.seed),
-                   torch.Generator().manual_seed(t.seed + 1))
+                   FrequencyEstimator(t.estimator_buckets, t.estimator_hashes, t.estimator_alpha, seed=t.seed))
 
     def load(self, state: dict) -> None:
         if "C" not in state.get("estimator", {}):
@@ -266,7 +266,6 @@ class TrainState:
         self.opt.load_state_dict(state["optimizer"])
         self.est.load_state_dict(state["estimator"])
         torch.set_rng_state(state["torch_rng"])
-        self.neg_gen.set_state(state["neg_rng"])
         for k in ("epoch", "pos_in_epoch", "step", "best", "bad_epochs", "done"):
             setattr(self, k, state[k])
         self.best_step = state.get("best_step", 0)
@@ -284,50 +283,96 @@ class TrainState:
         if not full:
             return base
         return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
-                "torch_rng": torch.get_rng_state(), "neg_rng": self.neg_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "pos_in_epoch": self.pos_in_epoch, "bad_epochs": self.bad_epochs, "done": self.done,
                 "best_step": self.best_step}
 
 
-def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor,
-               clock: Stages | None = None) -> float:
-    """One optimiser step on the examples `idx` (the global batch); returns the batch loss. Under
-    torchrun each rank embeds its chunk of the rows and the positives are gathered as every rank's
-    columns (train/distributed.py); on one process the chunk is the whole batch. A `clock` gets the
-    step's split: assembly (batch tensors, logQ, negatives, time buckets), forward (towers, time
-    term, loss), backward, optimizer (benchmarks/train_throughput.py prints it)."""
+@dataclass
+class Batch:
+    """The tensors of one step, assembled from the examples `idx` (the global batch) alone: a pure
+    function of (data, config, idx, step, ranks), so the next batch can be assembled in a worker
+    thread while the current step runs (`prefetched`)."""
+
+    idx: np.ndarray
+    off: int  # this rank's rows: idx[off: off + size]; every rank's positives are columns
+    size: int
+    sizes: list[int]
+    ub: UserBatch
+    pos: torch.Tensor  # (B,) every rank's positives
+    negs: torch.Tensor | None  # mixed negatives (train.mixed_negatives), drawn from (seed, step)
+    local_pins: torch.Tensor  # this rank's positives [+ negatives]: the pins the pin tower embeds
+    stats: torch.Tensor | None
+    buckets: torch.Tensor | None  # (size, columns, F) time-term buckets, each row as of its time
+    weight: torch.Tensor
+
+
+def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
+    """The batch of step `step` from the examples idx: user inputs as of each example's time,
+    conditions and mixed negatives drawn from (seed, step) (a resumed run draws the same), pin
+    statistics, time-term buckets of every column as of each row's time."""
     ex, n_pins = d.examples, d.sizes["n_pins"]
-    off, size, sizes = s.ranks.chunk(len(idx))
+    off, size, sizes = ranks.chunk(len(idx))
     loc = idx[off: off + size]
     ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len)
     pos = torch.from_numpy(ex.pin[idx])
-    pos_loc = pos[off: off + size]
-    if cfg.model.conditional:  # drawn from (seed, step): a resumed run draws the same conditions
-        rng = np.random.default_rng([cfg.train.seed, 0xC0D, s.step])
+    if cfg.model.conditional:
+        rng = np.random.default_rng([cfg.train.seed, 0xC0D, step])
         cond = draw_conditions(ex.cond[idx], d.pins.interests[pos].numpy(), cfg.train.condition_source,
                                cfg.train.condition_dropout, rng)
         ub.condition = torch.from_numpy(cond[off: off + size])
-    s.est.update(pos, s.step)
-    log_q = None
-    if cfg.train.logq:
-        log_q = s.est.log_prob(pos) if cfg.train.logq_estimator == "streaming" else exact_log_q[pos]
-    negs = neg_lq = None
+    negs = None
     if cfg.train.mixed_negatives:
-        negs = torch.randint(FIRST_ID, n_pins, (cfg.train.mixed_negatives,), generator=s.neg_gen)
-        if cfg.train.logq:
-            neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
+        rng = np.random.default_rng([cfg.train.seed, 0x4E6, step])
+        negs = torch.from_numpy(rng.integers(FIRST_ID, n_pins, cfg.train.mixed_negatives, dtype=np.int64))
+    pos_loc = pos[off: off + size]
     local_pins = pos_loc if negs is None else torch.cat([pos_loc, negs])
     pin_t = ex.t[loc] if negs is None else np.r_[ex.t[loc], np.full(len(negs), int(np.median(ex.t[idx])))]
-    stats = d.pin_stats(local_pins.numpy(), pin_t)
     columns = pos if negs is None else torch.cat([pos, negs])
     buckets = d.time_buckets(columns.numpy(), ex.t[loc])
     if buckets is not None and d.time.has_age:  # a positive exists at its own row's time
         rows, own_col = torch.arange(size), torch.arange(size) + off
         own = buckets[rows, own_col, 0]
         buckets[rows, own_col, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)
+    return Batch(idx, off, size, sizes, ub, pos, negs, local_pins, d.pin_stats(local_pins.numpy(), pin_t), buckets,
+                 torch.from_numpy(ex.weight[loc]))
+
+
+def prefetched(make: Callable[..., Batch], args: Iterable[tuple]) -> Iterator[Batch]:
+    """make(*a) for each a of args, in order, the next one built in a worker thread while the
+    caller uses the current one (NumPy and PyTorch release the GIL in their kernels). Leaving the
+    loop early waits for the one batch in flight."""
+    with ThreadPoolExecutor(1, thread_name_prefix="ebr-batches") as pool:
+        pending = None
+        for a in args:
+            nxt = pool.submit(make, *a)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor,
+               clock: Stages | None = None, batch: Batch | None = None) -> float:
+    """One optimiser step on the examples `idx` (the global batch; `batch`: assembled already, by
+    `assemble(d, cfg, idx, s.step, s.ranks)`); returns the batch loss. Under torchrun each rank
+    embeds its chunk of the rows and the positives are gathered as every rank's columns
+    (train/distributed.py); on one process the chunk is the whole batch. A `clock` gets the step's
+    split: assembly (when not given), forward (towers, logQ, time term, loss), backward, optimizer
+    (benchmarks/train_throughput.py prints it)."""
+    b = assemble(d, cfg, idx, s.step, s.ranks) if batch is None else batch
     mark(clock, "assembly")
+    n_pins, pos, negs, size, off = d.sizes["n_pins"], b.pos, b.negs, b.size, b.off
+    s.est.update(pos, s.step)
+    log_q = neg_lq = None
+    if cfg.train.logq:
+        log_q = s.est.log_prob(pos) if cfg.train.logq_estimator == "streaming" else exact_log_q[pos]
+        if negs is not None:
+            neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
+    ub, buckets = b.ub, b.buckets
     forward = s.ddp if s.ddp is not None else s.model
-    q, v = forward(ub.hist, ub.rest(), local_pins, d.pins.take, stats)
+    q, v = forward(ub.hist, ub.rest(), b.local_pins, d.pins.take, b.stats)
     if isinstance(q, tuple):  # multi-embedding: only the embedding nearest the row's target is trained
         q = nearest_embedding(q[0], q[1], v[:size].detach())
     extra = None
@@ -336,9 +381,9 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
         if d.time.has_age:
             extra = extra.masked_fill(buckets[..., 0] == NOT_YET, float("-inf"))
     u = q[:, : s.model.dim]
-    loss = sampled_softmax_logq(u, distributed.gather_rows(v[:size], sizes), pos, log_q, cfg.model.temperature,
-                                torch.from_numpy(ex.weight[loc]), v[size:] if negs is not None else None, negs,
-                                neg_lq, extra, row_offset=off, norm=len(idx))
+    loss = sampled_softmax_logq(u, distributed.gather_rows(v[:size], b.sizes), pos, log_q, cfg.model.temperature,
+                                b.weight, v[size:] if negs is not None else None, negs,
+                                neg_lq, extra, row_offset=off, norm=len(b.idx))
     mark(clock, "forward")
     s.opt.zero_grad(set_to_none=True)
     (loss * s.ranks.world).backward()  # DDP averages the ranks' gradients: this makes it their sum
@@ -374,12 +419,14 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
         pbar = bar(math.ceil(n / B), f"{'' if select else 'refit '}epoch {s.epoch + 1}/{cfg.train.epochs}", progress,
                    initial=s.pos_in_epoch // B, unit="step")
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
-        while s.pos_in_epoch < n:
-            idx = perm[s.pos_in_epoch: s.pos_in_epoch + B]
+        first = s.step + 1  # this epoch's remaining steps, each batch assembled while the one before trains
+        steps = [(perm[p: p + B], first + i, s.ranks) for i, p in enumerate(range(s.pos_in_epoch, n, B))]
+        for batch in prefetched(partial(assemble, d, cfg), steps):
+            idx = batch.idx
             s.step += 1
             if fail_at is not None and s.step == fail_at:
                 raise InjectedFailure(f"injected failure at step {s.step} of {phase} (EBR_FAIL_AT_STEP)")
-            loss = train_step(s, d, cfg, idx, exact_log_q)
+            loss = train_step(s, d, cfg, idx, exact_log_q, batch=batch)
             s.pos_in_epoch += len(idx)
             seen += len(idx)
             loss_sum += loss * len(idx)
