@@ -109,3 +109,33 @@ def test_the_prefetched_loop_trains_what_in_line_steps_train(tiny_ws, tmp_path, 
     assert fast.step == plain.step == 7
     for (name, a), b in zip(fast.model.state_dict().items(), plain.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_fused_adam_takes_the_same_steps_as_the_per_tensor_loop(tiny_ws, single_thread):
+    """train.fused_adam (the default) is a speed switch only: 7 steps with weight decay end within
+    float rounding of PyTorch's per-tensor Adam. Catches the fused branch dropping an argument
+    (weight decay, the learning rate) or including frozen parameters."""
+    import numpy as np
+
+    from ebr.train.loop import TrainState, epoch_order, prepare, train_step
+    from ebr.train.loss import inclusion_log_prob
+
+    torch.set_num_threads(1)
+    states = []
+    for fused in (True, False):
+        cfg = RunConfig.load(None, {**CFG, "model.dropout": 0.0, "train.weight_decay": 0.05,
+                                    "train.fused_adam": fused})
+        d = prepare(tiny_ws, cfg)
+        torch.manual_seed(0)
+        s = TrainState.fresh(cfg, d.sizes)
+        s.model.train()
+        B = cfg.train.batch_size
+        perm = epoch_order(d.examples, B, cfg.train.seed, 0, False)
+        log_q = inclusion_log_prob(np.bincount(d.examples.pin, minlength=d.sizes["n_pins"]), B)
+        for i in range(7):
+            s.step += 1
+            train_step(s, d, cfg, perm[i * B: (i + 1) * B], log_q)
+        states.append(s.model.state_dict())
+    assert any(not torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))  # two kernels
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=2e-6, rtol=1e-5), k
