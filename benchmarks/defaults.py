@@ -6,8 +6,9 @@ test recall@100, so no default is picked on the test numbers we report.
 
 Settings (one at a time against the current defaults, each with the full default pipeline,
 refit included): the validation window (2% vs 10% of the training period), per-pin engagement
-statistics as pin-tower features (off vs on) and the crossing blocks' input normalisation
-(`model.input_norm`: a LayerNorm per field vs one over the concatenation vs none).
+statistics as pin-tower features (off vs on), the crossing blocks' input normalisation
+(`model.input_norm`: a LayerNorm per field vs one over the concatenation vs none), and the
+regularisation candidates of the ML-100K validation sweep (uniform corpus negatives and dropout).
 Resumable: a finished (setting, seed) keeps its eval JSON under --root.
 """
 
@@ -37,6 +38,9 @@ SETTINGS = {  # name: (split val_fraction, config overrides)
     "input_norm_none": (0.02, {"model.input_norm": "none"}),
     "val_window_10pct": (0.10, {}),
     "pin_stats_on": (0.02, {"features.pin_stats": True}),
+    # candidates from the ML-100K validation sweep (README "Defaults for every dataset")
+    "mixneg_1024_dropout_0.2": (0.02, {"train.mixed_negatives": 1024, "model.dropout": 0.2}),
+    "dropout_0.2": (0.02, {"model.dropout": 0.2}),
 }
 METRICS = ("recall@50", "recall@100", "recall@500")
 

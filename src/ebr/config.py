@@ -154,6 +154,10 @@ class TrainConfig(_Section):
     # al.'s estimator (for data that arrives as a stream, or time-local batches)
     logq_estimator: Literal["exact", "streaming"] = "exact"
     mixed_negatives: int = 0  # extra uniform corpus negatives per batch (0 = in-batch only)
+    # the training horizon (PinnerFormer's dense all-action idea): each example's history is read as
+    # of an earlier engagement of its user, 0..horizon-1 events before the target (drawn per step),
+    # so the tower learns what the user engages with next and later, not only next; 1 = next only
+    horizon: int = Field(1, ge=1)
     # batches of examples close in time (blocks of the time-sorted examples, in shuffled order):
     # in-batch negatives then carry statistics of the same moment as the row's positive [ours]
     time_local_batches: bool = False

@@ -46,9 +46,10 @@ class UserBatch:
 
 
 def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays, L: int,
-               condition: np.ndarray | None = None) -> UserBatch:
-    """Users (codes) as of times t: history strictly before t, features, followed interests."""
-    pins, actions = hist.at(users, t, L)
+               condition: np.ndarray | None = None, back: np.ndarray | None = None) -> UserBatch:
+    """Users (codes) as of times t: history strictly before t (ending `back` events earlier, when
+    given: Histories.at), features, followed interests."""
+    pins, actions = hist.at(users, t, L, back)
     cond = np.zeros(len(users), dtype=np.int64) if condition is None else condition
     return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
                      torch.from_numpy(actions), torch.from_numpy(ua.cat[users]),

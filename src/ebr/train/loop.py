@@ -309,12 +309,16 @@ class Batch:
 
 def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
     """The batch of step `step` from the examples idx: user inputs as of each example's time,
-    conditions and mixed negatives drawn from (seed, step) (a resumed run draws the same), pin
+    conditions, mixed negatives and history ends (train.horizon) drawn from (seed, step) (a resumed
+    run draws the same), pin
     statistics, time-term buckets of every column as of each row's time."""
     ex, n_pins = d.examples, d.sizes["n_pins"]
     off, size, sizes = ranks.chunk(len(idx))
     loc = idx[off: off + size]
-    ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len)
+    back = None
+    if cfg.train.horizon > 1:  # each row's history as of one of its user's last `horizon` events
+        back = np.random.default_rng([cfg.train.seed, 0x4020, step]).integers(0, cfg.train.horizon, size)
+    ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len, back=back)
     pos = torch.from_numpy(ex.pin[idx])
     if cfg.model.conditional:
         rng = np.random.default_rng([cfg.train.seed, 0xC0D, step])

@@ -1,0 +1,103 @@
+"""Validation-only sweep for the defaults: each variant trained without the refit on each dataset,
+with the same training seeds (so variants are compared seed by seed), and read by the selection
+phase's best validation recall@100 (`summary.json`). Test data is never evaluated here: this is
+how a default is chosen without looking at the numbers the quality table reports.
+
+    python benchmarks/val_sweep.py [--datasets ml100k_ids,ml100k_llo,ml100k] [--seeds 0,1,2]
+                                   [--variants base,mixneg_1024,...] [--threads 1]
+                                   [--data-root /tmp/ebr-bench-quality] [--root /tmp/ebr-bench-val-sweep]
+
+Datasets are benchmarks/quality.py's (prepared under --data-root, shared with it). Per variant and
+dataset: mean ± sample std (ddof 1) over seeds, and the paired difference to `base` (mean ± std of
+the per-seed differences): a variant "helps" where that difference is beyond its own spread.
+Resumable: a finished (variant, dataset, seed) keeps its summary under --root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write  # noqa: E402
+from quality import prepare  # noqa: E402
+
+from ebr.config import RunConfig  # noqa: E402
+from ebr.train.loop import train  # noqa: E402
+
+VARIANTS = {  # name: config overrides on top of the defaults
+    "base": {},
+    "mixneg_1024": {"train.mixed_negatives": 1024},
+    "mixneg_2048": {"train.mixed_negatives": 2048},
+    "dropout_0.2": {"model.dropout": 0.2},
+    "dropout_0.4": {"model.dropout": 0.4},
+    "mixneg_1024_dropout_0.2": {"train.mixed_negatives": 1024, "model.dropout": 0.2},
+    "mixneg_1024_dropout_0.4": {"train.mixed_negatives": 1024, "model.dropout": 0.4},
+    "temperature_0.1": {"model.temperature": 0.1},
+    "history_100": {"features.history_len": 100},
+    "lr_1e-3": {"train.lr": 1e-3},
+    "weight_decay_1e-4": {"train.weight_decay": 1e-4},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="ml100k_ids,ml100k_llo,ml100k")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default="base,mixneg_1024,dropout_0.2,mixneg_1024_dropout_0.2")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    ap.add_argument("--data-root", default="/tmp/ebr-bench-quality", help="where quality.py's workspaces live")
+    ap.add_argument("--root", default="/tmp/ebr-bench-val-sweep")
+    a = ap.parse_args()
+    names = a.variants.split(",")
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; available: {', '.join(VARIANTS)}")
+    if "base" not in names:
+        names.insert(0, "base")
+    torch.set_num_threads(a.threads)
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    table: dict[str, dict] = {}
+    for ds in a.datasets.split(","):
+        ws = prepare(ds, Path(a.data_root), {})
+        vals: dict[str, list[float]] = {}
+        for name in names:
+            vals[name] = []
+            for seed in seeds:
+                out = root / f"{name}-{ds}-{seed}.json"
+                if not out.exists():
+                    over = {"train.seed": seed, "train.refit": False, "train.threads": a.threads, **VARIANTS[name],
+                            **({"data.split": "leave_last_out"} if ds == "ml100k_llo" else {})}
+                    s = train(ws, RunConfig.load(None, over), run=f"sweep-{name}-seed{seed}", progress=False)
+                    tmp = out.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(s))
+                    os.replace(tmp, out)
+                vals[name].append(json.loads(out.read_text())["best_val_recall@100"])
+                print(f"{ds} {name} seed {seed}: val recall@100 {vals[name][-1]:.4f}", flush=True)
+        table[ds] = {}
+        for name, v in vals.items():
+            diff = np.array(v) - np.array(vals["base"])
+            sd = (lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+            table[ds][name] = {"val_recall@100": v, "mean": float(np.mean(v)), "std": sd(v),
+                               "diff_mean": float(diff.mean()), "diff_std": sd(diff)}
+    lines = ["| dataset | variant | val recall@100 | paired difference to base |", "|---|---|---|---|"]
+    for ds, rows in table.items():
+        for name, r in rows.items():
+            lines.append(f"| {ds} | {name} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                         + ("–" if name == "base" else f"{r['diff_mean']:+.4f} ± {r['diff_std']:.4f}") + " |")
+    md = "\n".join(lines)
+    print(md)
+    write("val_sweep", {"table": table, "markdown": md, "seeds": a.seeds, "variants": names, "overrides":
+                        {n: VARIANTS[n] for n in names}})
+
+
+if __name__ == "__main__":
+    main()
