@@ -152,14 +152,13 @@ class Histories:
            back: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Last L events of each user strictly before t: (pins (n, L), actions (n, L)), padding
         (0) on the left, most recent on the right. back (n,): end each history that many events
-        earlier (the training horizon: the history as of an earlier engagement of the user; never
-        before the user's first event)."""
+        earlier (the training horizon: the history as of an earlier engagement of the user)."""
         users = np.asarray(users, dtype=np.int64)
         t = np.asarray(t, dtype=np.int64)
         rank = np.where(t == T_MAX, self.R - 1, np.searchsorted(self.times, t, side="left"))
         j = np.searchsorted(self.key, users * self.R + rank, side="left")
-        if back is not None:
-            j = np.maximum(j - np.asarray(back, dtype=np.int64), self.start[users])
+        if back is not None:  # events before the user's first are masked below (valid)
+            j = j - np.asarray(back, dtype=np.int64)
         idx = j[:, None] - L + np.arange(L)[None, :]
         valid = idx >= self.start[users][:, None]
         idx = np.clip(idx, 0, max(len(self.pin) - 1, 0))
