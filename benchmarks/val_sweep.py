@@ -46,6 +46,31 @@ VARIANTS = {  # name: config overrides on top of the defaults
 }
 
 
+def peers_on_validation(ws, seed: int, split: str | None) -> dict[str, float]:
+    """The peers' recall@100 on the validation targets the model is selected on (the same users,
+    exclusions and candidates as `validation_recall`, TRAIN visible only): where the model stands
+    against them without reading test."""
+    from ebr.data.splits import Part, load_split
+    from ebr.eval import peers as pz
+    from ebr.eval.evaluate import _rank_all
+    from ebr.features.examples import load_engagements
+    from ebr.ranking import metrics_at_k
+    from ebr.train.loop import VAL_K, prepare
+
+    cfg = RunConfig.load(None, {"train.seed": seed, **({"data.split": split} if split else {})})
+    d = prepare(ws, cfg)
+    e = load_engagements(ws, d.fs, load_split(ws, cfg.data.split), seed=seed)
+    visible = e.part == Part.TRAIN
+    P, allowed = d.sizes["n_pins"], torch.from_numpy(d.candidates)
+    scorers = {"popularity": pz.popularity(e, visible, P),
+               "als": pz.als(e, visible, len(d.fs.users), P, cfg.features.action_weights, seed=seed)}
+    out = {}
+    for name, fn in scorers.items():
+        top = _rank_all(fn, d.val.users, d.val.exclude, VAL_K, allowed)
+        out[name] = metrics_at_k(top, d.val.targets, [VAL_K])[f"recall@{VAL_K}"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="ml100k_ids,ml100k_llo,ml100k")

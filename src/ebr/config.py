@@ -120,6 +120,9 @@ class ModelConfig(_Section):
     masknet: MaskNetConfig = Field(default_factory=MaskNetConfig)
     dhen: DHENConfig = Field(default_factory=DHENConfig)
     use_pin_id: bool = True
+    # pins with fewer training positives than this read one shared ID row (OOV) instead of their own
+    # (ItemEncoder.share_rare_ids); 1: every pin its own ID
+    pin_id_min_count: int = Field(1, ge=1)
     use_content: bool = True
     use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default
     # pretrained user and pin ID tables from an `ebr pretrain-ids` snapshot (replace the jointly

@@ -17,6 +17,8 @@ from torch import nn
 from ebr.model.crossing import make_crossing
 from ebr.model.interests import N_ACTIONS, make_extractor, valid_items
 
+OOV = 1  # the out-of-vocabulary row of every ID table (ebr.features.state; model/ reads no features)
+
 
 def bag_mean(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
     """Mean embedding of each row's codes, padding (0) skipped: (N, K) -> (N, dim); zeros if none."""
@@ -37,6 +39,9 @@ class ItemEncoder(nn.Module):
         self.num = nn.Sequential(nn.Linear(n_num, field_dim), nn.ReLU()) if n_num else None
         self.content = nn.Linear(emb_dim, field_dim) if (emb_dim and use_content) else None
         self.interest = interest
+        # the ID row each pin reads: its own, or the shared OOV row for a pin with too few training
+        # positives to learn one (share_rare_ids); a buffer, so the bundle's export reads the same
+        self.register_buffer("id_row", torch.arange(n_pins), persistent=True)
         self.widths = ([id_dim] if use_id else []) + [cat_dim] * len(pin_cat) + ([field_dim] if n_num else []) + (
             [field_dim] if self.content is not None else []) + ([interest.embedding_dim] if interest else [])
         self.out_dim = sum(self.widths)
@@ -45,12 +50,28 @@ class ItemEncoder(nn.Module):
         if self.id is not None:
             nn.init.normal_(self.id.weight, std=0.05)
 
+    @torch.no_grad()
+    def share_rare_ids(self, positives: torch.Tensor, min_count: int) -> int:
+        """Pins with fewer than `min_count` training positives (positives (n_pins,) counts) read the
+        shared OOV row instead of their own ID: an ID seen a few times stays near its random init
+        and adds noise to a pin the other fields describe; the shared row learns what rare pins have
+        in common. Returns how many pins share it."""
+        rare = positives < min_count
+        rare[:OOV + 1] = False  # padding and OOV keep their rows
+        self.id_row.copy_(torch.where(rare, torch.full_like(self.id_row, OOV), torch.arange(len(self.id_row))))
+        return int(rare.sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "id_row", torch.arange(len(self.id_row)))  # checkpoints before rare IDs
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, ids: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, emb: torch.Tensor,
                 interests: torch.Tensor) -> torch.Tensor:
         """ids (N,), cat (N, C), num (N, Nn), emb (N, E), interests (N, K) -> (N, out_dim)"""
         fields = []
         if self.id is not None:
-            fields.append(self.id(ids) if self.id_drop is None else self.id_drop(self.id(ids)))
+            e = self.id(self.id_row[ids])
+            fields.append(e if self.id_drop is None else self.id_drop(e))
         fields += [e(cat[:, j]) for j, e in enumerate(self.cats)]
         if self.num is not None:
             fields.append(self.num(num))

@@ -90,6 +90,10 @@ class TrainData:
             return None
         return torch.from_numpy(self.time.buckets(pins[None, :], np.asarray(t)[:, None]))
 
+    def positives(self) -> np.ndarray:
+        """(n_pins,) training examples (positives) per pin code."""
+        return np.bincount(self.examples.pin, minlength=self.sizes["n_pins"])
+
     @property
     def sizes(self) -> dict:
         return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0,
@@ -247,10 +251,15 @@ class TrainState:
             self.ddp = DistributedDataParallel(self.model)
 
     @classmethod
-    def fresh(cls, cfg: RunConfig, sizes: dict, id_tables: tuple[np.ndarray, np.ndarray] | None = None) -> TrainState:
+    def fresh(cls, cfg: RunConfig, sizes: dict, id_tables: tuple[np.ndarray, np.ndarray] | None = None,
+              positives: np.ndarray | None = None) -> TrainState:
+        """A new model and optimiser; positives (n_pins,): each pin's training positives, for
+        model.pin_id_min_count (pretrained ID tables are left whole)."""
         model = TwoTower(sizes, cfg.model)
         if id_tables is not None:  # pretrained IDs: frozen ones are left out of the optimiser
             model.load_id_tables(*map(torch.from_numpy, id_tables), frozen=cfg.model.id_embeddings == "frozen")
+        elif positives is not None and cfg.model.pin_id_min_count > 1:
+            model.items.share_rare_ids(torch.from_numpy(positives), cfg.model.pin_id_min_count)
         t = cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay,
@@ -412,7 +421,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
     max_steps = cfg.train.max_steps if select else max_steps
     ex, B = d.examples, cfg.train.batch_size
     n = len(ex.user)
-    exact_log_q = inclusion_log_prob(np.bincount(ex.pin, minlength=d.sizes["n_pins"]), B)
+    exact_log_q = inclusion_log_prob(d.positives(), B)
     fail_at = int(os.environ.get("EBR_FAIL_AT_STEP", "0")) or None
     if os.environ.get("EBR_FAIL_PHASE", "select") != phase:
         fail_at = None
@@ -511,7 +520,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         (rdir / "config.yaml").write_text(cfg.to_yaml())
         (rdir / "feature_state.json").write_text(json.dumps(d.fs.to_dict()))
         (rdir / "metrics.jsonl").write_text("")
-    s = TrainState.fresh(cfg, d.sizes, d.id_tables)
+    s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives())
     if state is not None:
         s.load(state)
     s.distribute(ranks)
@@ -540,7 +549,7 @@ def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: i
     in the model. Bundles serve refit.pt; best.pt (the selected model) is kept."""
     t0 = time.time()
     rd = prepare(ws, cfg, fs, refit=True)
-    r = TrainState.fresh(cfg, rd.sizes, rd.id_tables)
+    r = TrainState.fresh(cfg, rd.sizes, rd.id_tables, rd.positives())
     last = rdir / "checkpoints" / "refit_last.pt"
     if resume and last.exists():
         r.load(load_checkpoint_state(last))
