@@ -139,3 +139,46 @@ def test_fused_adam_takes_the_same_steps_as_the_per_tensor_loop(tiny_ws, single_
     assert any(not torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))  # two kernels
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=2e-6, rtol=1e-5), k
+
+
+def test_rare_pins_share_one_id_row_in_training_refit_and_bundle(tiny_ws, single_thread):
+    """model.pin_id_min_count m: a pin with fewer than m training positives reads the OOV row of the
+    pin-ID table, in the selection model (counts of TRAIN), in the refit (TRAIN + VALIDATION) and in
+    the bundle's item representations; the mapping persists in the checkpoint, and a checkpoint
+    from before it loads with every pin its own row. Catches `<=` for `<`, the refit counting the
+    selection's examples (or skipping the sharing), the mapping not saved with the model, and the
+    export reading each pin's own row."""
+    import numpy as np
+
+    from ebr.features.state import OOV
+    from ebr.index.bundle import build_bundle
+    from ebr.model.towers import TwoTower
+    from ebr.train.loop import prepare
+
+    m = 4
+    cfg = RunConfig.load(None, {**CFG, "model.pin_id_min_count": m, "train.max_steps": 3, "train.epochs": 1})
+    train(tiny_ws, cfg, run="rare", progress=False)
+    ck = tiny_ws.run_dir("rare") / "checkpoints"
+    for name, refit in (("best.pt", False), ("refit.pt", True)):
+        pos = prepare(tiny_ws, cfg, refit=refit).positives()
+        row = torch.load(ck / name, weights_only=True)["model"]["items.id_row"].numpy()
+        codes = np.arange(len(pos))
+        want = np.where((pos < m) & (codes > OOV), OOV, codes)
+        assert np.array_equal(row, want), name
+        assert 0 < (row == OOV).sum() - 1 < len(row) - 2  # some pins share, some keep their own
+    sel, ref = (prepare(tiny_ws, cfg, refit=r).positives() for r in (False, True))
+    assert ((sel < m) != (ref < m)).any()  # the two phases' counts differ (the check above is not vacuous)
+    # the bundle ships what the model computes with the shared row
+    state = torch.load(ck / "refit.pt", weights_only=True)
+    d = prepare(tiny_ws, cfg, refit=True)
+    model = TwoTower(d.sizes, cfg.model)
+    model.load_state_dict(state["model"])
+    rare = int(np.flatnonzero(model.items.id_row.numpy() == OOV)[1])
+    bundle = build_bundle(tiny_ws, "rare", "temporal")
+    rep = np.load(bundle / "item_repr.npy")[rare, : cfg.model.id_dim]
+    assert np.allclose(rep, model.items.id.weight[OOV].detach().numpy(), atol=1e-6)
+    assert not np.allclose(rep, model.items.id.weight[rare].detach().numpy(), atol=1e-3)
+    # a checkpoint from before the mapping: every pin its own row
+    old = {k: v for k, v in state["model"].items() if k != "items.id_row"}
+    model.load_state_dict(old)
+    assert torch.equal(model.items.id_row, torch.arange(len(model.items.id_row)))
