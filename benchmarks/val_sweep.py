@@ -6,6 +6,7 @@ how a default is chosen without looking at the numbers the quality table reports
     python benchmarks/val_sweep.py [--datasets ml100k_ids,ml100k_llo,ml100k] [--seeds 0,1,2]
                                    [--variants base,mixneg_1024,...] [--threads 1]
                                    [--data-root /tmp/ebr-bench-quality] [--root /tmp/ebr-bench-val-sweep]
+                                   [--name val_sweep] [--no-train]
 
 Datasets are benchmarks/quality.py's (prepared under --data-root, shared with it). Per variant and
 dataset: mean ± sample std (ddof 1) over seeds, and the paired difference to `base` (mean ± std of
@@ -43,7 +44,29 @@ VARIANTS = {  # name: config overrides on top of the defaults
     "history_100": {"features.history_len": 100},
     "lr_1e-3": {"train.lr": 1e-3},
     "weight_decay_1e-4": {"train.weight_decay": 1e-4},
+    "user_id": {"model.use_user_id": True},
+    "horizon_4": {"train.horizon": 4},
+    "horizon_16": {"train.horizon": 16},
+    "horizon_64": {"train.horizon": 64},
+    "pin_id_min_count_5": {"model.pin_id_min_count": 5},
+    "pin_id_min_count_20": {"model.pin_id_min_count": 20},
+    # around mixneg_1024_dropout_0.2 (md)
+    "md_user_id": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.use_user_id": True},
+    "md_lr_1e-3": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.lr": 1e-3},
+    "md_id_dim_64": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.id_dim": 64},
+    "md_batch_256": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.batch_size": 256},
+    "md_temperature_0.07": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.temperature": 0.07},
+    "md_temperature_0.035": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.temperature": 0.035},
+    "md_hidden_512": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.hidden": [512]},
+    "md_hidden_256x2": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.hidden": [256, 256]},
+    "md_linear": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.hidden": []},
+    "md_dim_128": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.dim": 128},
+    "md_horizon_16": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.horizon": 16},
 }
+
+
+def split_of(ds: str) -> str | None:
+    return "leave_last_out" if ds == "ml100k_llo" else None
 
 
 def peers_on_validation(ws, seed: int, split: str | None) -> dict[str, float]:
@@ -79,6 +102,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     ap.add_argument("--data-root", default="/tmp/ebr-bench-quality", help="where quality.py's workspaces live")
     ap.add_argument("--root", default="/tmp/ebr-bench-val-sweep")
+    ap.add_argument("--name", default="val_sweep", help="results/NAME.json")
+    ap.add_argument("--no-train", action="store_true",
+                    help="report the finished cells only (a variant missing a seed on a dataset is left out there)")
     a = ap.parse_args()
     names = a.variants.split(",")
     unknown = set(names) - set(VARIANTS)
@@ -95,19 +121,31 @@ def main() -> None:
         ws = prepare(ds, Path(a.data_root), {})
         vals: dict[str, list[float]] = {}
         for name in names:
+            if a.no_train and not all((root / f"{name}-{ds}-{seed}.json").exists() for seed in seeds):
+                continue
             vals[name] = []
             for seed in seeds:
                 out = root / f"{name}-{ds}-{seed}.json"
                 if not out.exists():
                     over = {"train.seed": seed, "train.refit": False, "train.threads": a.threads, **VARIANTS[name],
-                            **({"data.split": "leave_last_out"} if ds == "ml100k_llo" else {})}
+                            **({"data.split": split_of(ds)} if split_of(ds) else {})}
                     s = train(ws, RunConfig.load(None, over), run=f"sweep-{name}-seed{seed}", progress=False)
                     tmp = out.with_suffix(".tmp")
                     tmp.write_text(json.dumps(s))
                     os.replace(tmp, out)
                 vals[name].append(json.loads(out.read_text())["best_val_recall@100"])
                 print(f"{ds} {name} seed {seed}: val recall@100 {vals[name][-1]:.4f}", flush=True)
-        table[ds] = {}
+        peers: dict[str, list[float]] = {}
+        for seed in seeds:  # the peers on the same validation targets (each seed draws its own given split)
+            out = root / f"peers-{ds}-{seed}.json"
+            if not out.exists():
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(peers_on_validation(ws, seed, split_of(ds))))
+                os.replace(tmp, out)
+            for k, x in json.loads(out.read_text()).items():
+                peers.setdefault(k, []).append(x)
+        table[ds] = {f"peer: {k}": {"val_recall@100": v, "mean": float(np.mean(v)),
+                                    "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k, v in peers.items()}
         for name, v in vals.items():
             diff = np.array(v) - np.array(vals["base"])
             sd = (lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
@@ -117,10 +155,11 @@ def main() -> None:
     for ds, rows in table.items():
         for name, r in rows.items():
             lines.append(f"| {ds} | {name} | {r['mean']:.4f} ± {r['std']:.4f} | "
-                         + ("–" if name == "base" else f"{r['diff_mean']:+.4f} ± {r['diff_std']:.4f}") + " |")
+                         + ("–" if "diff_mean" not in r or name == "base" else
+                            f"{r['diff_mean']:+.4f} ± {r['diff_std']:.4f}") + " |")
     md = "\n".join(lines)
     print(md)
-    write("val_sweep", {"table": table, "markdown": md, "seeds": a.seeds, "variants": names, "overrides":
+    write(a.name, {"table": table, "markdown": md, "seeds": a.seeds, "variants": names, "overrides":
                         {n: VARIANTS[n] for n in names}})
 
 

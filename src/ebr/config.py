@@ -123,6 +123,9 @@ class ModelConfig(_Section):
     # pins with fewer training positives than this read one shared ID row (OOV) instead of their own
     # (ItemEncoder.share_rare_ids); 1: every pin its own ID
     pin_id_min_count: int = Field(1, ge=1)
+    # element-wise dropout on the jointly learned pin-ID embeddings while training (pretrained ones
+    # use id_dropout)
+    pin_id_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_content: bool = True
     use_user_id: bool = False  # learned user-ID embeddings overfit (TECHNIQUES.md 1): off by default
     # pretrained user and pin ID tables from an `ebr pretrain-ids` snapshot (replace the jointly

@@ -193,7 +193,7 @@ class TwoTower(nn.Module):
         pre = int(sizes.get("pretrained_id_dim", 0))
         self.items = ItemEncoder(sizes["n_pins"], sizes["pin_cat"], sizes["n_pin_num"], sizes["emb_dim"],
                                  pre or cfg.id_dim, cfg.cat_dim, cfg.field_dim, bool(pre) or cfg.use_pin_id,
-                                 cfg.use_content, interest, cfg.id_dropout if pre else 0.0)
+                                 cfg.use_content, interest, cfg.id_dropout if pre else cfg.pin_id_dropout)
         # the time term's fields (pin age, engagement counts per window): bucket counts per field
         fields = list(sizes.get("time_fields", []))
         self.time = nn.ModuleList(nn.Embedding(n, cfg.time_dim) for n in fields)
