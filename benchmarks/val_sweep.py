@@ -50,6 +50,9 @@ VARIANTS = {  # name: config overrides on top of the defaults
     "horizon_64": {"train.horizon": 64},
     "pin_id_min_count_5": {"model.pin_id_min_count": 5},
     "pin_id_min_count_20": {"model.pin_id_min_count": 20},
+    "pin_id_dropout_0.5": {"model.pin_id_dropout": 0.5},
+    "pin_id_dropout_0.8": {"model.pin_id_dropout": 0.8},
+    "no_pin_id": {"model.use_pin_id": False},
     # around mixneg_1024_dropout_0.2 (md)
     "md_user_id": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.use_user_id": True},
     "md_lr_1e-3": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.lr": 1e-3},
