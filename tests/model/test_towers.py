@@ -45,3 +45,30 @@ def test_training_pass_projects_each_distinct_item_once_with_the_same_result(tin
     assert fast.keys() == ref.keys() and "user.history.proj.weight" in fast
     for n in ref:
         assert torch.allclose(fast[n], ref[n], atol=1e-4, rtol=1e-4), n
+
+
+def test_pin_id_dropout_reaches_the_learned_ids_in_training_only(tiny_ws):
+    """model.pin_id_dropout p: in training, elements of the learned pin-ID embedding are zeroed
+    (share about p) and the rest scaled by 1/(1-p); in eval the embedding passes whole; the other
+    fields are untouched. Catches the setting not reaching the ItemEncoder (only pretrained IDs got
+    dropout before) and dropout applied to every field."""
+    fs = build_feature_state(tiny_ws)
+    cfg = ModelConfig(pin_id_dropout=0.5)
+    torch.manual_seed(0)
+    model = TwoTower({**fs.sizes, "interest_features": True}, cfg)
+    n_pins = fs.sizes["n_pins"]
+    ids = torch.arange(2, n_pins)
+    cat = torch.zeros(len(ids), len(fs.sizes["pin_cat"]), dtype=torch.long)
+    num, emb = torch.randn(len(ids), fs.sizes["n_pin_num"]), torch.randn(len(ids), fs.sizes["emb_dim"])
+    interests = torch.zeros(len(ids), 2, dtype=torch.long)
+    own = model.items.id.weight[ids].detach()
+    model.eval()
+    plain = model.items(ids, cat, num, emb, interests).detach()
+    model.train()
+    dropped = model.items(ids, cat, num, emb, interests).detach()
+    d = cfg.id_dim
+    assert torch.equal(plain[:, :d], own)
+    zero = dropped[:, :d] == 0
+    assert 0.45 < zero.float().mean() < 0.55
+    assert torch.allclose(dropped[:, :d][~zero], 2 * own[~zero])
+    assert torch.equal(dropped[:, d:], plain[:, d:])
