@@ -171,6 +171,10 @@ class TrainConfig(_Section):
     estimator_hashes: int = 2
     estimator_buckets: int = 1 << 20
     patience: int = 2  # epochs without a better validation recall before stopping
+    # selection also trains the model without pin IDs and keeps whichever scores the better
+    # validation recall (the run records both; skipped when pins have no other field, or with
+    # pretrained IDs): trend-driven data favours content over IDs, taste-driven data IDs
+    choose_pin_id: bool = False
     # after selection, retrain on training + validation for the selected number of steps; bundles
     # serve that model (checkpoints/refit.pt); best.pt, the selected one, is kept
     refit: bool = True

@@ -407,6 +407,7 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
 
 
 REFIT = "refit"  # the phase after model selection: training + validation, the selected number of steps
+NO_PIN_ID = "select-no-pin-id"  # selection of the model without pin IDs (train.choose_pin_id)
 
 
 def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True,
@@ -525,9 +526,43 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         s.load(state)
     s.distribute(ranks)
     seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
+    choice = None
+    alt = _without_pin_id(cfg, d.sizes)
+    if alt is not None:  # train.choose_pin_id: the same selection without pin IDs, the better one kept
+        rng = torch.get_rng_state()
+        torch.manual_seed(cfg.train.seed)
+        adir = rdir / "alternatives" / "no_pin_id"
+        (adir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        a = TrainState.fresh(alt, d.sizes)
+        alast = adir / "checkpoints" / "last.pt"
+        if resume and alast.exists():
+            a.load(load_checkpoint_state(alast))
+        elif ranks.main:
+            (adir / "metrics.jsonl").write_text("")
+        a.distribute(ranks)
+        if progress:
+            log.info("selection without pin IDs (train.choose_pin_id)")
+        seconds += fit(a, d, alt, adir, progress, phase=NO_PIN_ID)
+        chosen = a.best > s.best
+        choice = {"with_pin_id": s.best, "without_pin_id": a.best, "chosen": "without" if chosen else "with"}
+        if progress:
+            log.info("pin IDs: validation recall@%d %.4f with, %.4f without: %s kept", VAL_K, s.best, a.best,
+                     "without" if chosen else "with")
+        if chosen:  # the run is now the model without pin IDs: its best checkpoint and config
+            if ranks.main:
+                if (adir / "checkpoints" / "best.pt").exists():  # (a resumed run promoted it already)
+                    os.replace(adir / "checkpoints" / "best.pt", ck / "best.pt")
+                tmp = rdir / "config.yaml.tmp"
+                tmp.write_text(alt.to_yaml())
+                os.replace(tmp, rdir / "config.yaml")
+            s, cfg = a, alt
+        else:
+            torch.set_rng_state(rng)  # the refit starts where it would have without the alternative
     summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt"}
+    if choice is not None:
+        summary["pin_id_choice"] = choice
     if d.id_snapshot is not None:
         m = d.id_snapshot
         summary["id_embeddings"] = {"mode": cfg.model.id_embeddings, "snapshot": m["name"], "dim": m["dim"],
@@ -540,6 +575,20 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     if ranks.main:
         write_json(rdir / "summary.json", summary)
     return summary
+
+
+def _without_pin_id(cfg: RunConfig, sizes: dict) -> RunConfig | None:
+    """train.choose_pin_id: the config of the same run without pin IDs, or None where there is no
+    choice (switched off, IDs off already, pretrained IDs, or no other pin field to learn from)."""
+    if not (cfg.train.choose_pin_id and cfg.model.use_pin_id and cfg.model.id_embeddings == "none"):
+        return None
+    alt = cfg.model_copy(deep=True)
+    alt.model.use_pin_id, alt.train.choose_pin_id = False, False
+    try:
+        TwoTower(sizes, alt.model)
+    except ValueError:  # the item encoder would have no field (ids-only data)
+        return None
+    return alt
 
 
 def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: int, resume: bool,
