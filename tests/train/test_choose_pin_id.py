@@ -27,8 +27,9 @@ def test_the_run_keeps_the_better_of_with_and_without_pin_ids(tiny_ws, single_th
     the better validation recall, and everything downstream follows it: summary, config.yaml, the
     selected and the refit checkpoints (a model without pin IDs has no ID table), the bundle. The
     choice goes each way once (the defaults keep the IDs on the tiny world; at lr 1e-6, barely
-    trained, its validation favours the model without them). Catches the comparison reversed, the alternative trained with IDs (or from another seed), a promotion that leaves the
-    other model's best.pt or config, and a refit of the other config."""
+    trained, its validation favours the model without them). Catches the comparison reversed, the
+    alternative trained with IDs (or from another seed), a promotion that leaves the other model's
+    best.pt or config, and a refit of the other config."""
     from ebr.index.bundle import build_bundle, load_checkpoint
 
     plain = {k: v for k, v in CFG.items() if k != "train.choose_pin_id"}
