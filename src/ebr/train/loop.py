@@ -319,8 +319,7 @@ class Batch:
 def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
     """The batch of step `step` from the examples idx: user inputs as of each example's time,
     conditions, mixed negatives and history ends (train.horizon) drawn from (seed, step) (a resumed
-    run draws the same), pin
-    statistics, time-term buckets of every column as of each row's time."""
+    run draws the same), pin statistics, time-term buckets of every column as of each row's time."""
     ex, n_pins = d.examples, d.sizes["n_pins"]
     off, size, sizes = ranks.chunk(len(idx))
     loc = idx[off: off + size]
