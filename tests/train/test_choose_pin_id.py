@@ -29,7 +29,8 @@ def test_the_run_keeps_the_better_of_with_and_without_pin_ids(tiny_ws, single_th
     choice goes each way once (the defaults keep the IDs on the tiny world; at lr 1e-6, barely
     trained, its validation favours the model without them). Catches the comparison reversed, the
     alternative trained with IDs (or from another seed), a promotion that leaves the other model's
-    best.pt or config, and a refit of the other config."""
+    best.pt or config, a refit of the other config, and a refit whose RNG the second selection (or
+    the probe that builds its model) moved: where the IDs are kept, the refit is the plain run's."""
     from ebr.index.bundle import build_bundle, load_checkpoint
 
     plain = {k: v for k, v in CFG.items() if k != "train.choose_pin_id"}
@@ -42,6 +43,11 @@ def test_the_run_keeps_the_better_of_with_and_without_pin_ids(tiny_ws, single_th
     assert c["without_pin_id"] == pytest.approx(without, abs=1e-9)
     assert c["chosen"] == ("without" if without > with_ids else "with")
     assert s["best_val_recall@100"] == max(with_ids, without)
+    assert c["chosen"] == "with"  # the tiny world keeps the IDs: the whole run is the plain run's
+    for ck in ("best.pt", "refit.pt"):
+        x = torch.load(tiny_ws.run_dir("ids-alone") / "checkpoints" / ck, weights_only=True)["model"]
+        y = torch.load(tiny_ws.run_dir("choose") / "checkpoints" / ck, weights_only=True)["model"]
+        assert all(torch.equal(x[k], y[k]) for k in x), ck
     # the other side wins at lr 1e-6 (both barely trained)
     b = train(tiny_ws, RunConfig.load(None, {**CFG, "train.lr": 1e-6}), run="choose-b", progress=False)
     assert {s["pin_id_choice"]["chosen"], b["pin_id_choice"]["chosen"]} == {"with", "without"}

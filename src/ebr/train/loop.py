@@ -584,7 +584,8 @@ def _without_pin_id(cfg: RunConfig, sizes: dict) -> RunConfig | None:
     alt = cfg.model_copy(deep=True)
     alt.model.use_pin_id, alt.train.choose_pin_id = False, False
     try:
-        TwoTower(sizes, alt.model)
+        with torch.random.fork_rng():  # a probe: its parameter init must not move the run's RNG
+            TwoTower(sizes, alt.model)
     except ValueError:  # the item encoder would have no field (ids-only data)
         return None
     return alt
