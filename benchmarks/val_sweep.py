@@ -68,6 +68,10 @@ VARIANTS = {  # name: config overrides on top of the defaults
 }
 
 
+def sd(x) -> float:
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
 def split_of(ds: str) -> str | None:
     return "leave_last_out" if ds == "ml100k_llo" else None
 
@@ -125,6 +129,8 @@ def main() -> None:
         vals: dict[str, list[float]] = {}
         for name in names:
             if a.no_train and not all((root / f"{name}-{ds}-{seed}.json").exists() for seed in seeds):
+                if name == "base":
+                    ap.error(f"--no-train: base has no finished cells for {ds} at seeds {a.seeds} under {root}")
                 continue
             vals[name] = []
             for seed in seeds:
@@ -147,11 +153,10 @@ def main() -> None:
                 os.replace(tmp, out)
             for k, x in json.loads(out.read_text()).items():
                 peers.setdefault(k, []).append(x)
-        table[ds] = {f"peer: {k}": {"val_recall@100": v, "mean": float(np.mean(v)),
-                                    "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k, v in peers.items()}
+        table[ds] = {f"peer: {k}": {"val_recall@100": v, "mean": float(np.mean(v)), "std": sd(v)}
+                     for k, v in peers.items()}
         for name, v in vals.items():
             diff = np.array(v) - np.array(vals["base"])
-            sd = (lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
             table[ds][name] = {"val_recall@100": v, "mean": float(np.mean(v)), "std": sd(v),
                                "diff_mean": float(diff.mean()), "diff_std": sd(diff)}
     lines = ["| dataset | variant | val recall@100 | paired difference to base |", "|---|---|---|---|"]
@@ -162,8 +167,9 @@ def main() -> None:
                             f"{r['diff_mean']:+.4f} ± {r['diff_std']:.4f}") + " |")
     md = "\n".join(lines)
     print(md)
-    write(a.name, {"table": table, "markdown": md, "seeds": a.seeds, "variants": names, "overrides":
-                        {n: VARIANTS[n] for n in names}})
+    ran = [n for n in names if any(n in rows for rows in table.values())]  # --no-train leaves some out
+    write(a.name, {"table": table, "markdown": md, "seeds": a.seeds, "variants": ran,
+                   "overrides": {n: VARIANTS[n] for n in ran}})
 
 
 if __name__ == "__main__":
