@@ -188,6 +188,8 @@ def _overrides(a) -> dict:
             out[key] = getattr(a, flag)
     if getattr(a, "no_refit", False):
         out["train.refit"] = False
+    if getattr(a, "no_choose", False):
+        out["train.choose_pin_id"], out["train.choose_recency_days"] = False, []
     if getattr(a, "allow_overlap", False):
         out["train.allow_overlap"] = True
     return out
@@ -552,9 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
         it). Writes runs/RUN/: config.yaml, feature_state.json, metrics.jsonl, summary.json,
         checkpoints/{best,last}.pt (best = validation recall@100) and {refit,refit_last}.pt.
 
+        Settings chosen per dataset on validation (default on; --no-choose trains the config as
+        given): selection also runs without the pin-ID field (train.choose_pin_id) and, on data
+        with real time, with each recency half-life in train.choose_recency_days (examples weighted
+        2^(-age / half-life)), in every combination; the best validation recall@100 is kept, refit
+        and recorded (summary.json "choice"; the others under runs/RUN/alternatives/).
+
         examples:
           ebr train --run main --epochs 8
           ebr train --run quick --no-refit     # serve the selected model (half the training time)
+          ebr train --run fixed --no-choose    # the config as given: one selection, no alternatives
           ebr train --config run.yaml --set model.temperature=0.07 --set train.lr=0.001
           ebr train --run main --resume        # continue a crashed run from its last checkpoint
           ebr train --run ids --set model.id_embeddings=frozen   # after ebr pretrain-ids
@@ -569,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="main")
     p.add_argument("--resume", action="store_true", help="continue from runs/RUN/checkpoints/last.pt")
     p.add_argument("--no-refit", action="store_true", help="skip the refit on training + validation (train.refit)")
+    p.add_argument("--no-choose", action="store_true",
+                   help="train the config as given: no alternatives (train.choose_pin_id, train.choose_recency_days)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="model.id_embeddings: accept an ID snapshot whose window overlaps the training window "
                         "(ablations; recorded in summary.json with a warning)")

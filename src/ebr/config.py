@@ -6,7 +6,7 @@ Every choice marked [ours] in TECHNIQUES.md is a field with a default here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -167,14 +167,22 @@ class TrainConfig(_Section):
     # batches of examples close in time (blocks of the time-sorted examples, in shuffled order):
     # in-batch negatives then carry statistics of the same moment as the row's positive [ours]
     time_local_batches: bool = False
+    # recency weighting: each training example's loss weight times 2^(-age / half-life), its age
+    # measured back from the last visible engagement (the refit's: the end of validation), the
+    # weights rescaled to mean 1 so the step size is unchanged; None: every example counts the
+    # same. Data without real time (pseudo-time, given splits) ignores it (summary.json says so)
+    recency_half_life_days: float | None = Field(None, gt=0.0)
     estimator_alpha: float = 0.01
     estimator_hashes: int = 2
     estimator_buckets: int = 1 << 20
     patience: int = 2  # epochs without a better validation recall before stopping
-    # selection also trains the model without pin IDs and keeps whichever scores the better
-    # validation recall (the run records both; skipped when pins have no other field, or with
-    # pretrained IDs): trend-driven data favours content over IDs, taste-driven data IDs
-    choose_pin_id: bool = False
+    # settings chosen per dataset on validation (`ebr train --no-choose`: off): selection also trains
+    # the model without pin IDs (skipped when pins have no other field, or with pretrained IDs) and,
+    # on data with real time, with each of these recency half-lives (days), in every combination,
+    # and keeps the best validation recall (summary.json "choice"). Trend-driven data favours
+    # content over IDs and recent examples; taste-driven data IDs and the whole history
+    choose_pin_id: bool = True
+    choose_recency_days: list[Annotated[float, Field(gt=0.0)]] = [7.0]
     # after selection, retrain on training + validation for the selected number of steps; bundles
     # serve that model (checkpoints/refit.pt); best.pt, the selected one, is kept
     refit: bool = True

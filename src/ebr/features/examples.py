@@ -215,6 +215,14 @@ def positive_examples(e: Engagements, cfg: FeaturesConfig, parts: tuple[int, ...
     return Examples(e.user[m], e.pin[m], e.t[m], w.astype(np.float32), e.conditions()[m])
 
 
+def recency_weights(t: np.ndarray, as_of: int, half_life_days: float) -> np.ndarray:
+    """(N,) float32 weights 2^(-(as_of - t) / half-life) of examples at times t (microseconds),
+    rescaled to mean 1 (the loss's scale, and so the step size, stays that of unweighted data)."""
+    age_days = (as_of - np.asarray(t, dtype=np.float64)) / (86400 * 1e6)
+    r = np.exp2(-np.maximum(age_days, 0.0) / half_life_days)
+    return (r / r.mean()).astype(np.float32) if len(r) else r.astype(np.float32)
+
+
 @dataclass
 class EvalSpec:
     """Who is evaluated, against which targets, excluding what. Histories for evaluation are

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from ebr.features.examples import (
     draw_conditions,
     eval_spec,
     positive_examples,
+    recency_weights,
 )
 from ebr.features.pinstats import PinStats
 from ebr.features.snapshot import build_snapshot
@@ -74,6 +75,8 @@ class TrainData:
     id_snapshot: dict | None = None
     id_tables: tuple[np.ndarray, np.ndarray] | None = None
     id_overlap: bool = False  # the snapshot's window overlaps the training window (--allow-overlap)
+    action_weight: np.ndarray | None = None  # the examples' weights before recency weighting
+    timed: bool = False  # real time (a recency half-life applies); False: pseudo-time, the file order
 
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
@@ -120,8 +123,9 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     val = None if refit else eval_spec(snap.e, cfg.features, target_part=Part.VALIDATION, train_parts=(Part.TRAIN,),
                                        max_users=cfg.train.val_users, seed=cfg.train.seed)
     interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
-    return TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
-                     snap.time, snap.as_of, interest, *ids)
+    d = TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
+                  snap.time, snap.as_of, interest, *ids, action_weight=ex.weight, timed=snap.e.timed)
+    return _weighted(d, cfg.train.recency_half_life_days)
 
 
 def _id_window(ws: Workspace, cfg: RunConfig, snap, parts: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
@@ -406,7 +410,6 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
 
 
 REFIT = "refit"  # the phase after model selection: training + validation, the selected number of steps
-NO_PIN_ID = "select-no-pin-id"  # selection of the model without pin IDs (train.choose_pin_id)
 
 
 def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True,
@@ -526,42 +529,47 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     s.distribute(ranks)
     seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
     choice = None
-    alt = _without_pin_id(cfg, d.sizes)
-    if alt is not None:  # train.choose_pin_id: the same selection without pin IDs, the better one kept
-        rng = torch.get_rng_state()
-        torch.manual_seed(cfg.train.seed)
-        adir = rdir / "alternatives" / "no_pin_id"
-        (adir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        a = TrainState.fresh(alt, d.sizes)
-        alast = adir / "checkpoints" / "last.pt"
-        if resume and alast.exists():
-            a.load(load_checkpoint_state(alast))
-        elif ranks.main:
-            (adir / "metrics.jsonl").write_text("")
-        a.distribute(ranks)
+    alternatives = _alternatives(cfg, d.sizes, d.timed)
+    if alternatives:  # train.choose_*: the same selection with other settings, the best one kept
+        scores, rng_after = {BASE: s.best}, {BASE: torch.get_rng_state()}
+        win, win_cfg, win_dir = s, cfg, None
+        for name, alt in alternatives:
+            torch.manual_seed(cfg.train.seed)
+            adir = rdir / "alternatives" / name
+            (adir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            da = _weighted(d, alt.train.recency_half_life_days)
+            a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives())
+            alast = adir / "checkpoints" / "last.pt"
+            if resume and alast.exists():
+                a.load(load_checkpoint_state(alast))
+            elif ranks.main:
+                (adir / "metrics.jsonl").write_text("")
+            a.distribute(ranks)
+            if progress:
+                log.info("selection with %s (%s)", name, _overrides(cfg, alt))
+            seconds += fit(a, da, alt, adir, progress, phase=f"select-{name}")
+            scores[name], rng_after[name] = a.best, torch.get_rng_state()
+            if a.best > win.best:
+                win, win_cfg, win_dir = a, alt, adir
+        chosen = BASE if win_dir is None else win_dir.name
+        choice = {f"val_recall@{VAL_K}": scores, "chosen": chosen, "settings": _overrides(cfg, win_cfg)}
         if progress:
-            log.info("selection without pin IDs (train.choose_pin_id)")
-        seconds += fit(a, d, alt, adir, progress, phase=NO_PIN_ID)
-        chosen = a.best > s.best
-        choice = {"with_pin_id": s.best, "without_pin_id": a.best, "chosen": "without" if chosen else "with"}
-        if progress:
-            log.info("pin IDs: validation recall@%d %.4f with, %.4f without: %s kept", VAL_K, s.best, a.best,
-                     "without" if chosen else "with")
-        if chosen:  # the run is now the model without pin IDs: its best checkpoint and config
+            log.info("validation recall@%d: %s; %s kept", VAL_K,
+                     ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), chosen)
+        if win_dir is not None:  # the run is now the chosen alternative: its best checkpoint and config
             if ranks.main:
-                if (adir / "checkpoints" / "best.pt").exists():  # (a resumed run promoted it already)
-                    os.replace(adir / "checkpoints" / "best.pt", ck / "best.pt")
+                if (win_dir / "checkpoints" / "best.pt").exists():  # (a resumed run promoted it already)
+                    os.replace(win_dir / "checkpoints" / "best.pt", ck / "best.pt")
                 tmp = rdir / "config.yaml.tmp"
-                tmp.write_text(alt.to_yaml())
+                tmp.write_text(win_cfg.to_yaml())
                 os.replace(tmp, rdir / "config.yaml")
-            s, cfg = a, alt
-        else:
-            torch.set_rng_state(rng)  # the refit starts where it would have without the alternative
+            s, cfg = win, win_cfg
+        torch.set_rng_state(rng_after[chosen])  # the refit starts where the chosen run's would have alone
     summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt"}
     if choice is not None:
-        summary["pin_id_choice"] = choice
+        summary["choice"] = choice
     if d.id_snapshot is not None:
         m = d.id_snapshot
         summary["id_embeddings"] = {"mode": cfg.model.id_embeddings, "snapshot": m["name"], "dim": m["dim"],
@@ -576,19 +584,57 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     return summary
 
 
-def _without_pin_id(cfg: RunConfig, sizes: dict) -> RunConfig | None:
-    """train.choose_pin_id: the config of the same run without pin IDs, or None where there is no
-    choice (switched off, IDs off already, pretrained IDs, or no other pin field to learn from)."""
-    if not (cfg.train.choose_pin_id and cfg.model.use_pin_id and cfg.model.id_embeddings == "none"):
-        return None
-    alt = cfg.model_copy(deep=True)
-    alt.model.use_pin_id, alt.train.choose_pin_id = False, False
-    try:
-        with torch.random.fork_rng():  # a probe: its parameter init must not move the run's RNG
-            TwoTower(sizes, alt.model)
-    except ValueError:  # the item encoder would have no field (ids-only data)
-        return None
-    return alt
+BASE = "base"  # the run's own settings, among train.choose_*'s alternatives
+
+
+def _alternatives(cfg: RunConfig, sizes: dict, timed: bool) -> list[tuple[str, RunConfig]]:
+    """The settings selection also tries (train.choose_pin_id: without pin IDs; train.choose_recency_days:
+    each recency half-life, on data with real time): every combination other than the run's own, as
+    (name, config) in a fixed order. No pin-ID choice where it is off, IDs are off already or
+    pretrained, or pins have no other field to learn from (ids-only data)."""
+    t = cfg.train
+    pin_ids = [True]
+    if t.choose_pin_id and cfg.model.use_pin_id and cfg.model.id_embeddings == "none":
+        no_ids = cfg.model_copy(deep=True)
+        no_ids.model.use_pin_id = False
+        try:
+            with torch.random.fork_rng():  # a probe: its parameter init must not move the run's RNG
+                TwoTower(sizes, no_ids.model)
+            pin_ids.append(False)
+        except ValueError:  # the item encoder would have no field
+            pass
+    own = t.recency_half_life_days
+    half_lives = [own] + ([h for h in dict.fromkeys(t.choose_recency_days) if h != own] if timed else [])
+    out = []
+    for ids in pin_ids:
+        for h in half_lives:
+            if ids and h == own:
+                continue
+            alt = cfg.model_copy(deep=True)
+            alt.model.use_pin_id, alt.train.recency_half_life_days = ids, h
+            alt.train.choose_pin_id, alt.train.choose_recency_days = False, []
+            parts = ([] if ids else ["no_pin_id"]) + ([] if h == own else
+                                                      [f"recency_{h:g}d" if h is not None else "no_recency"])
+            out.append(("_".join(parts), alt))
+    return out
+
+
+def _overrides(cfg: RunConfig, alt: RunConfig) -> dict:
+    """The settings an alternative changes (dotted keys), choose_* themselves left out."""
+    out = {}
+    for sec in ("model", "train"):
+        x, y = getattr(cfg, sec).model_dump(), getattr(alt, sec).model_dump()
+        out.update({f"{sec}.{k}": y[k] for k in x if x[k] != y[k] and not k.startswith("choose_")})
+    return out
+
+
+def _weighted(d: TrainData, half_life_days: float | None) -> TrainData:
+    """d with its examples weighted for a recency half-life (train.recency_half_life_days): the action
+    weights times recency_weights on data with real time, the action weights alone otherwise."""
+    w = d.action_weight
+    if half_life_days is not None and d.timed:
+        w = w * recency_weights(d.examples.t, d.as_of, half_life_days)
+    return replace(d, examples=replace(d.examples, weight=w))
 
 
 def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: int, resume: bool,
