@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# benchmarks that compare modes, architectures or variants train each config as given: the
+# per-dataset choices (train.choose_*, on by default) would train 2-4 selections per cell
+FIXED = {"train.choose_pin_id": False, "train.choose_recency_days": []}
 
 
 def machine() -> dict:
@@ -49,7 +52,7 @@ def write(name: str, payload: dict) -> Path:
 
 def train_eval(ws, run: str, over: dict, out: Path, split: str | None = None, **eval_kw) -> dict:
     """One benchmark cell, resumable: the eval JSON at `out` if it exists; else train `run` with the
-    overrides (reusing a finished run of the same name whose saved config is identical) and evaluate
+    overrides on top of FIXED (reusing a finished run of the same name whose saved config is identical) and evaluate
     it (ebr.eval.evaluate keyword arguments), keeping the training summary under "train"."""
     import yaml
 
@@ -59,7 +62,7 @@ def train_eval(ws, run: str, over: dict, out: Path, split: str | None = None, **
 
     if out.exists():
         return json.loads(out.read_text())
-    cfg = RunConfig.load(None, over)
+    cfg = RunConfig.load(None, {**FIXED, **over})
     rdir = ws.run_dir(run)
     done = rdir / "summary.json"
     same = (done.exists() and (rdir / "config.yaml").exists()

@@ -1,6 +1,7 @@
 """Per-feature ablation of the two-tower model: the default config, then each of the #16 additions
-switched off on its own (followed/pin interests, pin age, recent counts, refit), and all of them
-off; 3 seeds each, through benchmarks/quality.py (same harness, same caching).
+switched off on its own (followed/pin interests, pin age, recent counts, refit, the recency
+half-life choice, both per-dataset choices), and all of them off; 3 seeds each, through
+benchmarks/quality.py (same harness, same caching).
 
     python benchmarks/ablation.py [--datasets ml100k,ml100k_llo] [--seeds 0,1,2]
                                   [--variants default,no_interests,...] [--root /tmp/ebr-bench-quality]
@@ -28,8 +29,10 @@ VARIANTS: dict[str, list[str]] = {
     "no_age": ["features.pin_age=false"],
     "no_counts": ["features.pin_counts=false"],
     "no_refit": ["train.refit=false"],
+    "no_recency": ["train.choose_recency_days=[]"],
+    "no_choice": ["train.choose_pin_id=false", "train.choose_recency_days=[]"],
     "none_of_them": ["features.interest_features=false", "features.pin_age=false", "features.pin_counts=false",
-                     "train.refit=false"],
+                     "train.refit=false", "train.choose_pin_id=false", "train.choose_recency_days=[]"],
 }
 
 

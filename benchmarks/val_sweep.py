@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
+from _common import FIXED, write  # noqa: E402
 from quality import prepare  # noqa: E402
 
 from ebr.config import RunConfig  # noqa: E402
 from ebr.train.loop import train  # noqa: E402
 
-VARIANTS = {  # name: config overrides on top of the defaults
+VARIANTS = {  # name: config overrides on top of the defaults and FIXED (each trained as given)
     "base": {},
     "mixneg_1024": {"train.mixed_negatives": 1024},
     "mixneg_2048": {"train.mixed_negatives": 2048},
@@ -130,6 +130,11 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
+    marker, data_root = root / "data_root.txt", str(Path(a.data_root).resolve())
+    if marker.exists() and marker.read_text() != data_root:  # cells trained on other workspaces
+        ap.error(f"{root} holds cells trained on the workspaces under {marker.read_text()}, not {data_root}: "
+                 "pass that --data-root, or another --root")
+    marker.write_text(data_root)
     seeds = [int(s) for s in a.seeds.split(",")]
     table: dict[str, dict] = {}
     for ds in a.datasets.split(","):
@@ -144,8 +149,8 @@ def main() -> None:
             for seed in seeds:
                 out = root / f"{name}-{ds}-{seed}.json"
                 if not out.exists():
-                    over = {"train.seed": seed, "train.refit": False, "train.threads": a.threads, **VARIANTS[name],
-                            **({"data.split": split_of(ds)} if split_of(ds) else {})}
+                    over = {"train.seed": seed, "train.refit": False, "train.threads": a.threads, **FIXED,
+                            **VARIANTS[name], **({"data.split": split_of(ds)} if split_of(ds) else {})}
                     s = train(ws, RunConfig.load(None, over), run=f"sweep-{name}-seed{seed}", progress=False)
                     tmp = out.with_suffix(".tmp")
                     tmp.write_text(json.dumps(s))
