@@ -170,7 +170,7 @@ class TrainConfig(_Section):
     # recency weighting: each training example's loss weight times 2^(-age / half-life), its age
     # measured back from the last visible engagement (the refit's: the end of validation), the
     # weights rescaled to mean 1 so the step size is unchanged; None: every example counts the
-    # same. Data without real time (pseudo-time, given splits) ignores it (summary.json says so)
+    # same. Data without real time (pseudo-time, given splits) ignores it, with a warning
     recency_half_life_days: float | None = Field(None, gt=0.0)
     estimator_alpha: float = 0.01
     estimator_hashes: int = 2

@@ -509,6 +509,9 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     t_prep = time.time()
     d = prepare(ws, cfg, fs)
     prep_s = time.time() - t_prep
+    if cfg.train.recency_half_life_days is not None and not d.timed:
+        log.warning("train.recency_half_life_days ignored: split %r has no real time (pseudo-time is no age)",
+                    d.split_name)
     if d.id_snapshot is not None:  # the refit and a resume use the same snapshot
         cfg = cfg.model_copy(deep=True)
         cfg.train.id_snapshot = d.id_snapshot["name"]
