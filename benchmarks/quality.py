@@ -131,7 +131,8 @@ def main() -> None:
         table[ds] = {"protocol": runs[0]["protocol"], "n_users": runs[0]["n_users"],
                      "unreachable_target_share": runs[0].get("unreachable_target_share"),
                      "n_cold_users": runs[0]["n_cold_users"], "seeds": len(runs), "models": models,
-                     "train_seconds": [run["train"]["train_seconds"] for run in runs]}
+                     "train_seconds": [run["train"]["train_seconds"] for run in runs],
+                     "chosen": [run["train"].get("choice", {}).get("chosen") for run in runs]}
     lines = ["| dataset | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for ds, t in table.items():
         for name, m in t["models"].items():
