@@ -23,7 +23,8 @@ def test_study_resumes_and_best_config_is_the_best_trial(tiny_ws):
     nothing else); a second call adds trials to the stored study; best.yaml holds the best trial's
     params on top of the base config. Mutations caught: the study not persisted (a second call would
     start from zero), the best config written from the last instead of the best trial, the refit
-    left on in trials (its recall is not a validation number), a base --set dropped."""
+    left on in trials (its recall is not a validation number), a base --set dropped, the per-dataset
+    choices left on in trials (or dropped from best.yaml)."""
     base = RunConfig.load(None, {"train.max_steps": 3, "train.epochs": 1, "model.hidden": [16],
                                  "train.batch_size": 64})
     first = tune(tiny_ws, base, 2, name="t", space=SPACE, progress=False)
@@ -32,10 +33,12 @@ def test_study_resumes_and_best_config_is_the_best_trial(tiny_ws):
     for t in again["trials"]:
         summary = json.loads((tiny_ws.run_dir(f"tune-t-{t['number']}") / "summary.json").read_text())
         assert t["value"] == summary["best_val_recall@100"] and summary["served"] == "best.pt"
+        assert "choice" not in summary  # a trial is its params, not the best of 4 selections
     best = max(again["trials"], key=lambda t: t["value"])
     cfg = RunConfig.load(again["best_config"])
     assert cfg.train.lr == best["params"]["train.lr"] and cfg.model.temperature == best["params"]["model.temperature"]
     assert cfg.train.batch_size == 64 and cfg.train.refit, "the base config, with the refit back on"
+    assert cfg.train.choose_pin_id and cfg.train.choose_recency_days == [7.0], "and the base's choices"
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{again['storage']}")
     assert len(study.trials) == 4
 

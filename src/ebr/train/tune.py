@@ -83,6 +83,9 @@ def tune(ws: Workspace, base: RunConfig, trials: int, name: str = "main", space:
     folder.mkdir(parents=True, exist_ok=True)
     base_dump = base.model_dump()
     base_dump["train"]["refit"] = False  # the objective is validation recall: the refit would read it
+    # each trial is its config as given: the per-dataset choices would train 2-4 selections per
+    # trial and report the best of them under one set of params (best.yaml keeps the base's choices)
+    base_dump["train"]["choose_pin_id"], base_dump["train"]["choose_recency_days"] = False, []
 
     def objective(trial: optuna.Trial) -> float:
         over = {k: _suggest(trial, k, d) for k, d in space.items()}
