@@ -17,6 +17,7 @@ from ebr.cli import main
 from ebr.config import RunConfig
 from ebr.train.loop import train
 from ebr.workspace import Workspace, folder_lock
+from tests.conftest import AS_GIVEN
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def ws(tmp_path_factory) -> Workspace:
 
     w = Workspace.at(tmp_path_factory.mktemp("ws") / "it's here")
     generate(w, "tiny", seed=0, progress=False)
-    train(w, RunConfig.load(None, {"train.epochs": 1, "model.hidden": [16]}), run="ok", progress=False)
+    train(w, RunConfig.load(None, {"train.epochs": 1, "model.hidden": [16], **AS_GIVEN}), run="ok", progress=False)
     return w
 
 

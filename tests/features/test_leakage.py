@@ -30,6 +30,7 @@ from ebr.index.bundle import build_bundle
 from ebr.serve.retriever import Retriever
 from ebr.train.loop import prepare, train
 from ebr.workspace import Workspace
+from tests.conftest import AS_GIVEN
 
 
 def _plant(tmp_path) -> tuple[Workspace, dict[str, str], str]:
@@ -69,7 +70,7 @@ def _plant(tmp_path) -> tuple[Workspace, dict[str, str], str]:
 def test_planted_engagements_never_reach_model_selection(tmp_path):
     ws, planted, user = _plant(tmp_path)
     cfg = RunConfig.load(None, {"features.pin_stats": True, "train.epochs": 1, "model.hidden": [16],
-                                "data.split": "temporal"})
+                                "data.split": "temporal", **AS_GIVEN})
     d = prepare(ws, cfg)
     codes = {k: int(d.fs.pins.encode([p])[0]) for k, p in planted.items()}
     assert all(c >= 2 for c in codes.values())

@@ -8,6 +8,7 @@ import torch
 
 from ebr.config import ModelConfig, RunConfig
 from ebr.model.crossing import DHEN, FieldTransformer, MaskBlock, OriginalMaskBlock, ParallelMaskNet, make_crossing
+from tests.conftest import AS_GIVEN
 
 WIDTHS = [16, 8, 8, 32]
 
@@ -138,6 +139,7 @@ def test_bundles_of_crossing_runs_serve(tiny_ws, kind):
             "train.batch_size": 256,
             "model.dhen.width": 64,
             "model.masknet.q": 32,
+            **AS_GIVEN,
         },
     )
     train(tiny_ws, cfg, run=f"x-{kind}", progress=False)

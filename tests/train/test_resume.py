@@ -7,12 +7,12 @@ import torch
 
 from ebr.config import RunConfig
 from ebr.train.loop import InjectedFailure, train
+from tests.conftest import AS_GIVEN
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.checkpoint_every": 5, "train.threads": 1,
        "train.val_users": 100, "train.patience": 5, "train.mixed_negatives": 32, "model.hidden": [64],
        "model.dropout": 0.1,
-       # the config as given (the per-dataset choices have their own resume tests in test_choose.py)
-       "train.choose_pin_id": False, "train.choose_recency_days": []}
+       **AS_GIVEN}  # the per-dataset choices have their own resume tests in test_choose.py
 
 
 @pytest.fixture()
