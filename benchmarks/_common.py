@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from ebr.config import NO_CHOICE
+
 RESULTS = Path(__file__).resolve().parent / "results"
-# benchmarks that compare modes, architectures or variants train each config as given: the
-# per-dataset choices (train.choose_*, on by default) would train 2-4 selections per cell
-FIXED = {"train.choose_pin_id": False, "train.choose_recency_days": []}
 
 
 def machine() -> dict:
@@ -52,7 +51,7 @@ def write(name: str, payload: dict) -> Path:
 
 def train_eval(ws, run: str, over: dict, out: Path, split: str | None = None, **eval_kw) -> dict:
     """One benchmark cell, resumable: the eval JSON at `out` if it exists; else train `run` with the
-    overrides on top of FIXED (reusing a finished run of the same name whose saved config is identical) and evaluate
+    overrides on top of NO_CHOICE (reusing a finished run of the same name whose saved config is identical) and evaluate
     it (ebr.eval.evaluate keyword arguments), keeping the training summary under "train"."""
     import yaml
 
@@ -62,7 +61,7 @@ def train_eval(ws, run: str, over: dict, out: Path, split: str | None = None, **
 
     if out.exists():
         return json.loads(out.read_text())
-    cfg = RunConfig.load(None, {**FIXED, **over})
+    cfg = RunConfig.load(None, {**NO_CHOICE, **over})
     rdir = ws.run_dir(run)
     done = rdir / "summary.json"
     same = (done.exists() and (rdir / "config.yaml").exists()

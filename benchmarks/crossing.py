@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FIXED, write  # noqa: E402
+from _common import write  # noqa: E402
 from quality import prepare  # noqa: E402
 
-from ebr.config import RunConfig  # noqa: E402
+from ebr.config import NO_CHOICE, RunConfig  # noqa: E402
 from ebr.eval.evaluate import evaluate  # noqa: E402
 from ebr.index.bundle import find_bundle  # noqa: E402
 from ebr.model.towers import TwoTower  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
                         run = f"{budget}-{kind}-{seed}"
                         cfg = RunConfig.load(None, {**overrides(kind, budget), "train.seed": seed,
                                                     "train.max_steps": a.steps, "train.epochs": 1000,
-                                                    "train.patience": 1000, "train.refit": False, **FIXED})
+                                                    "train.patience": 1000, "train.refit": False, **NO_CHOICE})
                         s = train(ws, cfg, run=run, progress=False)
                         res = evaluate(ws, run, peers=(), progress=False)
                         r = Retriever(find_bundle(ws, run, res["split"]))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FIXED, write  # noqa: E402
+from _common import write  # noqa: E402
 
 LOADGEN = r"""
 import json, sys, time, random, statistics
@@ -137,7 +137,7 @@ def main() -> None:
 
     import httpx
 
-    from ebr.config import RunConfig
+    from ebr.config import NO_CHOICE, RunConfig
     from ebr.data.synth import generate
     from ebr.serve.retriever import Retriever
     from ebr.train.loop import train
@@ -149,8 +149,8 @@ def main() -> None:
     for mode in ["single"] + [x for x in a.modes.split(",") if x in MODELS and x != "single"]:
         run, over = MODELS[mode]
         if not (ws.run_dir(run) / "checkpoints" / "best.pt").exists():
-            train(ws, RunConfig.load(None, {"train.max_steps": a.steps, "train.epochs": 100, **FIXED, **over}), run=run,
-                  progress=False)
+            over = {"train.max_steps": a.steps, "train.epochs": 100, **NO_CHOICE, **over}
+            train(ws, RunConfig.load(None, over), run=run, progress=False)
     if a.prepare:
         return
     t = time.time()

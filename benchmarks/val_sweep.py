@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FIXED, write  # noqa: E402
+from _common import write  # noqa: E402
 from quality import prepare  # noqa: E402
 
-from ebr.config import RunConfig  # noqa: E402
+from ebr.config import NO_CHOICE, RunConfig  # noqa: E402
 from ebr.train.loop import train  # noqa: E402
 
-VARIANTS = {  # name: config overrides on top of the defaults and FIXED (each trained as given)
+VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (each trained as given)
     "base": {},
     "mixneg_1024": {"train.mixed_negatives": 1024},
     "mixneg_2048": {"train.mixed_negatives": 2048},
@@ -149,7 +149,7 @@ def main() -> None:
             for seed in seeds:
                 out = root / f"{name}-{ds}-{seed}.json"
                 if not out.exists():
-                    over = {"train.seed": seed, "train.refit": False, "train.threads": a.threads, **FIXED,
+                    over = {"train.seed": seed, "train.refit": False, "train.threads": a.threads, **NO_CHOICE,
                             **VARIANTS[name], **({"data.split": split_of(ds)} if split_of(ds) else {})}
                     s = train(ws, RunConfig.load(None, over), run=f"sweep-{name}-seed{seed}", progress=False)
                     tmp = out.with_suffix(".tmp")

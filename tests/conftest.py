@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from ebr.config import NO_CHOICE
 from ebr.workspace import Workspace
 
 ML100K = Path(os.environ.get("EBR_ML100K", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"))
-
-# train a config as given: no per-dataset choice (train.choose_*, on by default, trains up to 4
-# selections); for tests whose subject is something else
-AS_GIVEN = {"train.choose_pin_id": False, "train.choose_recency_days": []}
 
 
 def require_ml100k() -> Path:
@@ -62,7 +59,7 @@ def multi_tiny(tiny_ws):
     from ebr.train.loop import train
 
     cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64],
-                                "model.user_embeddings": "capsule", **AS_GIVEN})
+                                "model.user_embeddings": "capsule", **NO_CHOICE})
     train(tiny_ws, cfg, run="multi", progress=False)
     return tiny_ws, build_bundle(tiny_ws, "multi", "temporal")
 
@@ -76,6 +73,6 @@ def cond_tiny(tiny_ws):
     from ebr.train.loop import train
 
     cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64],
-                                "model.conditional": True, **AS_GIVEN})
+                                "model.conditional": True, **NO_CHOICE})
     train(tiny_ws, cfg, run="cond", progress=False)
     return tiny_ws, build_bundle(tiny_ws, "cond", "temporal")

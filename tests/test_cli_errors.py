@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from ebr.cli import main
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.train.loop import train
 from ebr.workspace import Workspace, folder_lock
-from tests.conftest import AS_GIVEN
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def ws(tmp_path_factory) -> Workspace:
 
     w = Workspace.at(tmp_path_factory.mktemp("ws") / "it's here")
     generate(w, "tiny", seed=0, progress=False)
-    train(w, RunConfig.load(None, {"train.epochs": 1, "model.hidden": [16], **AS_GIVEN}), run="ok", progress=False)
+    train(w, RunConfig.load(None, {"train.epochs": 1, "model.hidden": [16], **NO_CHOICE}), run="ok", progress=False)
     return w
 
 

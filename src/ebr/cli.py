@@ -189,7 +189,9 @@ def _overrides(a) -> dict:
     if getattr(a, "no_refit", False):
         out["train.refit"] = False
     if getattr(a, "no_choose", False):
-        out["train.choose_pin_id"], out["train.choose_recency_days"] = False, []
+        from ebr.config import NO_CHOICE
+
+        out.update(NO_CHOICE)
     if getattr(a, "allow_overlap", False):
         out["train.allow_overlap"] = True
     return out

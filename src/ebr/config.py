@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ebr.errors import EbrError
 
+# the per-dataset choices switched off: a config trained as given (`ebr train --no-choose`; tuning
+# trials; benchmarks and tests that compare other things)
+NO_CHOICE = {"train.choose_pin_id": False, "train.choose_recency_days": []}
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a YAML key is an error, not a silent default

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.data.schema import ENGAGEMENTS
 from ebr.data.splits import make_temporal
 from ebr.data.synth import generate
@@ -30,7 +30,6 @@ from ebr.index.bundle import build_bundle
 from ebr.serve.retriever import Retriever
 from ebr.train.loop import prepare, train
 from ebr.workspace import Workspace
-from tests.conftest import AS_GIVEN
 
 
 def _plant(tmp_path) -> tuple[Workspace, dict[str, str], str]:
@@ -70,7 +69,7 @@ def _plant(tmp_path) -> tuple[Workspace, dict[str, str], str]:
 def test_planted_engagements_never_reach_model_selection(tmp_path):
     ws, planted, user = _plant(tmp_path)
     cfg = RunConfig.load(None, {"features.pin_stats": True, "train.epochs": 1, "model.hidden": [16],
-                                "data.split": "temporal", **AS_GIVEN})
+                                "data.split": "temporal", **NO_CHOICE})
     d = prepare(ws, cfg)
     codes = {k: int(d.fs.pins.encode([p])[0]) for k, p in planted.items()}
     assert all(c >= 2 for c in codes.values())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.features.age import HOUR_US, NO_TIME, NOT_YET, UNKNOWN, age_buckets, created_times
 from ebr.features.examples import Engagements
 from ebr.features.pinstats import DAY_US, DailyCounts
@@ -14,7 +14,6 @@ from ebr.features.state import ACTION_CODE
 from ebr.index.bundle import build_bundle, load_checkpoint, served_checkpoint
 from ebr.serve.retriever import Retriever
 from ebr.train.loop import prepare, train
-from tests.conftest import AS_GIVEN
 
 
 def test_age_buckets_by_hand():
@@ -105,7 +104,7 @@ def test_training_and_the_bundle_read_the_same_time_term(tiny_ws):
     agree: the bundle stores [v, sum of the time embeddings of the buckets training reads].
     Mutations caught: the bundle reading the time term as of another time, from another
     granularity or from other visible parts than the refit's."""
-    cfg = RunConfig.load(None, {"train.max_steps": 4, "train.epochs": 1, "model.hidden": [16], **AS_GIVEN})
+    cfg = RunConfig.load(None, {"train.max_steps": 4, "train.epochs": 1, "model.hidden": [16], **NO_CHOICE})
     train(tiny_ws, cfg, run="tt", progress=False)
     bundle = build_bundle(tiny_ws, "tt")
     r = Retriever(bundle)
@@ -161,7 +160,7 @@ def test_training_reads_every_batch_pin_as_of_each_examples_time(tiny_ws, monkey
     monkeypatch.setattr(TrainData, "time_buckets", tb)
     monkeypatch.setattr(loop, "sampled_softmax_logq", loss)
     cfg = RunConfig.load(None, {"train.max_steps": 2, "train.epochs": 1, "model.hidden": [16], "train.refit": False,
-                                "train.batch_size": 256, **AS_GIVEN})
+                                "train.batch_size": 256, **NO_CHOICE})
     train(tiny_ws, cfg, run="tt-rows", progress=False)
     pins, t, buckets, d = seen["buckets"][0]
     ex = set(zip(d.examples.pin.tolist(), d.examples.t.tolist()))

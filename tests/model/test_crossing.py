@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ebr.config import ModelConfig, RunConfig
+from ebr.config import NO_CHOICE, ModelConfig, RunConfig
 from ebr.model.crossing import DHEN, FieldTransformer, MaskBlock, OriginalMaskBlock, ParallelMaskNet, make_crossing
-from tests.conftest import AS_GIVEN
 
 WIDTHS = [16, 8, 8, 32]
 
@@ -139,7 +138,7 @@ def test_bundles_of_crossing_runs_serve(tiny_ws, kind):
             "train.batch_size": 256,
             "model.dhen.width": 64,
             "model.masknet.q": 32,
-            **AS_GIVEN,
+            **NO_CHOICE,
         },
     )
     train(tiny_ws, cfg, run=f"x-{kind}", progress=False)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
 from ebr.features.examples import load_engagements, positive_examples
@@ -22,7 +22,6 @@ from ebr.features.state import FIRST_ID, build_feature_state
 from ebr.pretrain import snapshots
 from ebr.pretrain.ids import pretrain_ids
 from ebr.pretrain.windows import mask, whole_window, windows
-from tests.conftest import AS_GIVEN
 from tests.data.test_given_split import _adjacency
 
 PRE = {"pretrain.epochs": 20, "pretrain.batch_size": 256, "pretrain.dim": 16}
@@ -201,7 +200,7 @@ def frozen(snap):
     for mode in ("frozen", "finetune", "recent"):
         ids = {"data.recent_only": True} if mode == "recent" else {"model.id_embeddings": mode}
         cfg = RunConfig.load(None, {"train.epochs": 1, "train.batch_size": 256, "model.hidden": [32],
-                                    "train.id_snapshot": "t-one", "train.refit": False, **ids, **AS_GIVEN})
+                                    "train.id_snapshot": "t-one", "train.refit": False, **ids, **NO_CHOICE})
         runs[mode] = train(ws, cfg, run=f"ids-{mode}", progress=False)
     return ws, runs, build_bundle(ws, "ids-frozen", "temporal")
 

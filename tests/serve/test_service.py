@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.index.bundle import build_bundle
 from ebr.train.loop import train
-from tests.conftest import AS_GIVEN
 
 TOKEN = "test-token"
 
@@ -62,7 +61,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def bundles(tiny_ws):
-    cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64], **AS_GIVEN})
+    cfg = RunConfig.load(None, {"train.epochs": 2, "train.batch_size": 256, "model.hidden": [64], **NO_CHOICE})
     train(tiny_ws, cfg, run="svc", progress=False)
     hnsw = build_bundle(tiny_ws, "svc", "latest", backend="hnsw")
     exact = build_bundle(tiny_ws, "svc", "latest", backend="exact")

@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.index.bundle import served_checkpoint
 from ebr.train.loop import InjectedFailure, _alternatives, train
-from tests.conftest import AS_GIVEN
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.threads": 1, "train.val_users": 200,
        "model.hidden": [64], "train.choose_pin_id": True, "train.choose_recency_days": []}
@@ -35,7 +34,7 @@ def test_the_run_keeps_the_better_of_with_and_without_pin_ids(tiny_ws, single_th
     the probe that builds its model) moved: where the IDs are kept, the refit is the plain run's."""
     from ebr.index.bundle import build_bundle, load_checkpoint
 
-    plain = {**CFG, **AS_GIVEN}
+    plain = {**CFG, **NO_CHOICE}
     with_ids = train(tiny_ws, RunConfig.load(None, plain), run="ids-alone", progress=False)["best_val_recall@100"]
     without = train(tiny_ws, RunConfig.load(None, {**plain, "model.use_pin_id": False}), run="no-ids-alone",
                     progress=False)["best_val_recall@100"]
@@ -118,7 +117,7 @@ def test_the_chosen_alternative_is_the_standalone_run_of_its_settings(tiny_ws, s
     c = s["choice"]
     assert list(c["val_recall@100"]) == ["base", "recency_3d", "no_pin_id", "no_pin_id_recency_3d"]
     assert c["chosen"] != "base" and c["chosen"] != "no_pin_id_recency_3d"  # the RNG restore is exercised
-    plain = {**base, **AS_GIVEN}
+    plain = {**base, **NO_CHOICE}
     for name, over in (("recency_3d", {"train.recency_half_life_days": 3.0}),
                        ("no_pin_id", {"model.use_pin_id": False}),
                        ("no_pin_id_recency_3d", {"model.use_pin_id": False, "train.recency_half_life_days": 3.0})):

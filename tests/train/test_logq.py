@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import ebr.train.loop as loop
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.train.loss import FrequencyEstimator, inclusion_log_prob
-from tests.conftest import AS_GIVEN
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_training_loop_subtracts_log_p(tiny_ws, monkeypatch, estimator):
 
     monkeypatch.setattr(loop, "sampled_softmax_logq", spy)
     cfg = RunConfig.load(None, {"train.max_steps": 3, "train.epochs": 1, "model.hidden": [16], "train.refit": False,
-                                "train.logq_estimator": estimator, **AS_GIVEN})
+                                "train.logq_estimator": estimator, **NO_CHOICE})
     loop.train(tiny_ws, cfg, run=f"logq-{estimator}", progress=False)
     assert len(seen) == 3 and all(lq is not None for _, lq in seen)
     if estimator == "exact":

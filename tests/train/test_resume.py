@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.train.loop import InjectedFailure, train
-from tests.conftest import AS_GIVEN
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.checkpoint_every": 5, "train.threads": 1,
        "train.val_users": 100, "train.patience": 5, "train.mixed_negatives": 32, "model.hidden": [64],
        "model.dropout": 0.1,
-       **AS_GIVEN}  # the per-dataset choices have their own resume tests in test_choose.py
+       **NO_CHOICE}  # the per-dataset choices have their own resume tests in test_choose.py
 
 
 @pytest.fixture()

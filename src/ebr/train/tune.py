@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ebr.config import RunConfig
+from ebr.config import NO_CHOICE, RunConfig
 from ebr.errors import EbrError
 from ebr.log import log
 from ebr.workspace import Workspace, check_name, write_json
@@ -83,13 +83,12 @@ def tune(ws: Workspace, base: RunConfig, trials: int, name: str = "main", space:
     folder.mkdir(parents=True, exist_ok=True)
     base_dump = base.model_dump()
     base_dump["train"]["refit"] = False  # the objective is validation recall: the refit would read it
-    # each trial is its config as given: the per-dataset choices would train 2-4 selections per
-    # trial and report the best of them under one set of params (best.yaml keeps the base's choices)
-    base_dump["train"]["choose_pin_id"], base_dump["train"]["choose_recency_days"] = False, []
 
     def objective(trial: optuna.Trial) -> float:
         over = {k: _suggest(trial, k, d) for k, d in space.items()}
-        cfg = RunConfig.load(None, {**_flatten(base_dump), **over})
+        # each trial is its config as given (NO_CHOICE): the per-dataset choices would train 2-4
+        # selections per trial and report the best under one set of params (best.yaml keeps them)
+        cfg = RunConfig.load(None, {**_flatten(base_dump), **NO_CHOICE, **over})
         run = f"tune-{name}-{trial.number}"
 
         def on_epoch(epoch: int, recall: float) -> None:
