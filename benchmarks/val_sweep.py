@@ -53,14 +53,9 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "pin_id_dropout_0.5": {"model.pin_id_dropout": 0.5},
     "pin_id_dropout_0.8": {"model.pin_id_dropout": 0.8},
     "no_pin_id": {"model.use_pin_id": False},
-    "recency_3": {"train.recency_half_life_days": 3.0},
-    "recency_7": {"train.recency_half_life_days": 7.0},
-    "recency_14": {"train.recency_half_life_days": 14.0},
-    "recency_30": {"train.recency_half_life_days": 30.0},
-    "recency_60": {"train.recency_half_life_days": 60.0},
-    "no_pin_id_recency_7": {"model.use_pin_id": False, "train.recency_half_life_days": 7.0},
-    "no_pin_id_recency_14": {"model.use_pin_id": False, "train.recency_half_life_days": 14.0},
-    "no_pin_id_recency_30": {"model.use_pin_id": False, "train.recency_half_life_days": 30.0},
+    **{f"recency_{h}": {"train.recency_half_life_days": float(h)} for h in (3, 7, 14, 30, 60)},
+    **{f"no_pin_id_recency_{h}": {"model.use_pin_id": False, "train.recency_half_life_days": float(h)}
+       for h in (7, 14, 30)},
     # around mixneg_1024_dropout_0.2 (md)
     "md_user_id": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.use_user_id": True},
     "md_lr_1e-3": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.lr": 1e-3},
@@ -134,7 +129,9 @@ def main() -> None:
     if marker.exists() and marker.read_text() != data_root:  # cells trained on other workspaces
         ap.error(f"{root} holds cells trained on the workspaces under {marker.read_text()}, not {data_root}: "
                  "pass that --data-root, or another --root")
-    marker.write_text(data_root)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(data_root)
+    os.replace(tmp, marker)
     seeds = [int(s) for s in a.seeds.split(",")]
     table: dict[str, dict] = {}
     for ds in a.datasets.split(","):

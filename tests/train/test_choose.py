@@ -87,9 +87,11 @@ def test_which_alternatives_are_tried(tiny_ws):
     alts = _alternatives(RunConfig.load(None, {**CFG, "train.choose_recency_days": [7, 7, 30]}), sizes, True)
     assert [n for n, _ in alts] == ["recency_7d", "recency_30d", "no_pin_id", "no_pin_id_recency_7d",
                                     "no_pin_id_recency_30d"]
+    half_life = {"recency_7d": 7, "recency_30d": 30, "no_pin_id": None, "no_pin_id_recency_7d": 7,
+                 "no_pin_id_recency_30d": 30}
     for n, a in alts:
         assert a.model.use_pin_id == ("no_pin_id" not in n)
-        assert a.train.recency_half_life_days == {"7d": 7, "0d": 30}.get(n[-2:])
+        assert a.train.recency_half_life_days == half_life[n]
         assert not a.train.choose_pin_id and not a.train.choose_recency_days
     assert names({}) == ["no_pin_id"]
     assert names({}, bare) == []

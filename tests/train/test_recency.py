@@ -47,8 +47,8 @@ def test_training_examples_are_weighted_by_age_in_both_phases(tiny_ws):
 
 def test_data_without_real_time_is_not_weighted(tmp_path):
     """A given split's pseudo-time (the file order) is no age: the setting leaves the weights as
-    they are. Catches weighting by pseudo-time (microsecond 'days' of file positions, which would
-    weigh the rows 2^(-tiny) ~ 1 but rescaled, or worse, a position-based decay)."""
+    they are, even at a half-life so short that any weighting of file positions would change them.
+    Catches the timed check dropped (weights decaying with the row's file position)."""
     ws = _adjacency(tmp_path)
     plain = prepare(ws, RunConfig.load(None, {})).examples
     ex = prepare(ws, RunConfig.load(None, {"train.recency_half_life_days": 1e-9})).examples
