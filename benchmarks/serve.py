@@ -34,26 +34,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write  # noqa: E402
 
 LOADGEN = r"""
-import json, sys, time, random, statistics
-import httpx
+import json, sys, time, random, http.client, urllib.parse
 url, users, k = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 seconds, conc, mode = float(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 extras = json.loads(sys.argv[7]) if len(sys.argv) > 7 else [{}]
+host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
 import concurrent.futures as cf
 def worker(i):
     lat, fails, versions = [], 0, set()
     rnd = random.Random(i)
-    with httpx.Client(timeout=10) as c:
-        end = time.time() + seconds
-        while time.time() < end:
-            t = time.perf_counter()
-            body = {"user_id": rnd.choice(users), "k": k, "mode": mode, **rnd.choice(extras)}
-            r = c.post(url + "/v1/retrieve", json=body)
-            lat.append(time.perf_counter() - t)
-            if r.status_code != 200 or len(r.json()["items"]) != k:
-                fails += 1
-            else:
-                versions.add(r.json()["version"])
+    c = http.client.HTTPConnection(host, port, timeout=10)  # one keep-alive connection per client
+    head = {"Content-Type": "application/json"}
+    end = time.time() + seconds
+    while time.time() < end:
+        body = json.dumps({"user_id": rnd.choice(users), "k": k, "mode": mode, **rnd.choice(extras)})
+        t = time.perf_counter()
+        c.request("POST", "/v1/retrieve", body, head)
+        r = c.getresponse()
+        data = r.read()
+        lat.append(time.perf_counter() - t)
+        out = json.loads(data) if r.status == 200 else None
+        if out is None or len(out["items"]) != k:
+            fails += 1
+        else:
+            versions.add(out["version"])
+    c.close()
     return lat, fails, versions
 t0 = time.time()
 with cf.ThreadPoolExecutor(conc) as ex:

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ebr.index.backends import BACKENDS, AnnIndex, SearchDefaults, build_index, members
+from ebr.index.backends import BACKENDS, AnnIndex, SearchDefaults, build_index, contains, members
 
 N, D, N_INTERESTS = 25_000, 32, 40
 
@@ -74,13 +74,15 @@ def test_filtered_search_contract(index, world, interests, fallback):
 @pytest.mark.parametrize("n_left", [10, 3_000])
 def test_answer_size_is_min_k_available_under_heavy_exclusion(index, world, n_left):
     """Excluding all but n_left pins: every row holds min(k, n_left) results, none excluded, and
-    they equal exact search. Mutation caught: filtering exclusions after an ANN search of k + n
-    results without completing short rows (HNSW returned 6 of 10 pins left)."""
+    they equal exact search; excluded codes the index lacks (padding, unknown, past the last code)
+    count for nothing. Mutations caught: filtering exclusions after an ANN search of k + n results
+    without completing short rows (HNSW returned 6 of 10 pins left); counting exclusions without
+    the `indexed` lookup (the unknown codes lower the count: short rows) or without its bounds."""
     emb, codes, q, _ = world
     rng = np.random.default_rng(1)
     left = np.sort(rng.choice(codes, n_left, replace=False))
     excluded = np.setdiff1d(codes, left)
-    ex = [excluded] * 8
+    ex = [np.concatenate([excluded, [-1, 0, 1, N + 2, N + 500]])] * 8
     defaults = dataclasses.replace(SearchDefaults(), exact_below=0)  # through the index, however few are left
     for k in (5, 100):
         _, got = index.search(q[:8], k, defaults, exclude=ex)
@@ -127,4 +129,6 @@ def test_members_is_the_sorted_intersection():
     for x in (rng.integers(-50, 1100, 400), np.array([999, 999, 5, -1, 2000]), np.zeros(0, dtype=np.int64),
               pool[::-1].copy()):
         assert np.array_equal(members(x, pool), np.intersect1d(x, pool))
+        assert np.array_equal(contains(pool, x), np.isin(x, pool))
     assert len(members(np.array([1, 2]), np.zeros(0, dtype=np.int64))) == 0
+    assert not contains(np.zeros(0, dtype=np.int64), np.array([1, 2])).any()

@@ -116,7 +116,7 @@ def test_retrieve_contract(server, bundles):
         ({"user_id": "u1", "k": 5, "mode": "multi"}, "is not served by bundle"),
         ({"user_id": "u1", "k": 5, "interests": ["no-such-interest"]}, "unknown interest"),
         ({"k": 5}, "user_id"),
-        ([1, 2], "dict"),
+        ([1, 2], "object"),
     ],
 )
 def test_bad_requests_are_422_with_a_message(server, body, fragment):

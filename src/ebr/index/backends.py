@@ -40,6 +40,10 @@ class AnnIndex:
         large exclusions); a bundle's loader always passes them."""
         self.index, self.codes, self.backend = index, np.asarray(codes, dtype=np.int64), backend
         self.vectors = vectors
+        # indexed[code]: whether the pin is in the index (exclusions are counted against it without
+        # a binary search over every indexed code per request)
+        self.indexed = np.zeros(int(self.codes.max()) + 1 if len(self.codes) else 0, dtype=bool)
+        self.indexed[self.codes] = True
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.index, str(path / "index.faiss"))
@@ -83,7 +87,12 @@ class AnnIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         B = len(queries)
         pool = self.codes if allowed_codes is None else members(allowed_codes, self.codes)
-        ex = [np.zeros(0, dtype=np.int64)] * B if exclude is None else [members(x, pool) for x in exclude]
+        if exclude is None:
+            ex = [np.zeros(0, dtype=np.int64)] * B
+        elif allowed_codes is None:  # the pool is the index: a lookup per excluded code
+            ex = [self._indexed_members(x) for x in exclude]
+        else:
+            ex = [members(x, pool) for x in exclude]
         available = len(pool) - np.array([len(x) for x in ex], dtype=np.int64)
         if available.max(initial=0) < defaults.exact_below:
             mark(stages, "filters")
@@ -101,13 +110,19 @@ class AnnIndex:
         scores = np.full((B, k), -np.inf, dtype=np.float32)
         out = np.full((B, k), -1, dtype=np.int64)
         for b in range(B):
-            keep = np.flatnonzero((codes[b] >= 0) & ~np.isin(codes[b], ex[b]))[:k]
+            keep = np.flatnonzero((codes[b] >= 0) & ~contains(ex[b], codes[b]))[:k]
             if len(keep) < min(k, available[b]):  # the graph ran dry (e.g. most of it excluded)
                 scores[b], out[b] = (x[0] for x in self._exact(queries[b: b + 1], pool, k, ex[b: b + 1]))
             else:
                 scores[b, : len(keep)], out[b, : len(keep)] = D[b, keep], codes[b, keep]
         mark(stages, "filters")
         return scores, out
+
+    def _indexed_members(self, x) -> np.ndarray:
+        """members(x, self.codes), by the `indexed` mask."""
+        x = _distinct(x)
+        x = x[(x >= 0) & (x < len(self.indexed))]
+        return x[self.indexed[x]]
 
     def _exact(self, queries: np.ndarray, pool: np.ndarray, k: int,
                exclude: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,13 +147,23 @@ class AnnIndex:
         return D, C
 
 
+def _distinct(x) -> np.ndarray:
+    return np.unique(np.asarray(x, dtype=np.int64))
+
+
+def contains(pool: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Whether each value of x is in `pool` (sorted, distinct), by binary search: np.isin(x, pool)
+    without sorting x with the pool (about 8x faster for k = 500 results against a user's exclusions)."""
+    if len(pool) == 0:
+        return np.zeros(len(x), dtype=bool)
+    return pool[np.minimum(np.searchsorted(pool, x), len(pool) - 1)] == x
+
+
 def members(x, pool: np.ndarray) -> np.ndarray:
     """Sorted distinct values of x that are in `pool` (sorted, distinct): np.intersect1d(x, pool)
     at O(|x| log |pool|), without sorting the pool again (a 1M-pin pool per request cost ~250 ms)."""
-    x = np.unique(np.asarray(x, dtype=np.int64))
-    if len(pool) == 0 or len(x) == 0:
-        return x[:0]
-    return x[pool[np.minimum(np.searchsorted(pool, x), len(pool) - 1)] == x]
+    x = _distinct(x)
+    return x[contains(pool, x)]
 
 
 def build_index(

@@ -8,13 +8,15 @@ requests in flight keep the Retriever they started with, so none fails.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
-import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -119,6 +121,14 @@ class _Observe:
         await self.observe(self.app, scope, receive, send)
 
 
+def _declares_json(scope) -> bool:
+    """The request's content-type is application/json (parameters such as charset allowed)."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
 def _error(status: int, detail: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
@@ -145,14 +155,18 @@ def create_app(
     expect_version: str | None = None,
     reload_timeout_s: float = 120.0,
     workspace: str | None = None,
+    pool_threads: int = 2,
 ) -> FastAPI:
     """The service over one bundle; `admin_token` defaults to $EBR_ADMIN_TOKEN (unset: reload refused).
     `workspace`: where the explorer page finds a synthetic world's latent interests (truth/)."""
     import faiss
     import torch
 
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    def set_threads() -> None:  # OpenMP's thread count is per thread: set in each thread that computes
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+    set_threads()
     token = admin_token if admin_token is not None else os.environ.get("EBR_ADMIN_TOKEN") or None
     state: dict[str, Retriever] = {"r": Retriever(bundle, expect_version)}
     reload_lock = threading.Lock()
@@ -174,6 +188,9 @@ def create_app(
         registry=reg,
         buckets=(5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
     )
+    # retrievals run off the event loop on these threads (torch and FAISS release the GIL, so two
+    # can overlap); the loop parses and encodes meanwhile
+    pool = ThreadPoolExecutor(max_workers=pool_threads, thread_name_prefix="ebr-retrieve", initializer=set_threads)
     reloads = Counter("ebr_reloads", "bundle reloads by outcome", ["outcome"], registry=reg)
     truth = ex.load_truth(workspace)
 
@@ -219,7 +236,7 @@ def create_app(
             await send(message)
 
         try:
-            too_big = None
+            too_big, body = None, b""
             if scope["method"] == "POST" and endpoint != "/v1/admin/reload":
                 request = Request(scope, receive)
                 too_big = await bounded_body(request)
@@ -231,7 +248,10 @@ def create_app(
                     sent[0] = True
                     return {"type": "http.request", "body": body, "more_body": False}
 
-            await (too_big or inner)(scope, receive, sending)
+            fast = None
+            if too_big is None and endpoint == "/v1/retrieve" and body and _declares_json(scope):
+                fast = await retrieve_fast(body, stages)
+            await (too_big or fast or inner)(scope, receive, sending)
         except Exception as exc:  # never a bare 500 page, never an uncounted one
             if status[0]:
                 raise  # the answer has started: it cannot become an error page (counted below)
@@ -253,12 +273,9 @@ def create_app(
     async def invalid(request: Request, exc: RequestValidationError):
         return _error(422, _problems(exc))
 
-    @app.post(
-        "/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True,
-        responses={422: {"model": Problem}, 504: {"model": Problem}},
-    )
-    async def retrieve(req: RetrieveRequest, request: Request):
-        stages = request.state.stages
+    async def answer(req: RetrieveRequest, stages: Stages) -> Response:
+        """POST /v1/retrieve once the body is a valid RetrieveRequest (both paths into it: the fast
+        path in `observe` and the FastAPI route)."""
         stages.mark("parse")
         r = state["r"]  # this request keeps this Retriever even if a reload swaps it
         if not 1 <= req.k <= max_k:
@@ -268,14 +285,12 @@ def create_app(
         except ValueError as e:
             return _error(422, str(e))
         history = None if req.history is None else [h if isinstance(h, str) else h.model_dump() for h in req.history]
+        call = functools.partial(
+            r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None,
+            req.followed_interests, mode, req.explain, stages,
+        )
         try:
-            res = await asyncio.wait_for(
-                run_in_threadpool(
-                    r.retrieve, req.user_id, req.k, req.exclude, history, req.features, True, req.interests or None,
-                    req.followed_interests, mode, req.explain, stages,
-                ),
-                timeout=timeout_s,
-            )
+            res = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, call), timeout=timeout_s)
         except TimeoutError:
             return _error(504, f"retrieval exceeded the time limit of {timeout_s:.3f}s")
         except ValueError as e:
@@ -292,8 +307,30 @@ def create_app(
             out["embeddings"] = res.embeddings
         stages.mark("results")
         # encoded here, not validated again against RetrieveResponse (built from typed values above;
-        # the schema stays the documented one): pydantic's pass over k items cost more than the search
-        return Response(json.dumps(out, separators=(",", ":")).encode(), media_type="application/json")
+        # the schema stays the documented one): pydantic's pass over k items cost more than the
+        # search, json.dumps 0.8 ms for k = 500, orjson 0.05 ms
+        return Response(orjson.dumps(out), media_type="application/json")
+
+    async def retrieve_fast(body: bytes, stages: Stages) -> Response | None:
+        """POST /v1/retrieve with a JSON body, validated by pydantic straight from the bytes, without
+        FastAPI's routing and request parsing (about 0.3 ms a request); the same model, checks and
+        error format as the route. None where the body is not JSON pydantic parses (e.g. a lone
+        surrogate escape): the route answers those, with its messages."""
+        try:
+            req = RetrieveRequest.model_validate_json(body)
+        except ValidationError as e:
+            if any(x.get("type") == "json_invalid" for x in e.errors()):
+                return None
+            return _error(422, _problems(e, skip=0))
+        return await answer(req, stages)
+
+    @app.post(
+        "/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True,
+        responses={422: {"model": Problem}, 504: {"model": Problem}},
+    )
+    async def retrieve(req: RetrieveRequest, request: Request):
+        """Requests whose body `observe` does not take (not declared as JSON, or empty) come here."""
+        return await answer(req, request.state.stages)
 
     @app.get("/explore", response_class=HTMLResponse)
     async def explore_page():
