@@ -121,9 +121,10 @@ def test_filtered_retriever_path_falls_back_to_exact(tiny_ws):
 
 
 def test_members_is_the_sorted_intersection():
-    """members(x, pool) == np.intersect1d(x, pool) for unsorted x with repeats, values below,
-    between and above the pool, and empty inputs. Mutations caught: dropping the equality check
-    (values between pool entries kept), not clipping past the end, not deduplicating x."""
+    """members(x, pool) == np.intersect1d(x, pool) and contains(pool, x) == np.isin(x, pool) for
+    unsorted x with repeats, values below, between and above the pool, and empty inputs. Mutations
+    caught: dropping the equality check (values between pool entries kept), not clipping past the
+    end, not deduplicating x."""
     rng = np.random.default_rng(0)
     pool = np.unique(rng.integers(0, 1000, 300))
     for x in (rng.integers(-50, 1100, 400), np.array([999, 999, 5, -1, 2000]), np.zeros(0, dtype=np.int64),
@@ -131,4 +132,13 @@ def test_members_is_the_sorted_intersection():
         assert np.array_equal(members(x, pool), np.intersect1d(x, pool))
         assert np.array_equal(contains(pool, x), np.isin(x, pool))
     assert len(members(np.array([1, 2]), np.zeros(0, dtype=np.int64))) == 0
+
+
+def test_exclusions_are_counted_against_the_index_by_lookup(index, world):
+    """The unfiltered search's `indexed` lookup gives members(x, codes): codes the index lacks
+    (negative, padding, past the last one) drop out. Mutations caught: no lookup (every code kept),
+    no lower bound (-1 reads the last code's entry)."""
+    _, codes, _, _ = world
+    x = np.array([-1, 0, 1, 2, 7, 7, 12_345, N + 1, N + 2, N + 500, 3])
+    assert np.array_equal(index._indexed_members(x), members(x, codes))
     assert not contains(np.zeros(0, dtype=np.int64), np.array([1, 2])).any()
