@@ -491,7 +491,7 @@ class Retriever:
                 info = [{"source": f"emb{j}", "importance": float(qs.importance[0, j]),
                          "history": [self.pin_ids[c] for c in hist[a == j].tolist()]}
                         for j in range(int(qs.active[0].sum()))]
-            out = Result([self.pin_ids[c] for c in codes.tolist()], scores.tolist(), sources, not has_history, info)
+            out = Result(self._pin_id_array[codes].tolist(), scores.tolist(), sources, not has_history, info)
             mark(stages, "results")
             return out
         emb = self.embed(*inputs, users=users)
@@ -537,7 +537,7 @@ class Retriever:
         names += [f"interest:{i}" for i in ids]
         info += [{"source": f"interest:{i}", "kind": why, "interest": i} for i, (_, why) in zip(ids, conds)]
         top, scores, src = round_robin(lists, k)
-        return Result([self.pin_ids[c] for c in top.tolist()], scores.tolist(), [names[j] for j in src.tolist()],
+        return Result(self._pin_id_array[top].tolist(), scores.tolist(), [names[j] for j in src.tolist()],
                       not has_history, info if explain else [])
 
     def _history_codes(self, history: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
