@@ -559,8 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
         Settings chosen per dataset on validation (default on; --no-choose trains the config as
         given): selection also runs without the pin-ID field (train.choose_pin_id) and, on data
         with real time, with each recency half-life in train.choose_recency_days (examples weighted
-        2^(-age / half-life)), in every combination; the best validation recall@100 is kept, refit
-        and recorded (summary.json "choice"; the others under runs/RUN/alternatives/).
+        2^(-age / half-life)), and, when train.choose_regularised is on (default off), on ids-only
+        data with 1,024 uniform corpus negatives and dropout 0.2, in every combination; the best
+        validation recall@100 is kept, refit and recorded (summary.json "choice"; the others under
+        runs/RUN/alternatives/).
 
         examples:
           ebr train --run main --epochs 8
@@ -581,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from runs/RUN/checkpoints/last.pt")
     p.add_argument("--no-refit", action="store_true", help="skip the refit on training + validation (train.refit)")
     p.add_argument("--no-choose", action="store_true",
-                   help="train the config as given: no alternatives (train.choose_pin_id, train.choose_recency_days)")
+                   help="train the config as given: no alternatives (train.choose_pin_id, train.choose_recency_days, "
+                        "train.choose_regularised)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="model.id_embeddings: accept an ID snapshot whose window overlaps the training window "
                         "(ablations; recorded in summary.json with a warning)")

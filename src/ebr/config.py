@@ -15,7 +15,11 @@ from ebr.errors import EbrError
 
 # the per-dataset choices switched off: a config trained as given (`ebr train --no-choose`; tuning
 # trials; benchmarks and tests that compare other things)
-NO_CHOICE = {"train.choose_pin_id": False, "train.choose_recency_days": []}
+NO_CHOICE = {"train.choose_pin_id": False, "train.choose_recency_days": [], "train.choose_regularised": False}
+
+# the settings train.choose_regularised tries on ids-only data
+REGULARISED = {"train.mixed_negatives": 1024, "model.dropout": 0.2}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a YAML key is an error, not a silent default
@@ -186,6 +190,12 @@ class TrainConfig(_Section):
     # content over IDs and recent examples; taste-driven data IDs and the whole history
     choose_pin_id: bool = True
     choose_recency_days: list[Annotated[float, Field(gt=0.0)]] = [7.0]
+    # on ids-only data (pins with no field but the ID, so no pin-ID choice) selection also trains
+    # with REGULARISED (1,024 uniform corpus negatives per batch and dropout 0.2: the best ids-only
+    # setting on validation in benchmarks/val_sweep.py), in combination with the recency choice.
+    # Off by default: on ML-100K ids-only its random validation rows chose it and its last-20%
+    # test fell (README "Settings chosen per dataset"); for given splits whose test is random too
+    choose_regularised: bool = False
     # after selection, retrain on training + validation for the selected number of steps; bundles
     # serve that model (checkpoints/refit.pt); best.pt, the selected one, is kept
     refit: bool = True

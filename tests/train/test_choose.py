@@ -75,7 +75,9 @@ def test_which_alternatives_are_tried(tiny_ws):
     built), pretrained IDs or the setting off; no recency alternative on data without real time,
     none for the run's own half-life, a repeated one tried once. Catches the alternative built for
     ids-only data (a crash) or pretrained IDs, recency weighting tried on pseudo-time, the base run
-    trained twice, and an alternative that would choose again."""
+    trained twice, and an alternative that would choose again; train.choose_regularised's
+    alternative (config.REGULARISED) offered on data with pin fields, withheld on ids-only data,
+    tried when it is the run's own setting, or not combined with the recency choice."""
     from ebr.features.state import build_feature_state
 
     sizes = {**build_feature_state(tiny_ws).sizes, "interest_features": True}
@@ -99,6 +101,16 @@ def test_which_alternatives_are_tried(tiny_ws):
     assert names({"train.choose_pin_id": False}) == []
     assert names({"train.choose_recency_days": [7]}, bare) == ["recency_7d"]
     assert names({"train.choose_recency_days": [7]}, bare, timed=False) == []
+    reg = {"train.choose_regularised": True}  # ids-only pins: the regularised alternative, when asked
+    assert names(reg) == ["no_pin_id"]
+    assert names(reg, bare) == ["regularised"]
+    assert names({**reg, "train.mixed_negatives": 1024, "model.dropout": 0.2}, bare) == []  # the run's own
+    assert names({**reg, "train.choose_pin_id": False}, bare) == ["regularised"]
+    assert names({**reg, "train.choose_recency_days": [7]}, bare) == ["regularised", "recency_7d",
+                                                                      "recency_7d_regularised"]
+    (_, alt), = _alternatives(RunConfig.load(None, {**CFG, **reg}), bare, False)
+    assert (alt.train.mixed_negatives, alt.model.dropout, alt.model.use_pin_id) == (1024, 0.2, True)
+    assert not alt.train.choose_regularised
     assert names({"train.choose_pin_id": False, "train.recency_half_life_days": 7,
                   "train.choose_recency_days": [7, 14]}) == ["recency_14d"]
     own = _alternatives(RunConfig.load(None, {"train.recency_half_life_days": 7, "train.choose_recency_days": [30],

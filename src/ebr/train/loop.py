@@ -592,33 +592,42 @@ BASE = "base"  # the run's own settings, among train.choose_*'s alternatives
 
 def _alternatives(cfg: RunConfig, sizes: dict, timed: bool) -> list[tuple[str, RunConfig]]:
     """The settings selection also tries (train.choose_pin_id: without pin IDs; train.choose_recency_days:
-    each recency half-life, on data with real time): every combination other than the run's own, as
-    (name, config) in a fixed order. No pin-ID choice where it is off, IDs are off already or
-    pretrained, or pins have no other field to learn from (ids-only data)."""
+    each recency half-life, on data with real time; train.choose_regularised: config.REGULARISED, on
+    ids-only data): every combination other than the run's own, as (name, config) in a fixed order.
+    No pin-ID choice where it is off, IDs are off already or pretrained, or pins have no other
+    field to learn from (ids-only data: there the regularised choice, when on)."""
+    from ebr.config import REGULARISED
+
     t = cfg.train
-    pin_ids = [True]
-    if t.choose_pin_id and cfg.model.use_pin_id and cfg.model.id_embeddings == "none":
+    pin_ids, ids_only = [True], False
+    if (t.choose_pin_id or t.choose_regularised) and cfg.model.use_pin_id and cfg.model.id_embeddings == "none":
         no_ids = cfg.model_copy(deep=True)
         no_ids.model.use_pin_id = False
         try:
             with torch.random.fork_rng():  # a probe: its parameter init must not move the run's RNG
                 TwoTower(sizes, no_ids.model)
-            pin_ids.append(False)
+            pin_ids += [False] if t.choose_pin_id else []
         except ValueError:  # the item encoder would have no field
-            pass
+            ids_only = True
     own = t.recency_half_life_days
     half_lives = [own] + ([h for h in dict.fromkeys(t.choose_recency_days) if h != own] if timed else [])
+    neg, drop = REGULARISED["train.mixed_negatives"], REGULARISED["model.dropout"]
+    own_reg = t.mixed_negatives == neg and cfg.model.dropout == drop
+    regs = [False] + ([True] if ids_only and t.choose_regularised and not own_reg else [])
     out = []
     for ids in pin_ids:
         for h in half_lives:
-            if ids and h == own:
-                continue
-            alt = cfg.model_copy(deep=True)
-            alt.model.use_pin_id, alt.train.recency_half_life_days = ids, h
-            alt.train.choose_pin_id, alt.train.choose_recency_days = False, []
-            parts = ([] if ids else ["no_pin_id"]) + ([] if h == own else
-                                                      [f"recency_{h:g}d" if h is not None else "no_recency"])
-            out.append(("_".join(parts), alt))
+            for reg in regs:
+                if ids and h == own and not reg:
+                    continue
+                alt = cfg.model_copy(deep=True)
+                alt.model.use_pin_id, alt.train.recency_half_life_days = ids, h
+                if reg:
+                    alt.train.mixed_negatives, alt.model.dropout = neg, drop
+                alt.train.choose_pin_id, alt.train.choose_recency_days, alt.train.choose_regularised = False, [], False
+                parts = ([] if ids else ["no_pin_id"]) + ([] if h == own else [
+                    f"recency_{h:g}d" if h is not None else "no_recency"]) + (["regularised"] if reg else [])
+                out.append(("_".join(parts), alt))
     return out
 
 
