@@ -332,13 +332,18 @@ def cmd_retrieve(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    from ebr.errors import EbrError
     from ebr.serve.app import serve
+
+    if a.retrieval_threads < 1 or a.threads < 1:
+        raise EbrError("--threads and --retrieval-threads must be at least 1")
 
     ws = Workspace.at(a.workspace)
     bundle = str(ws.resolve_bundle(a.bundle))
     if getattr(a, "explore", False):
         print(f"explorer: http://{a.host}:{a.port}/explore  (one user: /explore?user=ID)", flush=True)
-    serve(bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads, a.expect_version, workspace=str(ws.root))
+    serve(bundle, a.host, a.port, a.max_k, a.timeout_ms, a.threads, a.expect_version, workspace=str(ws.root),
+          retrieval_threads=a.retrieval_threads)
     return 0
 
 
@@ -772,6 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--timeout-ms", type=int, default=2000, help="per-request time limit")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads per request")
+    p.add_argument("--retrieval-threads", type=int, default=2,
+                   help="retrievals computed at once (their torch/FAISS work releases the GIL); more wait, "
+                        "their wait counted in --timeout-ms")
     p.add_argument(
         "--expect-version",
         default=None,
@@ -803,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--timeout-ms", type=int, default=2000, help="per-request time limit")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads per request")
+    p.add_argument("--retrieval-threads", type=int, default=2,
+                   help="retrievals computed at once (their torch/FAISS work releases the GIL); more wait, "
+                        "their wait counted in --timeout-ms")
     p.set_defaults(explore=True, expect_version=None)
 
     p = _add(

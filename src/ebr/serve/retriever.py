@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,9 @@ class Result:
     cold_start: bool
     # multi mode, when asked: per embedding {"source", "importance", "history": [pin ids]}
     embeddings: list[dict] = field(default_factory=list)
+
+
+TRACE_MAX_NODES = 2000  # exported towers above this many graph nodes serve untraced
 
 
 class Queries(NamedTuple):
@@ -169,14 +171,17 @@ class Retriever:
         the exported FX graph runs op by op in Python (about 0.5 ms a call for the default tower),
         the traced, frozen graph in C++ (about 0.2 ms). Kept only where it gives the exported
         module's outputs for `sample` stored users and the no-history row at load; else None (the
-        exported module serves)."""
+        exported module serves). Graphs above TRACE_MAX_NODES nodes are not traced: a crafted
+        bundle's 16,000-node chain crashed the process in TorchScript (the default towers have
+        100-350 nodes)."""
+        graph = getattr(self.tower, "graph", None)
+        if graph is None or len(graph.nodes) > TRACE_MAX_NODES:  # a crafted graph must not reach TorchScript
+            return None
         U = len(self.fs.users)
         codes = [0] + list(range(FIRST_ID, min(U, FIRST_ID + sample)))
         examples = [self._tower_inputs(*self.stored_inputs(np.array([c])), users=np.array([c])) for c in codes]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.freeze(torch.jit.trace(self.tower, examples[-1], check_trace=False).eval())
+            traced = torch.jit.freeze(torch.jit.trace(self.tower, examples[-1], check_trace=False).eval())
             for x in examples * 3:  # past the profiling executor's first runs, then compared
                 got, want = traced(*x), self.tower(*x)
                 got, want = (v if isinstance(v, (tuple, list)) else (v,) for v in (got, want))
