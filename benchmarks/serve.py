@@ -38,7 +38,8 @@ import json, sys, time, random, http.client, urllib.parse
 url, users, k = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 seconds, conc, mode = float(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 extras = json.loads(sys.argv[7]) if len(sys.argv) > 7 else [{}]
-host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+where = urllib.parse.urlsplit(url)
+host, port = where.hostname, where.port
 import concurrent.futures as cf
 def worker(i):
     lat, fails, versions = [], 0, set()

@@ -2,7 +2,7 @@
 Prometheus histogram ebr_stage_seconds{stage} and printed by benchmarks/serve.py.
 
 Stages of POST /v1/retrieve, in order (each mark adds the time since the previous mark):
-  parse       body read, JSON parsing, pydantic validation, routing (until the handler runs)
+  parse       body read, JSON parsing and pydantic validation (until the handler runs)
   dispatch    the hop to the worker thread (the Retriever runs off the event loop)
   user_state  stored state lookup, request history / features / followed interests, exclusions
   user_tower  the exported user tower (every embedding of the request)
@@ -10,8 +10,7 @@ Stages of POST /v1/retrieve, in order (each mark adds the time since the previou
               post-filter of the index's answer)
   ann_search  the index search itself (FAISS; dense scoring on exact bundles)
   results     pin ids, scores and sources of the merged list (Python objects)
-  encode      the response: pydantic serialisation and JSON encoding, framework overhead after the
-              handler
+  encode      the response: JSON encoding (orjson), framework overhead after the handler
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ def test_traced_tower_answers_equal_the_exported_tower(which, request):
     r.retrieve(next(u for u in r.fs.users.ids if r.is_warm(int(r.user_codes([u])[0]))), 10)
     assert calls == [1], "a one-user request did not run the traced tower"
     r.tower_one = traced_tower
-    users = [u for u in r.fs.users.ids[:40]] + ["nobody-at-all"]
+    users = r.fs.users.ids[:40] + ["nobody-at-all"]
     interest = [i for i in r.fs.interests.ids if len(r.interest_pins.get(int(r.fs.interests.encode([i])[0]), []))][0]
-    modes = [m for m in r.manifest["modes"]]
+    modes = r.manifest["modes"]
 
     def answers():
         out = []

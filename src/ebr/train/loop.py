@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebr.config import RunConfig
+from ebr.config import REGULARISED, RunConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
 from ebr.features.age import NOT_YET, TimeFields
@@ -596,8 +596,6 @@ def _alternatives(cfg: RunConfig, sizes: dict, timed: bool) -> list[tuple[str, R
     ids-only data): every combination other than the run's own, as (name, config) in a fixed order.
     No pin-ID choice where it is off, IDs are off already or pretrained, or pins have no other
     field to learn from (ids-only data: there the regularised choice, when on)."""
-    from ebr.config import REGULARISED
-
     t = cfg.train
     pin_ids, ids_only = [True], False
     if (t.choose_pin_id or t.choose_regularised) and cfg.model.use_pin_id and cfg.model.id_embeddings == "none":
