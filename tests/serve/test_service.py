@@ -307,8 +307,25 @@ def test_reload_without_token_configured_is_403(bundles):
         s.stop()
 
 
+def assert_same_ranking(got: list[dict], want: list[dict], tol: float = 1e-5) -> None:
+    """got == want item by item (pin id; score within 1e-4), except that two items whose scores
+    are within `tol` may trade places: one user's embedding and a batch's differ in float
+    rounding (1e-7 here), which can flip a near-tie, or swap the last item with the next one."""
+    assert len(got) == len(want)
+    where = {x["pin_id"]: j for j, x in enumerate(want)}
+    last = want[-1]["score"] if want else 0.0
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert abs(a["score"] - b["score"]) < 1e-4, (i, a, b)
+        if a["pin_id"] != b["pin_id"]:
+            j = where.get(a["pin_id"])
+            near = abs(want[j]["score"] - b["score"]) < tol if j is not None else abs(a["score"] - last) < tol
+            assert near, f"position {i}: {a} where the batch has {b} (not a near-tie)"
+
+
 def test_http_answers_equal_batch_retrieve(server, bundles, tmp_path):
-    """Parity: the server's answers = `ebr retrieve` run in another process on the same bundle."""
+    """Parity: the server's answers = `ebr retrieve` run in another process on the same bundle
+    (near-ties may trade places: assert_same_ranking). Mutation caught: the HTTP path not
+    excluding the user's engaged pins."""
     ws, hnsw, _ = bundles
     httpx.post(
         server.url + "/v1/admin/reload",
@@ -343,10 +360,8 @@ def test_http_answers_equal_batch_retrieve(server, bundles, tmp_path):
     assert batch["version"] == hnsw.name
     for u in users:
         http = server.post({"user_id": u, "k": 40}).json()
-        assert [i["pin_id"] for i in http["items"]] == [i["pin_id"] for i in batch["users"][u]["items"]], u
+        assert_same_ranking(http["items"], batch["users"][u]["items"])
         assert http["cold_start"] == batch["users"][u]["cold_start"]
-        for a, b in zip(http["items"], batch["users"][u]["items"]):
-            assert abs(a["score"] - b["score"]) < 1e-4
 
 
 def test_fuzz_openapi_schema_no_server_errors(server):
