@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ebr.config import FeaturesConfig
 from ebr.data.importers import import_interactions
@@ -52,7 +53,8 @@ def test_training_horizon_ends_each_history_up_to_h_minus_1_events_before_the_ta
     k drawn in 0..H-1 (0: the plain history), never before the user's first event, never later than
     the target. Catches the offset applied in the wrong direction (a history reaching past the
     target: leakage), an offset ignored (H = 1 behaviour at every H), and k drawn up to H instead
-    of H - 1; a history never holds another user's events (offsets past a user's first event)."""
+    of H - 1; a history never holds another user's events (offsets past a user's first event). The
+    batch's distinct codes (for the model) are those of its histories and pins: catches the pins left out."""
     from ebr.config import RunConfig
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
@@ -77,6 +79,8 @@ def test_training_horizon_ends_each_history_up_to_h_minus_1_events_before_the_ta
     for step in range(1, 6):
         b = assemble(d, cfg, order, step, Ranks())
         hist = b.ub.hist.numpy()
+        uniq, inv = b.distinct  # the model's distinct codes, computed in the assembly
+        assert torch.equal(uniq[inv], torch.cat([b.ub.hist.reshape(-1), b.local_pins])) and (uniq.diff() > 0).all()
         for i, e in enumerate(order[:64]):
             cuts = [h.at(ex.user[e: e + 1], ex.t[e: e + 1], L, back=np.array([k]))[0][0] for k in range(5)]
             match = [k for k in range(5) if np.array_equal(hist[i], cuts[k])]

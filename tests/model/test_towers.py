@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ebr.config import ModelConfig
 from ebr.features.state import build_feature_state
+from ebr.model.ops import lookup
 from ebr.model.towers import TwoTower
 
 
@@ -14,7 +16,7 @@ def test_training_pass_projects_each_distinct_item_once_with_the_same_result(tin
     (B*L rows -> a few hundred); the result and every gradient equal the plain order (gather the
     item representations per history slot, then the user tower). Catches a projection applied
     twice or without its bias, the wrong slice of the inverse index (history vs the pins' part),
-    or an action embedding dropped on the fast path."""
+    or an action embedding dropped on the fast path; `distinct` given ahead changes nothing."""
     fs = build_feature_state(tiny_ws)
     torch.manual_seed(0)
     model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32]}, ModelConfig()).eval()
@@ -38,6 +40,11 @@ def test_training_pass_projects_each_distinct_item_once_with_the_same_result(tin
 
     u, v = model.embed_users_and_pins(hist, rest, pins, fields)
     fast = grads(u, v)
+    # the distinct codes computed ahead (as training's batch assembly does) give the same pass
+    uniq, inv = np.unique(torch.cat([hist.reshape(-1), pins]).numpy(), return_inverse=True)
+    distinct = (torch.from_numpy(uniq), torch.from_numpy(inv))
+    ahead = model.embed_users_and_pins(hist, rest, pins, fields, distinct=distinct)
+    assert torch.equal(ahead[0], u) and torch.equal(ahead[1], v)
     ref_u = model.user(model.items(*fields(hist.reshape(-1))).view(B, L, -1), *rest)
     ref_v = model.pin(model.items(*fields(pins)))
     ref = grads(ref_u, ref_v)
@@ -72,3 +79,48 @@ def test_pin_id_dropout_reaches_the_learned_ids_in_training_only(tiny_ws):
     assert 0.45 < zero.float().mean() < 0.55
     assert torch.allclose(dropped[:, :d][~zero], 2 * own[~zero])
     assert torch.equal(dropped[:, d:], plain[:, d:])
+
+
+def test_lookup_equals_the_embedding_and_its_gradient():
+    """lookup (index_select, for its faster backward) gives nn.Embedding's rows and the same
+    gradient for any shape of codes, repeated codes included. Catches the wrong trailing shape
+    (rows and columns of a (B, L) code grid swapped) and a backward that drops repeated codes."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(7, 4)
+    codes = torch.tensor([[1, 3, 3], [0, 6, 1]])
+    g = torch.randn(2, 3, 4)
+    got = lookup(table, codes)
+    (got * g).sum().backward()
+    grad = table.weight.grad.clone()
+    table.zero_grad()
+    want = table(codes)
+    (want * g).sum().backward()
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.allclose(grad, table.weight.grad, atol=1e-6)
+
+
+def test_history_pooling_is_the_masked_mean_and_the_attention_pooling():
+    """HistoryEncoder pools with one batched matmul; its two halves equal the definitions: the mean
+    of the valid items (hides and padding excluded) and the softmax-attention pooling over them,
+    zeros for a row with none. Catches the halves swapped, the mean over every slot, and a row
+    without valid items turned to NaN (a division by its zero count)."""
+    from ebr.model.interests import valid_items
+    from ebr.model.towers import HistoryEncoder
+
+    torch.manual_seed(0)
+    enc = HistoryEncoder(10, 6)
+    hist = torch.randn(3, 5, 10)
+    actions = torch.tensor([[1, 2, 0, 0, 0], [3, 1, 2, 1, 1], [0, 0, 0, 0, 0]])
+    actions[1, 2] = 5  # a hide: stays in the sequence, out of the pooling
+    assert not valid_items(actions)[1, 2] and valid_items(actions)[1, 1]
+    out = enc(hist, actions)
+    h = torch.nn.functional.gelu(enc.proj(hist) + enc.action(actions))
+    for b in range(3):
+        keep = valid_items(actions)[b]
+        if not keep.any():
+            assert torch.equal(out[b], torch.zeros(12))
+            continue
+        hb = h[b][keep]
+        w = torch.softmax(hb @ enc.query, 0)
+        assert torch.allclose(out[b, :6], hb.mean(0), atol=1e-6)
+        assert torch.allclose(out[b, 6:], (w[:, None] * hb).sum(0), atol=1e-6)

@@ -82,9 +82,11 @@ def age_buckets(created: np.ndarray, t: np.ndarray) -> np.ndarray:
     created, t = np.asarray(created, dtype=np.int64), np.asarray(t, dtype=np.int64)
     known = created != NO_TIME
     if created.ndim == 2 and t.ndim == 2 and created.shape[0] == 1 and t.shape[1] == 1 and t.shape[0] > 1:
-        return np.where(known, _outer_age_buckets(np.where(known, created, 0)[0], t[:, 0]), UNKNOWN)
-    b = 1 + np.searchsorted(AGE_EDGES_US, t - np.where(known, created, 0), side="right")
-    return np.where(known, b, UNKNOWN)
+        b = _outer_age_buckets(np.where(known, created, 0)[0], t[:, 0])
+    else:
+        b = 1 + np.searchsorted(AGE_EDGES_US, t - np.where(known, created, 0), side="right")
+    np.putmask(b, np.broadcast_to(~known, b.shape), UNKNOWN)
+    return b
 
 
 def _outer_age_buckets(created: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -131,13 +133,13 @@ class TimeFields:
         engagement would give it age 0, a value in-batch negatives hardly ever have, and the age
         would mark the positive instead of describing the pin."""
         pins, t = np.asarray(pins), np.asarray(t, dtype=np.int64)  # not broadcast: gathers stay (1, N)
-        out = np.empty(np.broadcast_shapes(pins.shape, t.shape) + (len(self.sizes),), dtype=np.int64)
+        # field-major underneath (each field's slab contiguous: written and gathered without strides)
+        out = np.empty((len(self.sizes),) + np.broadcast_shapes(pins.shape, t.shape), dtype=np.int64)
         if self.created is not None:
             created = self.created[pins]
-            b = age_buckets(created, t)
+            out[0] = age_buckets(created, t)
             if self.from_table is not None:
-                b = np.where(~self.from_table[pins] & (created >= t), UNKNOWN, b)
-            out[..., 0] = b
+                np.putmask(out[0], ~self.from_table[pins] & (created >= t), UNKNOWN)
         if self.counts is not None:
-            out[..., int(self.created is not None):] = self.counts.buckets(pins, t)
-        return out
+            out[int(self.created is not None):] = np.moveaxis(self.counts.buckets(pins, t), -1, 0)
+        return np.moveaxis(out, 0, -1)

@@ -28,7 +28,7 @@ class PinInputs:
         return self.cat, self.num, self.emb, self.interests
 
     def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return ids, self.cat[ids], self.num[ids], self.emb[ids], self.interests[ids]
+        return ids, *(x.index_select(0, ids) for x in (self.cat, self.num, self.emb, self.interests))
 
 
 @dataclass

@@ -133,6 +133,7 @@ class DailyCounts:
         pins, t = np.asarray(pins), np.asarray(t, dtype=np.int64)
         if pins.ndim == 2 and t.ndim == 2 and pins.shape[0] == 1 and t.shape[1] == 1 and t.shape[0] > 1:
             days, inv = np.unique(t[:, 0] // DAY_US, return_inverse=True)
-            return self.buckets(pins[0], days[:, None] * DAY_US)[inv]
+            per_day = np.moveaxis(self.buckets(pins[0], days[:, None] * DAY_US), -1, 0)  # (W, days, N)
+            return np.moveaxis(per_day[:, inv], 0, -1)  # window-major underneath, like TimeFields.buckets
         c = self.at(pins, t)
         return np.minimum(np.floor(2 * np.log2(1 + c)), N_COUNT_BUCKETS - 1).astype(np.int64)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ebr.model.ops import lookup
+
 HIDE_CODE = 5  # features.state.HIDE
 N_ACTIONS = 6
 
@@ -82,7 +84,7 @@ class ItemSummariser(nn.Module):
         self.w2 = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.gelu(self.w1(x) + self.action(actions)))
+        return self.w2(F.gelu(self.w1(x) + lookup(self.action, actions)))
 
 
 def _finish(c: Clusters, drop_empty: bool) -> Clusters:

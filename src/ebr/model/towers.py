@@ -16,6 +16,7 @@ from torch import nn
 
 from ebr.model.crossing import make_crossing
 from ebr.model.interests import N_ACTIONS, make_extractor, valid_items
+from ebr.model.ops import lookup
 
 OOV = 1  # the out-of-vocabulary row of every ID table (ebr.features.state; model/ reads no features)
 
@@ -23,7 +24,7 @@ OOV = 1  # the out-of-vocabulary row of every ID table (ebr.features.state; mode
 def bag_mean(table: nn.Embedding, codes: torch.Tensor) -> torch.Tensor:
     """Mean embedding of each row's codes, padding (0) skipped: (N, K) -> (N, dim); zeros if none."""
     m = (codes > 0).unsqueeze(-1).to(table.weight.dtype)
-    return (table(codes) * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return (lookup(table, codes) * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class ItemEncoder(nn.Module):
@@ -70,9 +71,9 @@ class ItemEncoder(nn.Module):
         """ids (N,), cat (N, C), num (N, Nn), emb (N, E), interests (N, K) -> (N, out_dim)"""
         fields = []
         if self.id is not None:
-            e = self.id(self.id_row[ids])
+            e = lookup(self.id, self.id_row[ids])
             fields.append(e if self.id_drop is None else self.id_drop(e))
-        fields += [e(cat[:, j]) for j, e in enumerate(self.cats)]
+        fields += [lookup(e, cat[:, j]) for j, e in enumerate(self.cats)]
         if self.num is not None:
             fields.append(self.num(num))
         if self.content is not None:
@@ -97,13 +98,14 @@ class HistoryEncoder(nn.Module):
                 projected: torch.Tensor | None = None) -> torch.Tensor:
         """hist (B, L, item_dim), actions (B, L) -> (B, 2 * field_dim). `projected` (B, L, field_dim)
         is proj(hist) computed elsewhere (training projects each distinct item once, then gathers)."""
-        h = F.gelu((self.proj(hist) if projected is None else projected) + self.action(actions))
+        h = F.gelu((self.proj(hist) if projected is None else projected) + lookup(self.action, actions))
         valid = valid_items(actions)  # hides stay in the sequence, excluded from pooling
-        m = valid.unsqueeze(-1).to(h.dtype)
-        mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        m = valid.to(h.dtype)
         att = (h @ self.query).masked_fill(~valid, -1e9)
         w = torch.softmax(att, dim=1) * valid.any(1, keepdim=True).to(h.dtype)
-        return torch.cat([mean, (w.unsqueeze(-1) * h).sum(1)], dim=-1)
+        # both poolings as one batched matmul: (B, 2, L) weights @ (B, L, d) -> [mean, attention]
+        weights = torch.stack([m / m.sum(1, keepdim=True).clamp(min=1.0), w], dim=1)
+        return torch.bmm(weights, h).flatten(1)
 
 
 class UserTower(nn.Module):
@@ -142,10 +144,11 @@ class UserTower(nn.Module):
         """hist (B, L, item_dim), actions (B, L), user_cat (B, Cu), followed (B, K), condition (B,), user (B,)
         -> (B, dim [+ time_dim]), or the multi-embedding tuple (see the class). hist_proj: the
         history's projection (HistoryEncoder `projected`) in place of hist (single embedding only)."""
-        fields = [self.history(hist, actions, hist_proj)] + [e(user_cat[:, j]) for j, e in enumerate(self.cats)]
-        fields.append(self.condition(condition))
+        fields = [self.history(hist, actions, hist_proj)] + [lookup(e, user_cat[:, j]) for j, e in enumerate(self.cats)]
+        fields.append(lookup(self.condition, condition))
         if self.user_id is not None:
-            fields.append(self.user_id(user) if self.id_drop is None else self.id_drop(self.user_id(user)))
+            e = lookup(self.user_id, user)
+            fields.append(e if self.id_drop is None else self.id_drop(e))
         if self.followed is not None:
             fields.append(bag_mean(self.followed, followed))
         x = torch.cat(fields, dim=-1)
@@ -244,23 +247,30 @@ class TwoTower(nn.Module):
         return torch.cat(reps), torch.cat(embs)
 
     def forward(self, hist: torch.Tensor, rest: tuple[torch.Tensor, ...], pins: torch.Tensor, pin_fields,
-                pin_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                pin_stats: torch.Tensor | None = None,
+                distinct: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training pass: embed_users_and_pins (forward, so that DDP sees it)."""
-        return self.embed_users_and_pins(hist, rest, pins, pin_fields, pin_stats)
+        return self.embed_users_and_pins(hist, rest, pins, pin_fields, pin_stats, distinct)
 
     def embed_users_and_pins(self, hist: torch.Tensor, rest: tuple[torch.Tensor, ...], pins: torch.Tensor, pin_fields,
-                             pin_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             pin_stats: torch.Tensor | None = None,
+                             distinct: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Users (history pin codes (B, L), then the tower's other inputs `rest`: actions, cat,
         followed, condition, user) and pins (N,) [with statistics (N, S)] in one pass; every distinct
-        pin is encoded once. pin_fields(ids) -> (ids, cat, num, emb, interests).
+        pin is encoded once. pin_fields(ids) -> (ids, cat, num, emb, interests). `distinct`: the
+        sorted distinct codes of [hist.flatten(), pins] and each one's position among them, when
+        computed ahead (training's batch assembly does, in its worker thread).
         Returns (queries (B, dim [+ time_dim]), pin embeddings (N, dim))."""
         B, L = hist.shape
-        uniq, inv = torch.unique(torch.cat([hist.reshape(-1), pins]), return_inverse=True)
+        uniq, inv = distinct if distinct is not None else torch.unique(torch.cat([hist.reshape(-1), pins]),
+                                                                       return_inverse=True)
         rep = self.items(*pin_fields(uniq))
         if self.user.clusters is None:  # the history's projection on distinct items, then gathered (B*L rows)
-            u = self.user(None, *rest, hist_proj=self.user.history.proj(rep)[inv[: B * L]].view(B, L, -1))
+            proj = self.user.history.proj(rep).index_select(0, inv[: B * L])
+            u = self.user(None, *rest, hist_proj=proj.view(B, L, -1))
         else:
-            u = self.user(rep[inv[: B * L]].view(B, L, -1), *rest)
+            u = self.user(rep.index_select(0, inv[: B * L]).view(B, L, -1), *rest)
         if pins.numel() == 0:
             return u, rep.new_zeros(0, self.dim)
-        return u, self.pin(rep[inv[B * L:]], pin_stats)
+        return u, self.pin(rep.index_select(0, inv[B * L:]), pin_stats)

@@ -318,6 +318,7 @@ class Batch:
     stats: torch.Tensor | None
     buckets: torch.Tensor | None  # (size, columns, F) time-term buckets, each row as of its time
     weight: torch.Tensor
+    distinct: tuple[torch.Tensor, torch.Tensor]  # the model's (uniq, inv) of [history codes, local_pins]
 
 
 def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
@@ -350,8 +351,9 @@ def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: di
         rows, own_col = torch.arange(size), torch.arange(size) + off
         own = buckets[rows, own_col, 0]
         buckets[rows, own_col, 0] = torch.where(own == NOT_YET, NOT_YET + 1, own)
+    uniq, inv = np.unique(np.concatenate([ub.hist.numpy().ravel(), local_pins.numpy()]), return_inverse=True)
     return Batch(idx, off, size, sizes, ub, pos, negs, local_pins, d.pin_stats(local_pins.numpy(), pin_t), buckets,
-                 torch.from_numpy(ex.weight[loc]))
+                 torch.from_numpy(ex.weight[loc]), (torch.from_numpy(uniq), torch.from_numpy(inv.reshape(-1))))
 
 
 def prefetched(make: Callable[..., Batch], args: Iterable[tuple]) -> Iterator[Batch]:
@@ -388,7 +390,7 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
             neg_lq = torch.full((len(negs),), math.log(len(negs) / (n_pins - FIRST_ID)))
     ub, buckets = b.ub, b.buckets
     forward = s.ddp if s.ddp is not None else s.model
-    q, v = forward(ub.hist, ub.rest(), b.local_pins, d.pins.take, b.stats)
+    q, v = forward(ub.hist, ub.rest(), b.local_pins, d.pins.take, b.stats, b.distinct)
     if isinstance(q, tuple):  # multi-embedding: only the embedding nearest the row's target is trained
         q = nearest_embedding(q[0], q[1], v[:size].detach())
     extra = None
