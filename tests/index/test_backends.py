@@ -142,3 +142,44 @@ def test_exclusions_are_counted_against_the_index_by_lookup(index, world):
     _, codes, _, _ = world
     x = np.array([-1, 0, 1, 2, 7, 7, 12_345, N + 1, N + 2, N + 500, 3])
     assert np.array_equal(index._indexed_members(x), members(x, codes))
+
+
+def test_hnsw_finds_the_largest_inner_products_among_vectors_of_different_norms(tmp_path):
+    """Pin vectors with the time term are [unit v, c] with |c| varying, so norms differ; the HNSW
+    graph is built in L2 over [x, sqrt(R^2 - |x|^2)] and answers inner products: recall@100 against
+    exact inner-product search >= 0.95 and every returned score equal to <q, x>. Catches the extra
+    coordinate left out (a plain L2 graph ranks by distance: recall 0.6 here), the score conversion
+    without R^2 or |q|^2, and queries not padded (FAISS reads past each row). A graph built with the
+    inner-product metric (bundles from before) still loads and answers; check_index accepts both
+    widths and refuses another."""
+    import faiss
+
+    from ebr.index.verify import check_index
+
+    rng = np.random.default_rng(3)
+    n, centres = 20_000, rng.normal(size=(30, D))
+    v = centres[rng.integers(0, 30, n)] + 0.8 * rng.normal(size=(n, D))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    c = rng.normal(size=(n, 8)) * rng.uniform(0, 0.4, (n, 1))  # the time term: norms 0 .. ~1
+    emb = np.zeros((n + 2, D + 8), dtype=np.float32)
+    emb[2:] = np.hstack([v, c])
+    codes = np.arange(2, n + 2)
+    q = np.hstack([v[rng.integers(0, n, 32)] + 0.3 * rng.normal(size=(32, D)), rng.normal(size=(32, 8))])
+    q = q.astype(np.float32)
+    _, want = build_index("exact", emb, codes).search(q, 100, SearchDefaults())
+    build_index("hnsw", emb, codes).save(tmp_path)
+    data = (tmp_path / "index.faiss").read_bytes()
+    hnsw = AnnIndex.from_bytes(data, np.load(tmp_path / "index_codes.npy"), "hnsw", emb)
+    assert hnsw.augmented and hnsw.dim == D + 8 and check_index(data, "hnsw", n, D + 8) == []
+    assert check_index(data, "hnsw", n, D + 7) != []
+    scores, got = hnsw.search(q, 100, SearchDefaults())
+    assert _recall(got, want) >= 0.95
+    assert np.allclose(scores, np.einsum("bd,bkd->bk", q, emb[got]), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    legacy = faiss.IndexHNSWFlat(D + 8, 32, faiss.METRIC_INNER_PRODUCT)
+    legacy.add(emb[codes])
+    legacy_data = faiss.serialize_index(legacy).tobytes()
+    old = AnnIndex.from_bytes(legacy_data, codes, "hnsw", emb)
+    assert not old.augmented and old.dim == D + 8 and check_index(legacy_data, "hnsw", n, D + 8) == []
+    scores, got = old.search(q, 100, SearchDefaults())
+    assert np.allclose(scores, np.einsum("bd,bkd->bk", q, emb[got]), atol=1e-5) and _recall(got, want) > 0.5
