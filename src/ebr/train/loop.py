@@ -245,11 +245,13 @@ class TrainState:
     done: bool = False
     ranks: distributed.Ranks = distributed.Ranks()
     ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun, N > 1)
+    id_grad: tuple[torch.Tensor, torch.Tensor] | None = None  # dense_id_grad's buffer, rows written last
 
     def distribute(self, ranks: distributed.Ranks) -> None:
         """Run the model under DDP across the launched processes (nothing on one process)."""
         self.ranks = ranks
         if ranks.world > 1:
+            self.model.items.sparse_id_grad = False  # DDP reduces dense gradients
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.model)
@@ -268,8 +270,26 @@ class TrainState:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay,
                                **({"fused": True} if t.fused_adam else {"foreach": False}))
+        model.items.sparse_id_grad = True  # dense_id_grad turns it into Adam's dense gradient
         return cls(model, opt,
                    FrequencyEstimator(t.estimator_buckets, t.estimator_hashes, t.estimator_alpha, seed=t.seed))
+
+    def dense_id_grad(self) -> None:
+        """The pin-ID table's sparse gradient (the batch's rows) -> the dense gradient Adam reads,
+        written into one buffer kept across steps: only last step's rows are zeroed, so no (n_pins,
+        dim) tensor is allocated, page-faulted and zeroed per step. Same values as the dense
+        backward (duplicate rows summed in order); Adam is unchanged."""
+        table = self.model.items.id
+        g = None if table is None else table.weight.grad
+        if g is None or not g.is_sparse:
+            return
+        buf, last = self.id_grad if self.id_grad is not None else (torch.zeros(g.shape, dtype=g.dtype), None)
+        if last is not None:
+            buf.index_fill_(0, last, 0.0)
+        rows = g._indices()[0]
+        buf.index_add_(0, rows, g._values())
+        self.id_grad = (buf, rows)
+        table.weight.grad = buf
 
     def load(self, state: dict) -> None:
         if "C" not in state.get("estimator", {}):
@@ -405,6 +425,7 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
     mark(clock, "forward")
     s.opt.zero_grad(set_to_none=True)
     (loss * s.ranks.world).backward()  # DDP averages the ranks' gradients: this makes it their sum
+    s.dense_id_grad()
     mark(clock, "backward")
     s.opt.step()
     mark(clock, "optimizer")
