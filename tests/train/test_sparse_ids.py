@@ -20,7 +20,8 @@ def test_sparse_id_gradient_trains_what_the_dense_one_trains(tiny_ws, weight_dec
     buffer (gradients accumulating across steps), the buffer's rows zeroed after the add, duplicate
     rows of a batch counted once, and the sparse gradient reaching Adam undensified (an error)."""
     cfg = RunConfig.load(None, {"train.batch_size": 128, "train.weight_decay": weight_decay,
-                                "train.fused_adam": False, "model.hidden": [32]})
+                                "train.fused_adam": False, "model.hidden": [32],
+                                "model.pin_id_min_count": 3})  # rare pins share one row: duplicate rows
     d = prepare(tiny_ws, cfg)
     B = cfg.train.batch_size
     log_q = inclusion_log_prob(np.bincount(d.examples.pin, minlength=d.sizes["n_pins"]), B)
@@ -28,7 +29,7 @@ def test_sparse_id_gradient_trains_what_the_dense_one_trains(tiny_ws, weight_dec
     weights = []
     for sparse in (True, False):
         torch.manual_seed(0)
-        s = TrainState.fresh(cfg, d.sizes)
+        s = TrainState.fresh(cfg, d.sizes, positives=d.positives())
         s.model.items.sparse_id_grad = sparse
         s.model.train()
         for i in range(6):
@@ -38,7 +39,7 @@ def test_sparse_id_gradient_trains_what_the_dense_one_trains(tiny_ws, weight_dec
         assert (s.id_grad is not None) == sparse
         weights.append({k: v.clone() for k, v in s.model.state_dict().items()})
     torch.manual_seed(0)
-    init = TrainState.fresh(cfg, d.sizes).model.items.id.weight
+    init = TrainState.fresh(cfg, d.sizes, positives=d.positives()).model.items.id.weight
     assert (weights[0]["items.id.weight"] != init).any(1).sum() > 100  # the ID rows of the batches moved
     for k in weights[1]:
         assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), k
