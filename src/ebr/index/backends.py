@@ -1,11 +1,7 @@
 """ANN backends over unit-norm pin embeddings (inner product); ids in an index are pin codes.
 
 - exact: IndexFlatIP (brute force);
-- hnsw:  IndexHNSWFlat (M=32, efConstruction=200; efSearch at query time) with the L2 metric over
-         [x, sqrt(R^2 - |x|^2)], R the largest norm: the inner-product order of the original vectors
-         (the time term makes their norms differ), searched in a metric space where the graph's
-         neighbourhoods hold; queries get a 0 in the extra coordinate and scores are converted back
-         to inner products. A graph built with the inner-product metric (bundles from before) loads too;
+- hnsw:  IndexHNSWFlat (M=32, efConstruction=200; efSearch at query time);
 - ivfpq: IndexIVFPQ (nlist ~ 4 sqrt(N), 8-bit PQ codes; nprobe at query time).
 
 Filtered search (e.g. "only pins with interest X") passes a FAISS IDSelector, so every result is
@@ -48,14 +44,6 @@ class AnnIndex:
         # a binary search over every indexed code per request)
         self.indexed = np.zeros(int(self.codes.max()) + 1 if len(self.codes) else 0, dtype=bool)
         self.indexed[self.codes] = True
-        # an L2 graph over augmented vectors (build_index): every stored vector has norm R
-        self.augmented = backend == "hnsw" and index.metric_type == faiss.METRIC_L2
-        self.r2 = float(np.square(index.reconstruct(0)).sum()) if self.augmented and index.ntotal else 0.0
-
-    @property
-    def dim(self) -> int:
-        """The width of the vectors (and queries) the index answers for."""
-        return self.index.d - int(self.augmented)
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.index, str(path / "index.faiss"))
@@ -116,11 +104,7 @@ class AnnIndex:
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(np.searchsorted(self.codes, pool), dtype=np.int64))
         kk = min(k + max(len(x) for x in ex), len(pool))
         mark(stages, "filters")
-        if self.augmented:  # <q, x> = (|q|^2 + R^2 - |[q, 0] - [x, sqrt(R^2 - |x|^2)]|^2) / 2
-            D, pos = self.index.search(np.pad(queries, ((0, 0), (0, 1))), kk, params=self._params(defaults, sel))
-            D = 0.5 * (np.square(queries).sum(1, keepdims=True) + self.r2 - D)
-        else:
-            D, pos = self.index.search(queries, kk, params=self._params(defaults, sel))
+        D, pos = self.index.search(queries, kk, params=self._params(defaults, sel))
         mark(stages, "ann_search")
         codes = np.where(pos >= 0, self.codes[np.maximum(pos, 0)], -1)
         scores = np.full((B, k), -np.inf, dtype=np.float32)
@@ -182,14 +166,6 @@ def members(x, pool: np.ndarray) -> np.ndarray:
     return x[contains(pool, x)]
 
 
-def augment(x: np.ndarray) -> np.ndarray:
-    """(N, D) -> (N, D + 1) [x, sqrt(R^2 - |x|^2)], R = max |x|: every row of norm R, so the nearest
-    in L2 to [q, 0] is the largest inner product with q (the MIPS-to-L2 reduction)."""
-    n2 = np.square(x, dtype=np.float64).sum(1)
-    extra = np.sqrt(np.maximum(n2.max(initial=0.0) - n2, 0.0))
-    return np.ascontiguousarray(np.column_stack([x, extra]), dtype=np.float32)
-
-
 def build_index(
     backend: str, emb: np.ndarray, codes: np.ndarray, hnsw_m: int = 32, ef_construction: int = 200, seed: int = 0
 ) -> AnnIndex:
@@ -200,8 +176,7 @@ def build_index(
     if backend == "exact":
         index: faiss.Index = faiss.IndexFlatIP(d)
     elif backend == "hnsw":
-        x = augment(x)
-        index = faiss.IndexHNSWFlat(d + 1, hnsw_m, faiss.METRIC_L2)
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
     elif backend == "ivfpq":
         nlist = int(max(16, min(4 * np.sqrt(len(x)), len(x) // 39)))

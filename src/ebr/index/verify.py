@@ -399,12 +399,8 @@ def check_index(data: bytes, backend: str, n: int, dim: int) -> list[str]:
               and isinstance(faiss.downcast_InvertedLists(base.invlists), faiss.ArrayInvertedLists))
     if not ok:
         return [f"{label} (got {type(idx).__name__})"]
-    # an HNSW graph over augmented vectors (L2, one more coordinate) or, from before, inner product
-    extra = int(backend == "hnsw" and idx.metric_type == faiss.METRIC_L2)
-    if backend == "hnsw" and idx.metric_type not in (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT):
-        return [f"{label} (metric {idx.metric_type})"]
-    if idx.ntotal != n or idx.d != dim + extra:
-        return [f"index.faiss: {idx.ntotal} vectors of width {idx.d}, expected {n} of width {dim + extra}"]
+    if idx.ntotal != n or idx.d != dim:
+        return [f"index.faiss: {idx.ntotal} vectors of width {idx.d}, expected {n} of width {dim}"]
     return []
 
 

@@ -135,7 +135,7 @@ class Retriever:
             and _codes_below(self.actions, N_ACTION_CODES)
             and self.followed.ndim == 2 and len(self.followed) == U
             and _codes_below(self.followed, len(self.fs.interests))
-            and self.index.dim == self.pin_emb.shape[1]
+            and self.index.index.d == self.pin_emb.shape[1]
         )
         if not consistent:
             raise BundleError(f"bundle {self.path.name!r} refused: its arrays disagree in shape or codes")
