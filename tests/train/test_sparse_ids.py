@@ -12,15 +12,16 @@ from ebr.train.loop import TrainState, assemble, epoch_order, prepare, train_ste
 from ebr.train.loss import inclusion_log_prob
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_sparse_id_gradient_trains_what_the_dense_one_trains(tiny_ws, weight_decay):
+@pytest.mark.parametrize("weight_decay, fused", [(0.0, True), (0.01, False)])
+def test_sparse_id_gradient_trains_what_the_dense_one_trains(tiny_ws, weight_decay, fused):
     """Six steps with the sparse pin-ID gradient (dense_id_grad's buffer, only last step's rows
-    zeroed) end with the weights of six steps of the dense backward, with and without weight decay
-    (Adam reading the buffer must not leave anything in it). Catches last step's rows left in the
-    buffer (gradients accumulating across steps), the buffer's rows zeroed after the add, duplicate
-    rows of a batch counted once, and the sparse gradient reaching Adam undensified (an error)."""
+    zeroed) end with the weights of six steps of the dense backward, with fused Adam and with the
+    per-tensor one under weight decay (Adam reading the buffer must not leave anything in it).
+    Catches last step's rows left in the buffer (gradients accumulating across steps), the
+    buffer's rows zeroed after the add, duplicate rows of a batch counted once, and the sparse
+    gradient reaching Adam undensified (an error)."""
     cfg = RunConfig.load(None, {"train.batch_size": 128, "train.weight_decay": weight_decay,
-                                "train.fused_adam": False, "model.hidden": [32],
+                                "train.fused_adam": fused, "model.hidden": [32],
                                 "model.pin_id_min_count": 3})  # rare pins share one row: duplicate rows
     d = prepare(tiny_ws, cfg)
     B = cfg.train.batch_size
