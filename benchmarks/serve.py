@@ -223,7 +223,9 @@ def main() -> None:
         payload["multi"] = {"embeddings_per_user": 7, **other_mode(ws, a, users, "multi", None),
                             "target": "p99 <= 15 ms at concurrency 1 with K = 7, recall@100 >= 0.95"}
     if "conditional" in a.modes.split(","):
-        payload["conditional"] = {"interests_per_request": 3, **other_mode(ws, a, users, "conditional", hnsw)}
+        same = MODELS["conditional"][0] == MODELS["single"][0]  # one model: its bundle is the one above
+        payload["conditional"] = {"interests_per_request": 3,
+                                  **other_mode(ws, a, users, "conditional", hnsw if same else None)}
     write("serve", payload)
 
 
