@@ -3,7 +3,7 @@
 
     python benchmarks/quality.py [--datasets synth_small,ml100k] [--seeds 0,1,2] [--epochs N]
                                  [--set KEY=VALUE ...] [--name quality]
-                                 [--adjacency NAME:TRAIN:TEST ...] [--root /tmp/ebr-bench-quality]
+                                 [--adjacency NAME:TRAIN:TEST ...] [--root /tmp/ebr-bench-quality] [--keep-others]
 
 --set overrides a config field of the two-tower model (e.g. --set train.logq=false); --name names the
 variant (its results file and its cached runs). Spreads are sample std (ddof 1).
@@ -11,7 +11,9 @@ variant (its results file and its cached runs). Spreads are sample std (ddof 1).
 Datasets: synth_small (the synthetic world, seed 0), ml100k (../shared/data/ml-100k, temporal
 split), ml100k_llo (the same, leave-last-out: about 940 users instead of about 100), ml100k_ids
 (the same ratings as an ids-only dataset: no features, no timestamps, each user's last 20% as the
-given test split) and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
+given test split), ml100k_ids_random (the same with a seeded random 20% of each user's ratings as
+test and each line's items in id order, as public ids-only sets such as LightGCN's are split and
+stored) and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
 Resumable: a finished (dataset, seed) keeps its eval JSON under --root and is not rerun.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
+from _common import RESULTS, write  # noqa: E402
 
 from ebr.config import RunConfig  # noqa: E402
 from ebr.eval.evaluate import evaluate  # noqa: E402
@@ -37,10 +39,11 @@ ML100K = Path(os.environ.get("EBR_ML100K", Path(__file__).resolve().parents[2] /
 METRICS = ("recall@20", "recall@50", "recall@100", "recall@500", "ndcg@100", "hr@100")
 
 
-def ids_only_ml100k(folder: Path, test_share: float = 0.2) -> tuple[Path, Path]:
+def ids_only_ml100k(folder: Path, test_share: float = 0.2, random_split: bool = False) -> tuple[Path, Path]:
     """ML-100K with every feature and timestamp dropped: adjacency files (`user item item ...`),
-    each user's ratings in time order, the last 20% of them (at least one) in the test file. The
-    given protocol then reads it like any ids-only dataset (no time term, no features)."""
+    each user's ratings in time order, the last 20% of them (at least one) in the test file; with
+    `random_split`, a seeded random 20% of them (seed 0), each line's items in id order. The given
+    protocol then reads it like any ids-only dataset (no time term, no features)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = sorted((int(u), int(ts), int(i)) for u, i, _, ts in
                   (ln.split("\t") for ln in (ML100K / "u.data").read_text().splitlines() if ln.strip()))
@@ -48,10 +51,16 @@ def ids_only_ml100k(folder: Path, test_share: float = 0.2) -> tuple[Path, Path]:
     for u, _, i in rows:
         by_user.setdefault(u, []).append(i)
     train, test = [], []
+    rng = np.random.default_rng(0)
     for u, items in by_user.items():
         n_test = max(1, round(len(items) * test_share))
-        train.append(" ".join(map(str, [u, *items[:-n_test]])))
-        test.append(" ".join(map(str, [u, *items[-n_test:]])))
+        if random_split:
+            held = set(rng.choice(len(items), n_test, replace=False).tolist())
+            tr, te = sorted(x for j, x in enumerate(items) if j not in held), sorted(items[j] for j in held)
+        else:
+            tr, te = items[:-n_test], items[-n_test:]
+        train.append(" ".join(map(str, [u, *tr])))
+        test.append(" ".join(map(str, [u, *te])))
     (folder / "train.txt").write_text("\n".join(train) + "\n")
     (folder / "test.txt").write_text("\n".join(test) + "\n")
     return folder / "train.txt", folder / "test.txt"
@@ -72,10 +81,10 @@ def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Wor
         import_movielens(ws, ML100K)
         if name == "ml100k_llo":
             make_leave_last_out(ws, "leave_last_out")
-    elif name == "ml100k_ids":
+    elif name in ("ml100k_ids", "ml100k_ids_random"):
         from ebr.data.importers import import_adjacency
 
-        tr, te = ids_only_ml100k(root / "ml100k_ids_files")
+        tr, te = ids_only_ml100k(root / f"{name}_files", random_split=name == "ml100k_ids_random")
         import_adjacency(ws, tr, te)
     elif name in adjacency:
         from ebr.data.importers import import_adjacency
@@ -98,6 +107,9 @@ def main() -> None:
     ap.add_argument("--name", default="quality", help="variant name: results/NAME.json")
     ap.add_argument("--root", default="/tmp/ebr-bench-quality")
     ap.add_argument("--no-write", action="store_true", help="leave benchmarks/results alone (ablation variants)")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="carry the datasets of results/NAME.json not run now into the new file (marked "
+                         "carried_over: a row whose code path did not change need not be rerun)")
     a = ap.parse_args()
     import yaml
 
@@ -133,6 +145,10 @@ def main() -> None:
                      "n_cold_users": runs[0]["n_cold_users"], "seeds": len(runs), "models": models,
                      "train_seconds": [run["train"]["train_seconds"] for run in runs],
                      "chosen": [run["train"].get("choice", {}).get("chosen") for run in runs]}
+    old_file = RESULTS / f"{a.name}.json"
+    if a.keep_others and old_file.exists():
+        old = json.loads(old_file.read_text())["table"]
+        table = {**{ds: {**t, "carried_over": True} for ds, t in old.items() if ds not in table}, **table}
     lines = ["| dataset | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for ds, t in table.items():
         for name, m in t["models"].items():

@@ -68,6 +68,11 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "md_linear": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.hidden": []},
     "md_dim_128": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.dim": 128},
     "md_horizon_16": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.horizon": 16},
+    # data without time: the file-order prefix as each example's history, with the earlier epoch
+    # cap (the defaults before features.history_as_of auto and train.min_steps)
+    "prefix_histories": {"features.history_as_of": "example", "train.epochs": 8},
+    "history_dropout_0.5": {"train.history_dropout": 0.5},
+    "input_norm_none": {"model.input_norm": "none"},
 }
 
 

@@ -564,10 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
         Settings chosen per dataset on validation (default on; --no-choose trains the config as
         given): selection also runs without the pin-ID field (train.choose_pin_id) and, on data
         with real time, with each recency half-life in train.choose_recency_days (examples weighted
-        2^(-age / half-life)), and, when train.choose_regularised is on (default off), on ids-only
+        2^(-age / half-life)), and, with train.choose_regularised (default on), on ids-only
         data with 1,024 uniform corpus negatives and dropout 0.2, in every combination; the best
         validation recall@100 is kept, refit and recorded (summary.json "choice"; the others under
         runs/RUN/alternatives/).
+
+        Chosen from the data and recorded in summary.json: the epoch cap (train.epochs unset: 8,
+        more on small data, up to train.min_steps steps; early stopping ends no run before
+        train.stop_after_steps) and the training histories (features.history_as_of auto: on data
+        without real time, e.g. a given split's adjacency files, each example reads the user's
+        history as evaluation does, as of the end, without the example's own pin).
 
         examples:
           ebr train --run main --epochs 8
@@ -593,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-overlap", action="store_true",
                    help="model.id_embeddings: accept an ID snapshot whose window overlaps the training window "
                         "(ablations; recorded in summary.json with a warning)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="the epoch cap (default: 8, more on small data: train.min_steps)")
     p.add_argument("--seed", type=int)
     p.add_argument("--split", help="split name (default: the given split if any, else temporal)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")

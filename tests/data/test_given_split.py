@@ -84,3 +84,97 @@ def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
     other = load_engagements(ws, build_feature_state(ws), load_split(ws, None), seed=4)
     assert not np.array_equal(other.part, e.part), "the draw must depend on the seed"
     assert json.loads((ws.split_dir("given") / "manifest.json").read_text())["validation"].startswith("a random 10%")
+
+
+def test_untimed_training_histories_are_the_evaluation_history_without_the_target(tmp_path):
+    """Data without real time (a given split: the file order is no time, validation rows are drawn
+    at random): features.history_as_of auto reads each training row's history as evaluation reads
+    it, the user's last L visible events as of the end, with the row's own pin left out (pins and
+    actions: padding there). Mutations caught: the target kept in its own history (a model that
+    learns to copy it), auto read as `example` (the file-order prefix), the pin left out but its
+    action kept (pooled as an item)."""
+    from ebr.config import RunConfig
+    from ebr.features.examples import T_MAX
+    from ebr.train.distributed import Ranks
+    from ebr.train.loop import assemble, prepare
+
+    ws = _adjacency(tmp_path)
+    cfg = RunConfig.load(None, {"train.batch_size": 128})
+    d = prepare(ws, cfg)
+    ex, L = d.examples, cfg.features.history_len
+    idx = np.random.default_rng(0).permutation(len(ex.user))[:128]
+    b = assemble(d, cfg, idx, 1, Ranks())
+    hist, act = b.ub.hist.numpy(), b.ub.actions.numpy()
+    full, full_act = d.hist.at(ex.user[idx], np.full(len(idx), T_MAX), L)
+    target = ex.pin[idx][:, None]
+    assert not (hist == target).any(), "a row's target is in its own history"
+    assert np.array_equal(hist, np.where(full == target, 0, full))
+    assert np.array_equal(act, np.where(full == target, 0, full_act))
+    assert (full == target).any(1).mean() > 0.5, "most targets are in the end history (the check is not vacuous)"
+    prefix = d.hist.at(ex.user[idx], ex.t[idx], L)[0]
+    assert not np.array_equal(hist, prefix)
+    # asked for explicitly, the prefix comes back
+    cfg_ex = RunConfig.load(None, {"train.batch_size": 128, "features.history_as_of": "example"})
+    assert np.array_equal(assemble(d, cfg_ex, idx, 1, Ranks()).ub.hist.numpy(), prefix)
+
+
+def test_default_epoch_cap_gives_small_data_min_steps(tmp_path):
+    """train.epochs unset: 8, raised on small data until the epochs allow train.min_steps steps;
+    set: exactly that many. Mutations caught: the cap ignored by the training loop (8 epochs), the
+    cap applied to an explicit train.epochs, steps per epoch rounded down."""
+    from ebr.config import RunConfig
+    from ebr.train.loop import epoch_cap, train
+
+    ws = _adjacency(tmp_path)
+    over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.patience": 100,
+            "train.refit": False, "train.min_steps": 150}
+    s = train(ws, RunConfig.load(None, over), run="cap", progress=False)
+    per_epoch = -(-s["train_examples"] // 128)
+    assert per_epoch * 8 < 150 and s["epochs"] == -(-150 // per_epoch) and s["steps"] >= 150
+    assert s["epoch_cap"] == s["epochs"] and s["history_as_of"] == "end"  # recorded
+    assert epoch_cap(RunConfig.load(None, over), 128 * 100) == 8
+    assert epoch_cap(RunConfig.load(None, {**over, "train.epochs": 3}), 10) == 3
+
+
+def test_early_stopping_waits_for_stop_after_steps(tmp_path):
+    """With lr 0 validation recall never improves after epoch 1, so patience 1 would stop at epoch 2;
+    train.stop_after_steps keeps the run going until the first epoch end at or past that step.
+    Mutations caught: the guard ignored (stops at epoch 2), the guard compared with the epoch
+    instead of the step (stops too late or never)."""
+    from ebr.config import RunConfig
+    from ebr.train.loop import train
+
+    ws = _adjacency(tmp_path)
+    over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.patience": 1,
+            "train.refit": False, "train.lr": 0.0, "train.epochs": 12}
+    s = train(ws, RunConfig.load(None, {**over, "train.stop_after_steps": 0}), run="s0", progress=False)
+    per_epoch = -(-s["train_examples"] // 128)
+    assert s["epochs"] == 2
+    s = train(ws, RunConfig.load(None, {**over, "train.stop_after_steps": 4 * per_epoch + 1}), run="s5", progress=False)
+    assert s["epochs"] == 5 and s["steps"] == 5 * per_epoch
+
+
+def test_history_dropout_leaves_out_a_share_of_each_rows_items(tmp_path):
+    """train.history_dropout p: each history item of a training row is left out (pin and action:
+    padding) with probability p, drawn per step; the rest of the history is unchanged. Mutations
+    caught: pins dropped but actions kept, the same draw at every step, p read as the share kept."""
+    from ebr.config import RunConfig
+    from ebr.train.distributed import Ranks
+    from ebr.train.loop import assemble, prepare
+
+    ws = _adjacency(tmp_path)
+    cfg = RunConfig.load(None, {"train.batch_size": 128})
+    d = prepare(ws, cfg)
+    idx = np.random.default_rng(0).permutation(len(d.examples.user))[:128]
+    full = assemble(d, cfg, idx, 1, Ranks()).ub
+    cfg_d = RunConfig.load(None, {"train.batch_size": 128, "train.history_dropout": 0.3})
+    got = [assemble(d, cfg_d, idx, step, Ranks()).ub for step in (1, 2)]
+    h0, a0 = full.hist.numpy(), full.actions.numpy()
+    for ub in got:
+        h, a = ub.hist.numpy(), ub.actions.numpy()
+        kept = h > 0
+        assert np.array_equal(h[kept], h0[kept]) and np.array_equal(a[kept], a0[kept])
+        assert not a[~kept].any(), "a dropped item keeps its action"
+        share = 1 - kept.sum() / (h0 > 0).sum()
+        assert 0.25 < share < 0.35, share
+    assert not np.array_equal(got[0].hist.numpy(), got[1].hist.numpy()), "each step draws anew"

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,13 +264,13 @@ def test_reload_under_load_fails_no_request(server, bundles):
     from ebr.serve.retriever import Retriever
 
     users = [u for u in Retriever(hnsw).fs.users.ids[:30]]
-    stop = time.time() + 6
+    stop, done = time.time() + 20, threading.Event()  # load runs until both reloads are served
 
     def load() -> tuple[int, int, set]:
         ok = bad = 0
         versions = set()
         with httpx.Client(timeout=10) as c:
-            while time.time() < stop and ok + bad < 400:
+            while time.time() < stop and not done.is_set() and ok + bad < 4000:
                 r = c.post(server.url + "/v1/retrieve", json={"user_id": users[(ok + bad) % len(users)], "k": 20})
                 if r.status_code == 200:
                     ok += 1
@@ -290,6 +291,7 @@ def test_reload_under_load_fails_no_request(server, bundles):
             )
             assert res.status_code == 200, res.text
             time.sleep(1.0)
+        done.set()
         results = [f.result() for f in futs]
     assert sum(r[1] for r in results) == 0
     assert sum(r[0] for r in results) > 30

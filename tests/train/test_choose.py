@@ -96,11 +96,13 @@ def test_which_alternatives_are_tried(tiny_ws):
         assert a.train.recency_half_life_days == half_life[n]
         assert not a.train.choose_pin_id and not a.train.choose_recency_days
     assert names({}) == ["no_pin_id"]
-    assert names({}, bare) == []
+    assert names({}, bare) == ["regularised"]  # ids-only pins: the regularised alternative (default on)
+    assert names({"train.choose_regularised": False}, bare) == []
     assert names({"model.id_embeddings": "frozen"}) == []
     assert names({"train.choose_pin_id": False}) == []
-    assert names({"train.choose_recency_days": [7]}, bare) == ["recency_7d"]
-    assert names({"train.choose_recency_days": [7]}, bare, timed=False) == []
+    no_reg = {"train.choose_regularised": False}
+    assert names({**no_reg, "train.choose_recency_days": [7]}, bare) == ["recency_7d"]
+    assert names({**no_reg, "train.choose_recency_days": [7]}, bare, timed=False) == []
     reg = {"train.choose_regularised": True}  # ids-only pins: the regularised alternative, when asked
     assert names(reg) == ["no_pin_id"]
     assert names(reg, bare) == ["regularised"]

@@ -46,10 +46,15 @@ class UserBatch:
 
 
 def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays, L: int,
-               condition: np.ndarray | None = None, back: np.ndarray | None = None) -> UserBatch:
+               condition: np.ndarray | None = None, back: np.ndarray | None = None,
+               leave_out: np.ndarray | None = None) -> UserBatch:
     """Users (codes) as of times t: history strictly before t (ending `back` events earlier, when
-    given: Histories.at), features, followed interests."""
+    given: Histories.at; without the events on pin leave_out[i] in row i, when given: padding
+    there), features, followed interests."""
     pins, actions = hist.at(users, t, L, back)
+    if leave_out is not None:
+        out = pins == np.asarray(leave_out)[:, None]
+        pins[out], actions[out] = 0, 0
     cond = np.zeros(len(users), dtype=np.int64) if condition is None else condition
     return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
                      torch.from_numpy(actions), torch.from_numpy(ua.cat[users]),

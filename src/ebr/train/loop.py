@@ -341,6 +341,12 @@ class Batch:
     distinct: tuple[torch.Tensor, torch.Tensor]  # the model's (uniq, inv) of [history codes, local_pins]
 
 
+def history_at_end(cfg: RunConfig, timed: bool) -> bool:
+    """Whether training histories are read as of the end of the visible data (features.history_as_of;
+    auto: on data without real time)."""
+    return cfg.features.history_as_of == "end" or (cfg.features.history_as_of == "auto" and not timed)
+
+
 def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
     """The batch of step `step` from the examples idx: user inputs as of each example's time,
     conditions, mixed negatives and history ends (train.horizon) drawn from (seed, step) (a resumed
@@ -349,9 +355,17 @@ def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: di
     off, size, sizes = ranks.chunk(len(idx))
     loc = idx[off: off + size]
     back = None
-    if cfg.train.horizon > 1:  # each row's history as of one of its user's last `horizon` events
-        back = np.random.default_rng([cfg.train.seed, 0x4020, step]).integers(0, cfg.train.horizon, size)
-    ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len, back=back)
+    if history_at_end(cfg, d.timed):  # as evaluation reads it, without the row's own target
+        ub = user_batch(ex.user[loc], np.full(size, T_MAX), d.hist, d.users, cfg.features.history_len,
+                        leave_out=ex.pin[loc])
+    else:
+        if cfg.train.horizon > 1:  # each row's history as of one of its user's last `horizon` events
+            back = np.random.default_rng([cfg.train.seed, 0x4020, step]).integers(0, cfg.train.horizon, size)
+        ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len, back=back)
+    if cfg.train.history_dropout:  # each history item left out of this row with that probability
+        drop = np.random.default_rng([cfg.train.seed, 0xD0, step]).random(ub.hist.shape) < cfg.train.history_dropout
+        ub.hist.masked_fill_(torch.from_numpy(drop), 0)
+        ub.actions.masked_fill_(torch.from_numpy(drop), 0)
     pos = torch.from_numpy(ex.pin[idx])
     if cfg.model.conditional:
         rng = np.random.default_rng([cfg.train.seed, 0xC0D, step])
@@ -435,6 +449,17 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
 REFIT = "refit"  # the phase after model selection: training + validation, the selected number of steps
 
 
+DEFAULT_EPOCHS = 8
+
+
+def epoch_cap(cfg: RunConfig, n_examples: int) -> int:
+    """train.epochs; unset: 8, raised on small data until the epochs allow train.min_steps steps."""
+    if cfg.train.epochs is not None:
+        return cfg.train.epochs
+    per_epoch = max(math.ceil(n_examples / cfg.train.batch_size), 1)
+    return max(DEFAULT_EPOCHS, math.ceil(cfg.train.min_steps / per_epoch))
+
+
 def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True,
         phase: str = "select", max_steps: int | None = None,
         on_epoch: Callable[[int, float], None] | None = None) -> float:
@@ -452,10 +477,13 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
     if os.environ.get("EBR_FAIL_PHASE", "select") != phase:
         fail_at = None
     t_start, seen = time.time(), 0
+    epochs = epoch_cap(cfg, n)
+    if not select and max_steps:  # the refit's epochs hold every selected step
+        epochs = max(epochs, math.ceil(max_steps / max(math.ceil(n / B), 1)))
     s.model.train()
-    while not s.done and s.epoch < cfg.train.epochs:
+    while not s.done and s.epoch < epochs:
         perm = epoch_order(ex, B, cfg.train.seed, s.epoch, cfg.train.time_local_batches)
-        pbar = bar(math.ceil(n / B), f"{'' if select else 'refit '}epoch {s.epoch + 1}/{cfg.train.epochs}", progress,
+        pbar = bar(math.ceil(n / B), f"{'' if select else 'refit '}epoch {s.epoch + 1}/{epochs}", progress,
                    initial=s.pos_in_epoch // B, unit="step")
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
         first = s.step + 1  # this epoch's remaining steps, each batch assembled while the one before trains
@@ -489,7 +517,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             s.best, s.bad_epochs = (recall, 0) if improved else (s.best, s.bad_epochs + 1)
             s.best_step = s.step if improved else s.best_step
             rec[f"val_recall@{VAL_K}"] = recall
-            if s.bad_epochs >= cfg.train.patience:
+            if s.bad_epochs >= cfg.train.patience and s.step >= cfg.train.stop_after_steps:
                 s.done = True
         if s.ranks.main:
             with open(rdir / "metrics.jsonl", "a") as f:
@@ -504,7 +532,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             on_epoch(s.epoch + 1, rec[f"val_recall@{VAL_K}"])
         if epoch_done:
             s.epoch, s.pos_in_epoch = s.epoch + 1, 0
-        if not select and (s.done or s.epoch >= cfg.train.epochs):
+        if not select and (s.done or s.epoch >= epochs):
             s.save(ck / "refit.pt", cfg, d, extra={"refit": True})
         s.save(ck / last_name, cfg, d, full=True)
     return time.time() - t_start
@@ -593,7 +621,10 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         torch.set_rng_state(rng_after[chosen])  # the refit starts where the chosen run's would have alone
     summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
-               "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt"}
+               "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt",
+               # the choices made from the data: training histories, the epoch cap
+               "history_as_of": "end" if history_at_end(cfg, d.timed) else "example",
+               "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
     if choice is not None:
         summary["choice"] = choice
     if d.id_snapshot is not None:
