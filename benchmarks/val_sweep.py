@@ -70,7 +70,7 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "md_horizon_16": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "train.horizon": 16},
     # data without time: the file-order prefix as each example's history, with the earlier epoch
     # cap (the defaults before features.history_as_of auto and train.min_steps)
-    "prefix_histories": {"features.history_as_of": "example", "train.epochs": 8},
+    "prefix_histories": {"features.history_as_of": "example", "train.epochs": 8, "train.stop_after_steps": 0},
     "history_dropout_0.5": {"train.history_dropout": 0.5},
     "input_norm_none": {"model.input_norm": "none"},
 }

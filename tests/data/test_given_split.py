@@ -157,7 +157,8 @@ def test_early_stopping_waits_for_stop_after_steps(tmp_path):
 def test_history_dropout_leaves_out_a_share_of_each_rows_items(tmp_path):
     """train.history_dropout p: each history item of a training row is left out (pin and action:
     padding) with probability p, drawn per step; the rest of the history is unchanged. Mutations
-    caught: pins dropped but actions kept, the same draw at every step, p read as the share kept."""
+    caught: pins dropped but actions kept, the same draw at every step, p read as the share kept,
+    each DDP rank drawing its own mask for its rows (a 2-process run unlike a 1-process one)."""
     from ebr.config import RunConfig
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
@@ -178,3 +179,6 @@ def test_history_dropout_leaves_out_a_share_of_each_rows_items(tmp_path):
         share = 1 - kept.sum() / (h0 > 0).sum()
         assert 0.25 < share < 0.35, share
     assert not np.array_equal(got[0].hist.numpy(), got[1].hist.numpy()), "each step draws anew"
+    # two processes (DDP): each rank's rows carry the one-process batch's draw for those rows
+    halves = [assemble(d, cfg_d, idx, 1, Ranks(rank=r, world=2)).ub.hist.numpy() for r in (0, 1)]
+    assert np.array_equal(np.concatenate(halves), got[0].hist.numpy()), "ranks draw their own masks"

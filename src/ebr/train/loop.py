@@ -360,10 +360,13 @@ def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: di
                         leave_out=ex.pin[loc])
     else:
         if cfg.train.horizon > 1:  # each row's history as of one of its user's last `horizon` events
-            back = np.random.default_rng([cfg.train.seed, 0x4020, step]).integers(0, cfg.train.horizon, size)
+            rng = np.random.default_rng([cfg.train.seed, 0x4020, step])  # drawn for the global batch, like
+            back = rng.integers(0, cfg.train.horizon, len(idx))[off: off + size]  # the conditions below
         ub = user_batch(ex.user[loc], ex.t[loc], d.hist, d.users, cfg.features.history_len, back=back)
     if cfg.train.history_dropout:  # each history item left out of this row with that probability
-        drop = np.random.default_rng([cfg.train.seed, 0xD0, step]).random(ub.hist.shape) < cfg.train.history_dropout
+        L = ub.hist.shape[1]  # drawn for the global batch, this rank's rows taken (one process or several: the same)
+        drop = np.random.default_rng([cfg.train.seed, 0xD0, step]).random((len(idx), L))[off: off + size]
+        drop = drop < cfg.train.history_dropout
         ub.hist.masked_fill_(torch.from_numpy(drop), 0)
         ub.actions.masked_fill_(torch.from_numpy(drop), 0)
     pos = torch.from_numpy(ex.pin[idx])
@@ -563,6 +566,9 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     if cfg.train.recency_half_life_days is not None and not d.timed:
         log.warning("train.recency_half_life_days ignored: split %r has no real time (pseudo-time is no age)",
                     d.split_name)
+    if cfg.train.horizon > 1 and history_at_end(cfg, d.timed):
+        log.warning("train.horizon ignored: training histories are read at the end of the visible data "
+                    "(features.history_as_of %s on split %r)", cfg.features.history_as_of, d.split_name)
     if d.id_snapshot is not None:  # the refit and a resume use the same snapshot
         cfg = cfg.model_copy(deep=True)
         cfg.train.id_snapshot = d.id_snapshot["name"]
