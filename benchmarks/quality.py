@@ -148,7 +148,8 @@ def main() -> None:
     old_file = RESULTS / f"{a.name}.json"
     if a.keep_others and old_file.exists():
         old = json.loads(old_file.read_text())["table"]
-        table = {**{ds: {**t, "carried_over": True} for ds, t in old.items() if ds not in table}, **table}
+        # the old file's order, each rerun row in its place, new datasets last
+        table = {**{ds: table.get(ds, {**t, "carried_over": True}) for ds, t in old.items()}, **table}
     lines = ["| dataset | model | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for ds, t in table.items():
         for name, m in t["models"].items():

@@ -73,6 +73,10 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "prefix_histories": {"features.history_as_of": "example", "train.epochs": 8, "train.stop_after_steps": 0},
     "history_dropout_0.5": {"train.history_dropout": 0.5},
     "input_norm_none": {"model.input_norm": "none"},
+    # the time term (pin age, recent counts read at one as-of time by the index)
+    "no_time_term": {"features.pin_age": False, "features.pin_counts": False},
+    "no_age": {"features.pin_age": False},
+    "no_counts": {"features.pin_counts": False},
 }
 
 

@@ -137,7 +137,8 @@ def cmd_split(a) -> int:
     ws = Workspace.at(a.workspace)
     if a.kind == "temporal":
         s = make_temporal(
-            ws, a.name or "temporal", cut=a.cut, test_fraction=a.test_fraction, val_fraction=a.val_fraction
+            ws, a.name or "temporal", cut=a.cut, test_fraction=a.test_fraction, val_fraction=a.val_fraction,
+            min_val_users=a.min_val_users,
         )
     else:
         s = make_leave_last_out(ws, a.name or "leave_last_out")
@@ -484,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         """\
         Create a split under splits/NAME/.
           temporal:       train before the cut; default cut = last --test-fraction of the time range;
-                          validation = the last --val-fraction of the training period.
+                          validation = the last --val-fraction of the training period
+                          (default: 2%, widened until it holds --min-val-users users).
           leave-last-out: each user's last positive engagement is the target.
 
         example:  ebr data split temporal --test-fraction 0.2
@@ -498,8 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.02,
-        help="validation = this share of the training period, at its end (early stopping)",
+        default=None,
+        help="validation = this share of the training period, at its end (early stopping); default: "
+        "2%%, widened in 1%% steps (up to 25%%) until it holds --min-val-users",
+    )
+    p.add_argument(
+        "--min-val-users",
+        type=int,
+        default=100,
+        help="the default validation window holds at least this many warm users with a target",
     )
 
     cor = stages.add_parser(

@@ -27,18 +27,19 @@ def test_the_run_keeps_the_better_of_with_and_without_pin_ids(tiny_ws, single_th
     """Both selections equal standalone runs of each config (same seed); the run keeps the one with
     the better validation recall, and everything downstream follows it: summary, config.yaml, the
     selected and the refit checkpoints (a model without pin IDs has no ID table), the bundle. The
-    choice goes each way once (the defaults keep the IDs on the tiny world; at lr 1e-6, barely
-    trained, its validation favours the model without them). Catches the comparison reversed, the
+    choice goes each way once (at lr 1e-3 the tiny world keeps the IDs; at the default lr its
+    validation favours the model without them). Catches the comparison reversed, the
     alternative trained with IDs (or from another seed), a promotion that leaves the other model's
     best.pt or config, a refit of the other config, and a refit whose RNG the second selection (or
     the probe that builds its model) moved: where the IDs are kept, the refit is the plain run's."""
     from ebr.index.bundle import build_bundle, load_checkpoint
 
-    plain = {**CFG, **NO_CHOICE}
+    cfg = {**CFG, "train.lr": 1e-3}
+    plain = {**cfg, **NO_CHOICE}
     with_ids = train(tiny_ws, RunConfig.load(None, plain), run="ids-alone", progress=False)["best_val_recall@100"]
     without = train(tiny_ws, RunConfig.load(None, {**plain, "model.use_pin_id": False}), run="no-ids-alone",
                     progress=False)["best_val_recall@100"]
-    s = train(tiny_ws, RunConfig.load(None, CFG), run="choose", progress=False)
+    s = train(tiny_ws, RunConfig.load(None, cfg), run="choose", progress=False)
     c = s["choice"]
     assert c["val_recall@100"]["base"] == pytest.approx(with_ids, abs=1e-9)
     assert c["val_recall@100"]["no_pin_id"] == pytest.approx(without, abs=1e-9)
@@ -49,8 +50,8 @@ def test_the_run_keeps_the_better_of_with_and_without_pin_ids(tiny_ws, single_th
         x = torch.load(tiny_ws.run_dir("ids-alone") / "checkpoints" / ck, weights_only=True)["model"]
         y = torch.load(tiny_ws.run_dir("choose") / "checkpoints" / ck, weights_only=True)["model"]
         assert all(torch.equal(x[k], y[k]) for k in x), ck
-    # the other side wins at lr 1e-6 (both barely trained)
-    b = train(tiny_ws, RunConfig.load(None, {**CFG, "train.lr": 1e-6}), run="choose-b", progress=False)
+    # the other side wins at the default lr
+    b = train(tiny_ws, RunConfig.load(None, CFG), run="choose-b", progress=False)
     assert {s["choice"]["chosen"], b["choice"]["chosen"]} == {"base", "no_pin_id"}
     for name, summ in (("choose", s), ("choose-b", b)):
         c = summ["choice"]
@@ -123,12 +124,12 @@ def test_which_alternatives_are_tried(tiny_ws):
 
 def test_the_chosen_alternative_is_the_standalone_run_of_its_settings(tiny_ws, single_thread):
     """With both choices (4 selections), every alternative's selected weights and validation recall
-    equal a standalone run of its settings, and the winner's refit equals that run's refit (barely
-    trained at lr 1e-6, so the winner is neither the base nor the last alternative). Catches the
+    equal a standalone run of its settings, and the winner's refit equals that run's refit (on the
+    tiny world the model without IDs wins: neither the base nor the last alternative). Catches the
     recency alternative trained on unweighted examples (or the base on weighted ones), a refit
     that starts from the RNG of the last alternative rather than the winner's, and a refit of the
     wrong settings."""
-    base = {**CFG, "train.lr": 1e-6, "train.choose_recency_days": [3.0]}
+    base = {**CFG, "train.choose_recency_days": [3.0]}
     s = train(tiny_ws, RunConfig.load(None, base), run="grid", progress=False)
     c = s["choice"]
     assert list(c["val_recall@100"]) == ["base", "recency_3d", "no_pin_id", "no_pin_id_recency_3d"]
@@ -156,10 +157,10 @@ def test_a_run_killed_after_the_first_selection_resumes_to_the_same_choice(tiny_
                                                                             phase, step):
     """A failure injected in the second selection (phase select-no_pin_id) or in the refit after
     the model without pin IDs was promoted, then --resume: the choice, the selected checkpoint and
-    the refit of the uninterrupted run (lr 1e-6, where the model without IDs wins). Catches a
+    the refit of the uninterrupted run (on the tiny world the model without IDs wins). Catches a
     resume that promotes again (the alternative's best.pt is gone by then: a crash) and one that
     loses or reverses the first run's choice."""
-    cfg = RunConfig.load(None, {**CFG, "train.checkpoint_every": 5, "train.lr": 1e-6})
+    cfg = RunConfig.load(None, {**CFG, "train.checkpoint_every": 5})
     a = train(tiny_ws, cfg, run="straight-choice", progress=False)
     assert a["choice"]["chosen"] == "no_pin_id"
     run = f"crashed-{phase}"
