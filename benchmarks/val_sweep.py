@@ -77,6 +77,8 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "no_time_term": {"features.pin_age": False, "features.pin_counts": False},
     "no_age": {"features.pin_age": False},
     "no_counts": {"features.pin_counts": False},
+    "lr_5e-4": {"train.lr": 5e-4},
+    "time_dim_32": {"model.time_dim": 32},
 }
 
 
