@@ -79,6 +79,7 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "no_counts": {"features.pin_counts": False},
     "lr_5e-4": {"train.lr": 5e-4},
     "time_dim_32": {"model.time_dim": 32},
+    "mask_same_user": {"train.mask_same_user": True},
 }
 
 

@@ -174,6 +174,9 @@ class TrainConfig(_Section):
     # exact: p_j = 1 - (1 - n_j/N)^B from the training counts (random batches); streaming: Yi et
     # al.'s estimator (for data that arrives as a stream, or time-local batches)
     logq_estimator: Literal["exact", "streaming"] = "exact"
+    # another row's positive is no negative for a row of the same user (the user engaged with it:
+    # a false negative, in the row's history or its future)
+    mask_same_user: bool = False
     # each training row's history items are left out at random with this probability (drawn per
     # step): an input dropout, as denoising autoencoders for collaborative filtering use
     history_dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -89,32 +89,38 @@ def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
 def test_untimed_training_histories_are_the_evaluation_history_without_the_target(tmp_path):
     """Data without real time (a given split: the file order is no time, validation rows are drawn
     at random): features.history_as_of auto reads each training row's history as evaluation reads
-    it, the user's last L visible events as of the end, with the row's own pin left out (pins and
-    actions: padding there). Mutations caught: the target kept in its own history (a model that
-    learns to copy it), auto read as `example` (the file-order prefix), the pin left out but its
-    action kept (pooled as an item)."""
+    it, the user's last L visible events as of the end, with the row's own pin left out and one
+    more event read in its place (L = 5 here; every user has 9 visible events, so every row sees
+    5 items). Mutations caught: the target kept in its own history (a model that learns to copy
+    it), auto read as `example` (the file-order prefix), the pin left out but its action kept
+    (pooled as an item), the target blanked without reading the next event (4 items where the
+    target is among the last 5)."""
     from ebr.config import RunConfig
     from ebr.features.examples import T_MAX
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
 
     ws = _adjacency(tmp_path)
-    cfg = RunConfig.load(None, {"train.batch_size": 128})
+    over = {"train.batch_size": 128, "features.history_len": 5}
+    cfg = RunConfig.load(None, over)
     d = prepare(ws, cfg)
     ex, L = d.examples, cfg.features.history_len
     idx = np.random.default_rng(0).permutation(len(ex.user))[:128]
     b = assemble(d, cfg, idx, 1, Ranks())
     hist, act = b.ub.hist.numpy(), b.ub.actions.numpy()
-    full, full_act = d.hist.at(ex.user[idx], np.full(len(idx), T_MAX), L)
-    target = ex.pin[idx][:, None]
-    assert not (hist == target).any(), "a row's target is in its own history"
-    assert np.array_equal(hist, np.where(full == target, 0, full))
-    assert np.array_equal(act, np.where(full == target, 0, full_act))
-    assert (full == target).any(1).mean() > 0.5, "most targets are in the end history (the check is not vacuous)"
+    full, full_act = d.hist.at(ex.user[idx], np.full(len(idx), T_MAX), L + 1)
+    target = ex.pin[idx]
+    assert not (hist == target[:, None]).any(), "a row's target is in its own history"
+    for i in range(len(idx)):
+        rest = [(p, a) for p, a in zip(full[i], full_act[i]) if p != target[i]][-L:]
+        want = [(0, 0)] * (L - len(rest)) + rest
+        assert [tuple(x) for x in zip(hist[i], act[i])] == want, i
+    assert ((hist > 0).sum(1) == L).all() and (act[hist == 0] == 0).all()
+    assert (full[:, 1:] == target[:, None]).any(1).mean() > 0.3, "targets among the last L (the check is not vacuous)"
     prefix = d.hist.at(ex.user[idx], ex.t[idx], L)[0]
     assert not np.array_equal(hist, prefix)
     # asked for explicitly, the prefix comes back
-    cfg_ex = RunConfig.load(None, {"train.batch_size": 128, "features.history_as_of": "example"})
+    cfg_ex = RunConfig.load(None, {**over, "features.history_as_of": "example"})
     assert np.array_equal(assemble(d, cfg_ex, idx, 1, Ranks()).ub.hist.numpy(), prefix)
 
 
@@ -182,3 +188,39 @@ def test_history_dropout_leaves_out_a_share_of_each_rows_items(tmp_path):
     # two processes (DDP): each rank's rows carry the one-process batch's draw for those rows
     halves = [assemble(d, cfg_d, idx, 1, Ranks(rank=r, world=2)).ub.hist.numpy() for r in (0, 1)]
     assert np.array_equal(np.concatenate(halves), got[0].hist.numpy()), "ranks draw their own masks"
+
+
+def test_left_out_pin_is_compacted_out_of_long_histories(tmp_path):
+    """user_batch(leave_out=...) on a history longer than L where the left-out pin occurs twice in
+    the user's last L + 1 events: both occurrences gone (pin and action), the other events in
+    their order, right-aligned, padding on the left. Mutations caught: the left-out events kept
+    when they are not the oldest (zeroing skipped, or pins zeroed but not actions), an unstable
+    sort (the events reordered)."""
+    from ebr.config import RunConfig
+    from ebr.data.importers import import_interactions
+    from ebr.data.splits import make_temporal
+    from ebr.features.batches import user_batch
+    from ebr.features.examples import T_MAX
+    from ebr.train.loop import prepare
+
+    rows = ["user_id,item_id,ts,action"]
+    names = [f"p{i}" for i in range(60)]
+    names[52] = names[57] = "X"  # a repeat among the last 51
+    for i, n in enumerate(names):
+        rows.append(f"a,{n},2026-01-01T{i // 60:02d}:{i % 60:02d}:00Z,click")
+    rows += [f"b,q{i},2026-01-02T00:{i:02d}:00Z,click" for i in range(30)]
+    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
+    ws = Workspace.at(tmp_path / "ws")
+    import_interactions(ws, tmp_path / "x.csv")
+    make_temporal(ws, test_fraction=0.1, val_fraction=0.02)
+    d = prepare(ws, RunConfig.load(None, {"train.batch_size": 16}))
+    a = d.fs.users.encode(["a"])
+    x = d.fs.pins.encode(["X"])
+    L = 50
+    full, full_act = d.hist.at(a, np.array([T_MAX]), L + 1)
+    ub = user_batch(a, np.array([T_MAX]), d.hist, d.users, L, leave_out=x)
+    hist, act = ub.hist.numpy()[0], ub.actions.numpy()[0]
+    assert (full[0] == x[0]).sum() == 2
+    want = [p for p in full[0] if p != x[0]]
+    assert hist.tolist() == [0] * (L - len(want)) + want
+    assert (act[hist == 0] == 0).all() and (act[hist > 0] > 0).all()

@@ -64,6 +64,29 @@ def test_accidental_hits_masked_and_weights():
     assert float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, w)) == pytest.approx(want, abs=1e-6)
 
 
+def test_same_user_positives_are_no_negatives():
+    """train.mask_same_user: rows 0 and 2 of one user, row 1 of another: column 2 leaves row 0's
+    softmax and column 0 row 2's, each row keeps its own; the mask a step builds from the
+    examples' users, for a rank's chunk of rows. Mutations caught: the mask ignored, the row's own
+    column masked too (an infinite loss), the chunk's rows taken from the start of the batch."""
+    from types import SimpleNamespace
+
+    from ebr.train.loop import same_user_columns
+
+    users = np.array([7, 8, 7])
+    d = SimpleNamespace(examples=SimpleNamespace(user=np.array([5, 7, 8, 7, 9])))
+    full = same_user_columns(d, SimpleNamespace(idx=np.array([1, 2, 3]), off=0, size=3))
+    assert torch.equal(full, torch.from_numpy(users[:, None] == users[None, :]))
+    got = float(sampled_softmax_logq(U, V, IDS, LOG_Q, TAU, exclude=full))
+    assert got == pytest.approx(_by_hand(mask_col={0: (2,), 2: (0,)}), abs=1e-6)
+    assert same_user_columns(d, SimpleNamespace(idx=np.array([1, 2, 3]), off=1, size=1)).tolist() == \
+        [[False, True, False]]
+    chunk = same_user_columns(d, SimpleNamespace(idx=np.array([1, 2, 3]), off=2, size=1))
+    assert chunk.tolist() == [[True, False, True]]
+    one = float(sampled_softmax_logq(U[2:], V, IDS, LOG_Q, TAU, exclude=chunk, row_offset=2, norm=3))
+    assert one == pytest.approx(_by_hand(mask_col={2: (0,)}) - (_rows(LOG_Q)[0] + _rows(LOG_Q)[1]) / 3, abs=1e-6)
+
+
 def _rows(log_q: torch.Tensor) -> list[float]:
     logits = U @ V.T / TAU - log_q[None, :]
     return (-torch.log_softmax(logits, 1).diagonal()).tolist()
@@ -129,3 +152,26 @@ def test_frequency_estimator_converges():
         est.update(torch.tensor(ids), t)
     p = est.log_prob(torch.tensor([7, 8, 9])).exp()
     assert p.tolist() == pytest.approx([1.0, 0.25, 0.05], rel=0.05)
+
+
+def test_train_step_passes_the_same_user_mask(tiny_ws, monkeypatch):
+    """The training step hands the loss the same-user mask when train.mask_same_user is on, and
+    none when off. Mutation caught: the setting not wired into the step."""
+    from ebr.config import RunConfig
+    from ebr.train import loop
+
+    seen = []
+    real = loop.sampled_softmax_logq
+    monkeypatch.setattr(loop, "sampled_softmax_logq", lambda *a, **k: seen.append(k["exclude"]) or real(*a, **k))
+    for on in (True, False):
+        cfg = RunConfig.load(None, {"train.batch_size": 256, "model.hidden": [16], "train.mask_same_user": on})
+        d = loop.prepare(tiny_ws, cfg)
+        s = loop.TrainState.fresh(cfg, d.sizes, positives=d.positives())
+        idx = np.arange(256)
+        b = loop.assemble(d, cfg, idx, 1, s.ranks)
+        log_q = inclusion_log_prob(np.bincount(d.examples.pin, minlength=d.sizes["n_pins"]), 256)
+        loop.train_step(s, d, cfg, idx, log_q, None, b)
+        if on:
+            assert torch.equal(seen[-1], loop.same_user_columns(d, b)) and seen[-1].sum() > 256
+        else:
+            assert seen[-1] is None

@@ -49,12 +49,18 @@ def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays
                condition: np.ndarray | None = None, back: np.ndarray | None = None,
                leave_out: np.ndarray | None = None) -> UserBatch:
     """Users (codes) as of times t: history strictly before t (ending `back` events earlier, when
-    given: Histories.at; without the events on pin leave_out[i] in row i, when given: padding
-    there), features, followed interests."""
-    pins, actions = hist.at(users, t, L, back)
-    if leave_out is not None:
-        out = pins == np.asarray(leave_out)[:, None]
-        pins[out], actions[out] = 0, 0
+    given: Histories.at), features, followed interests. leave_out (n,): row i's history without
+    the events on pin leave_out[i], the last L of the rest (one more event read in its place, so
+    a row whose pin is among the user's last L sees L others, as evaluation sees L)."""
+    if leave_out is None:
+        pins, actions = hist.at(users, t, L, back)
+    else:
+        pins, actions = hist.at(users, t, L + 1, back)
+        keep = pins != np.asarray(leave_out)[:, None]
+        order = np.argsort(keep, axis=1, kind="stable")[:, 1:]  # left out first; the rest in order
+        pins, actions = np.take_along_axis(pins, order, 1), np.take_along_axis(actions, order, 1)
+        gone = ~np.take_along_axis(keep, order, 1)
+        pins[gone], actions[gone] = 0, 0
     cond = np.zeros(len(users), dtype=np.int64) if condition is None else condition
     return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
                      torch.from_numpy(actions), torch.from_numpy(ua.cat[users]),

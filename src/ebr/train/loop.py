@@ -408,6 +408,12 @@ def prefetched(make: Callable[..., Batch], args: Iterable[tuple]) -> Iterator[Ba
             yield pending.result()
 
 
+def same_user_columns(d: TrainData, b: Batch) -> torch.Tensor:
+    """(rows of this rank, global batch) bool: the columns whose positive belongs to the row's user."""
+    users = torch.from_numpy(d.examples.user[b.idx])
+    return users[b.off: b.off + b.size, None] == users[None, :]
+
+
 def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exact_log_q: torch.Tensor,
                clock: Stages | None = None, batch: Batch | None = None) -> float:
     """One optimiser step on the examples `idx` (the global batch; `batch`: assembled already, by
@@ -438,7 +444,8 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
     u = q[:, : s.model.dim]
     loss = sampled_softmax_logq(u, distributed.gather_rows(v[:size], b.sizes), pos, log_q, cfg.model.temperature,
                                 b.weight, v[size:] if negs is not None else None, negs,
-                                neg_lq, extra, row_offset=off, norm=len(b.idx))
+                                neg_lq, extra, row_offset=off, norm=len(b.idx),
+                                exclude=same_user_columns(d, b) if cfg.train.mask_same_user else None)
     mark(clock, "forward")
     s.opt.zero_grad(set_to_none=True)
     (loss * s.ranks.world).backward()  # DDP averages the ranks' gradients: this makes it their sum

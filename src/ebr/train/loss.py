@@ -97,6 +97,7 @@ def sampled_softmax_logq(
     extra: torch.Tensor | None = None,
     row_offset: int = 0,
     norm: int | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """user (R, D) rows, item (B, D) the batch's positives, item_ids (B,), log_q (B,) or None (no
     correction); row r's positive is column row_offset + r (R = B, offset 0 on one process; a rank
@@ -104,8 +105,9 @@ def sampled_softmax_logq(
     columns); optional extra negatives neg (N, D) with ids (N,) and log q (N,) (mixed negative
     sampling); optional `extra` (R, B + N) logits added to every (row, column) pair before the
     correction (the pin-age term; -inf removes a column from a row: a pin that does not exist yet
-    at the row's time is no negative). Returns sum_r w_r nll_r / norm (norm: the global batch
-    size, default R)."""
+    at the row's time is no negative); optional `exclude` (R, B) bool: positives that are no
+    negative for a row (another row's positive of the same user), the row's own column kept.
+    Returns sum_r w_r nll_r / norm (norm: the global batch size, default R)."""
     R = user.shape[0]
     pos = torch.arange(R) + row_offset
     logits = user @ item.T / temperature
@@ -121,6 +123,8 @@ def sampled_softmax_logq(
     if extra is not None:
         logits = logits + extra
     hit = item_ids[pos][:, None] == ids[None, :]
+    if exclude is not None:
+        hit[:, : exclude.shape[1]] |= exclude
     hit[torch.arange(R), pos] = False  # the row's own positive stays
     logits = logits.masked_fill(hit, float("-inf"))
     nll = -F.log_softmax(logits, dim=1)[torch.arange(R), pos]
