@@ -497,14 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="split name (default: the kind)")
     p.add_argument("--cut", type=_ts, help="ISO-8601 cut time (temporal)")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument(
+    vf = p.add_mutually_exclusive_group()
+    vf.add_argument(
         "--val-fraction",
         type=float,
         default=None,
         help="validation = this share of the training period, at its end (early stopping); default: "
         "2%%, widened in 1%% steps (up to 25%%) until it holds --min-val-users",
     )
-    p.add_argument(
+    vf.add_argument(
         "--min-val-users",
         type=int,
         default=100,

@@ -224,3 +224,34 @@ def test_left_out_pin_is_compacted_out_of_long_histories(tmp_path):
     want = [p for p in full[0] if p != x[0]]
     assert hist.tolist() == [0] * (L - len(want)) + want
     assert (act[hist == 0] == 0).all() and (act[hist > 0] > 0).all()
+
+
+def test_first_epoch_checks_can_select_a_step_inside_the_first_epoch(tmp_path, monkeypatch):
+    """train.first_epoch_checks 3: validations at 1/4, 1/2 and 3/4 of the first epoch too (selection
+    only); one of them can be the best (best.pt and the refit's step count follow it), and patience
+    still counts epochs. Validation recall is scripted: 0.5, 0.9, 0.4 inside epoch 1, 0.6 at its
+    end, then 0.7 and 0.65 at the next epochs' ends (two epochs without a better recall: patience
+    2 stops after epoch 3; the first epoch, which improved inside, is no bad one). Mutations
+    caught: checks at the wrong steps (or none), a check's improvement not kept (best_step at an
+    epoch's end), best.pt not saved there, a worse check or the first epoch counted against
+    patience (training stops after epoch 2), checks in the refit."""
+    import torch
+
+    from ebr.config import RunConfig
+    from ebr.train import loop
+
+    ws = _adjacency(tmp_path)
+    script = iter([0.5, 0.9, 0.4, 0.6, 0.7, 0.65, 0.6, 0.6])
+    monkeypatch.setattr(loop, "validation_recall", lambda *a, **k: next(script))
+    over = {"train.batch_size": 128, "model.hidden": [16], "train.epochs": 4, "train.patience": 2,
+            "train.stop_after_steps": 0, "train.choose_pin_id": False, "train.choose_regularised": False}
+    s = loop.train(ws, RunConfig.load(None, over), run="checks", progress=False)
+    rows = [json.loads(x) for x in (ws.run_dir("checks") / "metrics.jsonl").read_text().splitlines()]
+    select = [r for r in rows if r["phase"] == "select"]
+    per_epoch = -(-s["train_examples"] // 128)
+    inside = [r["step"] for r in select if r.get("within_epoch")]
+    assert inside == [round(per_epoch * i / 4) for i in (1, 2, 3)] and len(set(inside)) == 3
+    assert [r["step"] for r in select if not r.get("within_epoch")] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert s["selected_step"] == inside[1] and s["best_val_recall@100"] == 0.9
+    assert torch.load(ws.run_dir("checks") / "checkpoints" / "best.pt", weights_only=True)["step"] == inside[1]
+    assert s["refit"]["steps"] == inside[1] and not any(r.get("within_epoch") for r in rows if r["phase"] == "refit")

@@ -79,10 +79,12 @@ def _range(ws: Workspace) -> tuple[dt.datetime, dt.datetime]:
 
 
 def _val_users(con, val_cut: dt.datetime, cut: dt.datetime) -> int:
-    """Warm users with a validation target in [val_cut, cut): a positive engagement there with a pin
-    they did not engage with before val_cut, and at least one engagement before it."""
+    """Warm users with a validation target in [val_cut, cut), as evaluation counts them
+    (features/examples.py eval_spec, with the default positive actions): a positive engagement
+    there with a pin they did not engage with (any action but an impression) before val_cut, and
+    at least one such engagement before it."""
     return con.execute(
-        f"""WITH tr AS (SELECT DISTINCT user_id, pin_id FROM engagements WHERE ts < ?),
+        f"""WITH tr AS (SELECT DISTINCT user_id, pin_id FROM engagements WHERE ts < ? AND action <> 'impression'),
         v AS (SELECT DISTINCT user_id, pin_id FROM engagements
               WHERE ts >= ? AND ts < ? AND action IN {POS_SQL})
         SELECT count(DISTINCT v.user_id) FROM v

@@ -490,6 +490,23 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
     epochs = epoch_cap(cfg, n)
     if not select and max_steps:  # the refit's epochs hold every selected step
         epochs = max(epochs, math.ceil(max_steps / max(math.ceil(n / B), 1)))
+    per_epoch = max(math.ceil(n / B), 1)
+    k = cfg.train.first_epoch_checks if select else 0
+    early = {round(per_epoch * i / (k + 1)) for i in range(1, k + 1)} - {0, per_epoch}
+
+    def check(rec: dict, epoch_end: bool) -> bool:
+        """Validation recall into rec; best, best_step and (at an epoch's end) patience updated."""
+        recall = validation_recall(s.model, d, cfg.features.history_len)
+        improved = recall > s.best
+        if improved:
+            s.best, s.bad_epochs, s.best_step = recall, 0, s.step
+        elif epoch_end and s.epoch > 0:  # the first epoch is never a bad one (it sets the first best)
+            s.bad_epochs += 1
+        rec[f"val_recall@{VAL_K}"] = recall
+        if epoch_end and s.bad_epochs >= cfg.train.patience and s.step >= cfg.train.stop_after_steps:
+            s.done = True
+        return improved
+
     s.model.train()
     while not s.done and s.epoch < epochs:
         perm = epoch_order(ex, B, cfg.train.seed, s.epoch, cfg.train.time_local_batches)
@@ -513,6 +530,14 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             if max_steps and s.step >= max_steps:
                 s.done = True
                 break
+            if s.epoch == 0 and s.step in early:  # a validation inside the first epoch
+                rec = {"phase": phase, "epoch": round(s.pos_in_epoch / n, 3), "step": s.step,
+                       "loss": loss_sum / loss_n, "within_epoch": True}
+                if check(rec, epoch_end=False):
+                    s.save(ck / "best.pt", cfg, d)
+                if s.ranks.main:
+                    with open(rdir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
             if s.step % cfg.train.checkpoint_every == 0:
                 s.save(ck / last_name, cfg, d, full=True)
         pbar.close()
@@ -522,13 +547,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
                "examples_per_s": round(loss_n / max(time.time() - t_epoch, 1e-9), 1)}
         improved = False
         if select:
-            recall = validation_recall(s.model, d, cfg.features.history_len)
-            improved = recall > s.best
-            s.best, s.bad_epochs = (recall, 0) if improved else (s.best, s.bad_epochs + 1)
-            s.best_step = s.step if improved else s.best_step
-            rec[f"val_recall@{VAL_K}"] = recall
-            if s.bad_epochs >= cfg.train.patience and s.step >= cfg.train.stop_after_steps:
-                s.done = True
+            improved = check(rec, epoch_end=True)
         if s.ranks.main:
             with open(rdir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
