@@ -535,6 +535,9 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
                        "loss": loss_sum / loss_n, "within_epoch": True}
                 if check(rec, epoch_end=False):
                     s.save(ck / "best.pt", cfg, d)
+                    if progress:
+                        log.info("step %d (%.0f%% of epoch 1): val recall@%d %.4f  (best)", s.step,
+                                 100 * rec["epoch"], VAL_K, rec[f"val_recall@{VAL_K}"])
                 if s.ranks.main:
                     with open(rdir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
