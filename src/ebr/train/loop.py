@@ -487,10 +487,9 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
     if os.environ.get("EBR_FAIL_PHASE", "select") != phase:
         fail_at = None
     t_start, seen = time.time(), 0
-    epochs = epoch_cap(cfg, n)
+    epochs, per_epoch = epoch_cap(cfg, n), max(math.ceil(n / B), 1)
     if not select and max_steps:  # the refit's epochs hold every selected step
-        epochs = max(epochs, math.ceil(max_steps / max(math.ceil(n / B), 1)))
-    per_epoch = max(math.ceil(n / B), 1)
+        epochs = max(epochs, math.ceil(max_steps / per_epoch))
     k = cfg.train.first_epoch_checks if select else 0
     early = {round(per_epoch * i / (k + 1)) for i in range(1, k + 1)} - {0, per_epoch}
 
@@ -507,10 +506,15 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             s.done = True
         return improved
 
+    def record(rec: dict) -> None:
+        if s.ranks.main:
+            with open(rdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     s.model.train()
     while not s.done and s.epoch < epochs:
         perm = epoch_order(ex, B, cfg.train.seed, s.epoch, cfg.train.time_local_batches)
-        pbar = bar(math.ceil(n / B), f"{'' if select else 'refit '}epoch {s.epoch + 1}/{epochs}", progress,
+        pbar = bar(per_epoch, f"{'' if select else 'refit '}epoch {s.epoch + 1}/{epochs}", progress,
                    initial=s.pos_in_epoch // B, unit="step")
         loss_sum, loss_n, t_epoch = 0.0, 0, time.time()
         first = s.step + 1  # this epoch's remaining steps, each batch assembled while the one before trains
@@ -538,9 +542,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
                     if progress:
                         log.info("step %d (%.0f%% of epoch 1): val recall@%d %.4f  (best)", s.step,
                                  100 * rec["epoch"], VAL_K, rec[f"val_recall@{VAL_K}"])
-                if s.ranks.main:
-                    with open(rdir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                record(rec)
             if s.step % cfg.train.checkpoint_every == 0:
                 s.save(ck / last_name, cfg, d, full=True)
         pbar.close()
@@ -551,9 +553,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
         improved = False
         if select:
             improved = check(rec, epoch_end=True)
-        if s.ranks.main:
-            with open(rdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        record(rec)
         if progress:
             log.info("%sepoch %d: loss %.4f%s", "" if select else "refit ", s.epoch + 1, rec["loss"],
                      f"  val recall@{VAL_K} {rec[f'val_recall@{VAL_K}']:.4f}{'  (best)' if improved else ''}"
