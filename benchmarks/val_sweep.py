@@ -80,6 +80,11 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "lr_5e-4": {"train.lr": 5e-4},
     "time_dim_32": {"model.time_dim": 32},
     "mask_same_user": {"train.mask_same_user": True},
+    "user_weight_0.5": {"train.user_weight_power": 0.5},
+    "user_weight_1": {"train.user_weight_power": 1.0},
+    "lr_plateau_0.3": {"train.lr_plateau_factor": 0.3},
+    "lr_plateau_0.5": {"train.lr_plateau_factor": 0.5},
+    "end_histories": {"features.history_as_of": "end"},
 }
 
 

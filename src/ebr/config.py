@@ -194,10 +194,19 @@ class TrainConfig(_Section):
     # weights rescaled to mean 1 so the step size is unchanged; None: every example counts the
     # same. Data without real time (pseudo-time, given splits) ignores it, with a warning
     recency_half_life_days: float | None = Field(None, gt=0.0)
+    # user weighting: each example's loss weight times n_u^-power (n_u: its user's training examples),
+    # rescaled to mean 1; 0 = every example counts the same (heavy users dominate the loss), 1 = every
+    # user counts the same, as evaluation averages recall per user (Covington et al. 2016 cap examples
+    # per user for the same reason)
+    user_weight_power: float = Field(0.0, ge=0.0, le=1.0)
     estimator_alpha: float = 0.01
     estimator_hashes: int = 2
     estimator_buckets: int = 1 << 20
     patience: int = 2  # epochs without a better validation recall before stopping
+    # at an epoch's end without a better validation recall (training going on, past
+    # stop_after_steps), the learning rate is multiplied by this; the refit repeats each decay at the
+    # same step. 1 = a constant rate
+    lr_plateau_factor: float = Field(1.0, gt=0.0, le=1.0)
     # early stopping ends no run before this many steps: a slow start is no reason to stop (on data
     # without time, validation recall sits at the popularity feed's for 3-4 epochs of ML-100K ids-only
     # before it climbs; patience 2 ended 2 of 72 such runs of a validation sweep there: README)

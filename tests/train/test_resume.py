@@ -81,6 +81,22 @@ def test_refit_trains_the_selected_steps_on_validation_too_and_resumes(tiny_ws, 
     assert served_checkpoint(tiny_ws, "r-straight").name == "best.pt"
 
 
+def test_the_refit_runs_every_selected_step_past_the_epoch_cap(tiny_ws, tmp_path, single_thread):
+    """A refit asked for more steps than its config's epochs hold (train.epochs 1, three epochs'
+    worth of steps) runs them all: the refit's epoch count is raised to hold the selected steps.
+    Catches the raise dropped (the refit would stop after one epoch, serving a shorter model than
+    the one selected)."""
+    from ebr.train.loop import REFIT, TrainState, fit, prepare
+
+    cfg = RunConfig.load(None, {**CFG, "train.epochs": 1})
+    d = prepare(tiny_ws, cfg, refit=True)
+    per_epoch = -(-len(d.examples.user) // cfg.train.batch_size)
+    s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives())
+    (tmp_path / "checkpoints").mkdir()
+    fit(s, d, cfg, tmp_path, progress=False, phase=REFIT, max_steps=3 * per_epoch)
+    assert s.step == 3 * per_epoch and s.epoch == 3
+
+
 def test_the_prefetched_loop_trains_what_in_line_steps_train(tiny_ws, tmp_path, single_thread):
     """`fit` assembles each batch in a worker thread one step ahead; its weights after 7 steps equal
     7 plain `train_step` calls assembling in line (mixed negatives and conditions are drawn from

@@ -215,12 +215,26 @@ def positive_examples(e: Engagements, cfg: FeaturesConfig, parts: tuple[int, ...
     return Examples(e.user[m], e.pin[m], e.t[m], w.astype(np.float32), e.conditions()[m])
 
 
+def _mean_one(r: np.ndarray) -> np.ndarray:
+    """Loss weights rescaled to mean 1 (float32): the loss's scale, and so the step size, stays that
+    of unweighted data."""
+    return (r / r.mean()).astype(np.float32) if len(r) else r.astype(np.float32)
+
+
 def recency_weights(t: np.ndarray, as_of: int, half_life_days: float) -> np.ndarray:
     """(N,) float32 weights 2^(-(as_of - t) / half-life) of examples at times t (microseconds),
     rescaled to mean 1 (the loss's scale, and so the step size, stays that of unweighted data)."""
     age_days = (as_of - np.asarray(t, dtype=np.float64)) / (86400 * 1e6)
     r = np.exp2(-np.maximum(age_days, 0.0) / half_life_days)
-    return (r / r.mean()).astype(np.float32) if len(r) else r.astype(np.float32)
+    return _mean_one(r)
+
+
+def user_weights(user: np.ndarray, power: float) -> np.ndarray:
+    """(N,) float32 weights n_u^-power of examples of users `user` (n_u: the user's examples here),
+    rescaled to mean 1: power 1 gives every user the same total weight, 0 every example."""
+    _, inv, n = np.unique(np.asarray(user), return_inverse=True, return_counts=True)
+    r = n[inv].astype(np.float64) ** -power
+    return _mean_one(r)
 
 
 @dataclass

@@ -17,14 +17,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ebr.config import REGULARISED, RunConfig
+from ebr.config import REGULARISED, RunConfig, TrainConfig
 from ebr.data.splits import Part, load_split
 from ebr.errors import EbrError
 from ebr.features.age import NOT_YET, TimeFields
@@ -37,6 +37,7 @@ from ebr.features.examples import (
     eval_spec,
     positive_examples,
     recency_weights,
+    user_weights,
 )
 from ebr.features.pinstats import PinStats
 from ebr.features.snapshot import build_snapshot
@@ -125,7 +126,7 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
     d = TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
                   snap.time, snap.as_of, interest, *ids, action_weight=ex.weight, timed=snap.e.timed)
-    return _weighted(d, cfg.train.recency_half_life_days)
+    return _weighted(d, cfg.train)
 
 
 def _id_window(ws: Workspace, cfg: RunConfig, snap, parts: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
@@ -243,6 +244,7 @@ class TrainState:
     best_step: int = 0  # the step of the best validation recall (the refit trains that many)
     bad_epochs: int = 0
     done: bool = False
+    lr_drops: list[int] = field(default_factory=list)  # steps after which the rate was decayed
     ranks: distributed.Ranks = distributed.Ranks()
     ddp: torch.nn.Module | None = None  # the model under DistributedDataParallel (torchrun, N > 1)
     id_grad: tuple[torch.Tensor, torch.Tensor] | None = None  # dense_id_grad's buffer, rows written last
@@ -302,6 +304,7 @@ class TrainState:
         for k in ("epoch", "pos_in_epoch", "step", "best", "bad_epochs", "done"):
             setattr(self, k, state[k])
         self.best_step = state.get("best_step", 0)
+        self.lr_drops = list(state.get("lr_drops", []))
 
     def save(self, path: Path, cfg: RunConfig, d: TrainData, full: bool = False, extra: dict | None = None) -> None:
         """Write a checkpoint atomically (rank 0 only: the ranks hold the same model)."""
@@ -318,7 +321,13 @@ class TrainState:
         return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "pos_in_epoch": self.pos_in_epoch, "bad_epochs": self.bad_epochs, "done": self.done,
-                "best_step": self.best_step}
+                "best_step": self.best_step, "lr_drops": self.lr_drops}
+
+    def decay_lr(self, factor: float) -> None:
+        """Multiply every parameter group's learning rate by `factor` and record the step."""
+        for g in self.opt.param_groups:
+            g["lr"] *= factor
+        self.lr_drops.append(self.step)
 
 
 @dataclass
@@ -472,10 +481,12 @@ def epoch_cap(cfg: RunConfig, n_examples: int) -> int:
 
 def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool = True,
         phase: str = "select", max_steps: int | None = None,
-        on_epoch: Callable[[int, float], None] | None = None) -> float:
+        on_epoch: Callable[[int, float], None] | None = None, lr_drops: Iterable[int] = ()) -> float:
     """Epochs of train_step and checkpoints; returns seconds spent. Phase "select": validation
-    recall per epoch, early stopping, checkpoints best.pt/last.pt. Phase REFIT: no validation,
-    `max_steps` steps, checkpoints refit.pt (at the end) / refit_last.pt."""
+    recall per epoch, early stopping, checkpoints best.pt/last.pt; at an epoch's end without a better
+    recall the rate decays (train.lr_plateau_factor). Phase REFIT: no validation, `max_steps`
+    steps, the rate decayed after each step of `lr_drops` (the selection's), checkpoints refit.pt
+    (at the end) / refit_last.pt."""
     ck = rdir / "checkpoints"
     select = phase != REFIT
     last_name = "last.pt" if select else "refit_last.pt"
@@ -492,6 +503,7 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
         epochs = max(epochs, math.ceil(max_steps / per_epoch))
     k = cfg.train.first_epoch_checks if select else 0
     early = {round(per_epoch * i / (k + 1)) for i in range(1, k + 1)} - {0, per_epoch}
+    factor, replay = cfg.train.lr_plateau_factor, set(lr_drops) if not select else set()
 
     def check(rec: dict, epoch_end: bool) -> bool:
         """Validation recall into rec; best, best_step and (at an epoch's end) patience updated."""
@@ -504,6 +516,9 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
         rec[f"val_recall@{VAL_K}"] = recall
         if epoch_end and s.bad_epochs >= cfg.train.patience and s.step >= cfg.train.stop_after_steps:
             s.done = True
+        if (epoch_end and not improved and s.epoch > 0 and not s.done and factor < 1.0
+                and s.step >= cfg.train.stop_after_steps):  # (before it, a dip is no plateau either)
+            s.decay_lr(factor)
         return improved
 
     def record(rec: dict) -> None:
@@ -525,6 +540,8 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
             if fail_at is not None and s.step == fail_at:
                 raise InjectedFailure(f"injected failure at step {s.step} of {phase} (EBR_FAIL_AT_STEP)")
             loss = train_step(s, d, cfg, idx, exact_log_q, batch=batch)
+            if s.step in replay:
+                s.decay_lr(factor)
             s.pos_in_epoch += len(idx)
             seen += len(idx)
             loss_sum += loss * len(idx)
@@ -626,7 +643,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             torch.manual_seed(cfg.train.seed)
             adir = rdir / "alternatives" / name
             (adir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            da = _weighted(d, alt.train.recency_half_life_days)
+            da = _weighted(d, alt.train)
             a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives())
             alast = adir / "checkpoints" / "last.pt"
             if resume and alast.exists():
@@ -660,6 +677,8 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                # the choices made from the data: training histories, the epoch cap
                "history_as_of": "end" if history_at_end(cfg, d.timed) else "example",
                "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
+    if s.lr_drops:
+        summary["lr_drops"] = s.lr_drops
     if choice is not None:
         summary["choice"] = choice
     if d.id_snapshot is not None:
@@ -670,7 +689,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     if ranks.world > 1:
         summary["processes"] = ranks.world
     if cfg.train.refit and s.best_step > 0:
-        summary.update(_refit(ws, cfg, d.fs, rdir, s.best_step, resume, progress, ranks))
+        summary.update(_refit(ws, cfg, d.fs, rdir, s.best_step, resume, progress, ranks, s.lr_drops))
     if ranks.main:
         write_json(rdir / "summary.json", summary)
     return summary
@@ -727,17 +746,20 @@ def _overrides(cfg: RunConfig, alt: RunConfig) -> dict:
     return out
 
 
-def _weighted(d: TrainData, half_life_days: float | None) -> TrainData:
-    """d with its examples weighted for a recency half-life (train.recency_half_life_days): the action
-    weights times recency_weights on data with real time, the action weights alone otherwise."""
+def _weighted(d: TrainData, t: TrainConfig) -> TrainData:
+    """d with its examples weighted: the action weights, times recency_weights for a recency
+    half-life (train.recency_half_life_days, on data with real time), times user_weights for
+    train.user_weight_power."""
     w = d.action_weight
-    if half_life_days is not None and d.timed:
-        w = w * recency_weights(d.examples.t, d.as_of, half_life_days)
+    if t.recency_half_life_days is not None and d.timed:
+        w = w * recency_weights(d.examples.t, d.as_of, t.recency_half_life_days)
+    if t.user_weight_power:
+        w = w * user_weights(d.examples.user, t.user_weight_power)
     return replace(d, examples=replace(d.examples, weight=w))
 
 
 def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: int, resume: bool,
-           progress: bool, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
+           progress: bool, ranks: distributed.Ranks = distributed.Ranks(), lr_drops: list[int] = ()) -> dict:
     """Retrain from scratch on training + validation for the selected number of steps, as a
     production pipeline does once validation has chosen the budget: the most recent data is then
     in the model. Bundles serve refit.pt; best.pt (the selected model) is kept."""
@@ -750,6 +772,6 @@ def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: i
     r.distribute(ranks)
     if progress:
         log.info("refit: %d steps on training + validation (%s examples)", steps, f"{len(rd.examples.user):,}")
-    seconds = fit(r, rd, cfg, rdir, progress, phase=REFIT, max_steps=steps)
-    return {"served": "refit.pt", "refit": {"steps": r.step, "examples": len(rd.examples.user),
+    seconds = fit(r, rd, cfg, rdir, progress, phase=REFIT, max_steps=steps, lr_drops=lr_drops)
+    return {"served": "refit.pt", "refit": {"steps": r.step, "examples": len(rd.examples.user), "lr_drops": r.lr_drops,
                                             "seconds": round(time.time() - t0, 2), "train_seconds": round(seconds, 2)}}
