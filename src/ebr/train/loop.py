@@ -759,7 +759,7 @@ def _weighted(d: TrainData, t: TrainConfig) -> TrainData:
 
 
 def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: int, resume: bool,
-           progress: bool, ranks: distributed.Ranks = distributed.Ranks(), lr_drops: list[int] = ()) -> dict:
+           progress: bool, ranks: distributed.Ranks = distributed.Ranks(), lr_drops: Iterable[int] = ()) -> dict:
     """Retrain from scratch on training + validation for the selected number of steps, as a
     production pipeline does once validation has chosen the budget: the most recent data is then
     in the model. Bundles serve refit.pt; best.pt (the selected model) is kept."""
