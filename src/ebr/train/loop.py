@@ -509,16 +509,17 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
         """Validation recall into rec; best, best_step and (at an epoch's end) patience updated."""
         recall = validation_recall(s.model, d, cfg.features.history_len)
         improved = recall > s.best
+        bad = epoch_end and not improved and s.epoch > 0  # the first epoch is never a bad one
         if improved:
             s.best, s.bad_epochs, s.best_step = recall, 0, s.step
-        elif epoch_end and s.epoch > 0:  # the first epoch is never a bad one (it sets the first best)
+        elif bad:
             s.bad_epochs += 1
         rec[f"val_recall@{VAL_K}"] = recall
-        if epoch_end and s.bad_epochs >= cfg.train.patience and s.step >= cfg.train.stop_after_steps:
-            s.done = True
-        if (epoch_end and not improved and s.epoch > 0 and not s.done and factor < 1.0
-                and s.step >= cfg.train.stop_after_steps):  # (before it, a dip is no plateau either)
-            s.decay_lr(factor)
+        if epoch_end and s.step >= cfg.train.stop_after_steps:  # before it a dip is no plateau
+            if s.bad_epochs >= cfg.train.patience:
+                s.done = True
+            elif bad and factor < 1.0 and not s.done:
+                s.decay_lr(factor)
         return improved
 
     def record(rec: dict) -> None:
