@@ -154,6 +154,16 @@ class ModelConfig(_Section):
     # interest filter per condition (mode conditional / auto)
     conditional: bool = False
     time_dim: int = 8  # width of the time term's pin embedding (features.pin_age, features.pin_counts)
+    # a learned scalar per pin added to every score, b_i = a linear head on the pin tower's crossing
+    # output (before the unit norm): the popularity a unit-norm embedding can only hold as a
+    # direction; served as one more index column (tau * b_i) against a constant 1 in the query
+    pin_bias: bool = False
+    # a learned embedding per history slot (events back from the most recent) added to each history
+    # item before pooling, so the poolings can weigh recent engagements up: auto = on where the split
+    # asks for each user's next engagement (leave_last_out) with point-in-time training histories,
+    # off under temporal splits and where histories are read at the end of the data (chosen on
+    # validation: train/loop.py history_positions; README)
+    history_position: Literal["auto", "on", "off"] = "auto"
     temperature: float = 0.05  # [ours] Yi et al.: 0.05-0.07 with normalised embeddings
     dropout: float = 0.0
 

@@ -101,9 +101,13 @@ def test_dhen_user_tower_exports_and_reloads(tiny_ws, tmp_path):
     from ebr.model.towers import TwoTower
 
     fs = build_feature_state(tiny_ws)
-    cfg = ModelConfig(crossing="dhen")
-    # with every optional input on: followed interests and the age term's query part
-    model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32, 32]}, cfg).eval()
+    cfg = ModelConfig(crossing="dhen", pin_bias=True)
+    # with every optional input on: followed interests, the age term's query part, the pin bias's
+    # constant column and the history positions
+    model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32, 32], "history_positions": 20},
+                     cfg).eval()
+    with torch.no_grad():
+        model.user.history.position.normal_()
     path = tmp_path / "tower.pt2"
     export_user_tower(model, 20, len(fs.user_cat), 8, path)
     loaded = torch.export.load(path).module()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ebr.config import ModelConfig
@@ -11,16 +12,23 @@ from ebr.model.ops import lookup
 from ebr.model.towers import TwoTower
 
 
-def test_training_pass_projects_each_distinct_item_once_with_the_same_result(tiny_ws):
+@pytest.mark.parametrize("extras", [{}, {"pin_bias": True}])
+def test_training_pass_projects_each_distinct_item_once_with_the_same_result(tiny_ws, extras):
     """embed_users_and_pins projects the history on the distinct items and gathers the projection
     (B*L rows -> a few hundred); the result and every gradient equal the plain order (gather the
     item representations per history slot, then the user tower). Catches a projection applied
     twice or without its bias, the wrong slice of the inverse index (history vs the pins' part),
-    or an action embedding dropped on the fast path; `distinct` given ahead changes nothing."""
+    or an action embedding dropped on the fast path, and (second case) the history positions
+    added on the plain path only; `distinct` given ahead changes nothing."""
     fs = build_feature_state(tiny_ws)
     torch.manual_seed(0)
-    model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32]}, ModelConfig()).eval()
     B, L, n_pins = 6, 12, fs.sizes["n_pins"]
+    sizes = {**fs.sizes, "interest_features": True, "time_fields": [30, 32], "history_positions": L if extras else 0}
+    model = TwoTower(sizes, ModelConfig(**extras)).eval()
+    if extras:  # non-zero positions and bias head, so that dropping either changes the result
+        with torch.no_grad():
+            model.user.history.position.normal_()
+            model.pin.bias.weight.normal_()
     g = torch.Generator().manual_seed(1)
     hist = torch.randint(0, n_pins, (B, L), generator=g)
     rest = (torch.randint(1, 6, (B, L), generator=g), torch.randint(0, 2, (B, len(fs.user_cat)), generator=g),
@@ -124,3 +132,72 @@ def test_history_pooling_is_the_masked_mean_and_the_attention_pooling():
         w = torch.softmax(hb @ enc.query, 0)
         assert torch.allclose(out[b, :6], hb.mean(0), atol=1e-6)
         assert torch.allclose(out[b, 6:], (w[:, None] * hb).sum(0), atol=1e-6)
+
+
+def test_history_positions_count_back_from_the_most_recent_slot():
+    """model.history_position: slot j of a left-padded history (slot -1 the most recent event)
+    gets the position table's row for its distance from the end, so a history shorter than the
+    table reads the table's last rows; the positions enter before the GELU and both poolings.
+    Catches the table read from its first rows or reversed, and the positions left out."""
+    from ebr.model.interests import valid_items
+    from ebr.model.towers import HistoryEncoder
+
+    torch.manual_seed(0)
+    enc = HistoryEncoder(10, 6, positions=8)
+    with torch.no_grad():
+        enc.position.normal_()
+    hist = torch.randn(2, 5, 10)
+    actions = torch.tensor([[0, 0, 1, 2, 1], [3, 1, 2, 1, 1]])
+    out = enc(hist, actions)
+    h = torch.nn.functional.gelu(enc.proj(hist) + enc.action(actions) + enc.position[3:8])
+    for b in range(2):
+        keep = valid_items(actions)[b]
+        hb = h[b][keep]
+        w = torch.softmax(hb @ enc.query, 0)
+        assert torch.allclose(out[b, :6], hb.mean(0), atol=1e-6)
+        assert torch.allclose(out[b, 6:], (w[:, None] * hb).sum(0), atol=1e-6)
+
+
+def test_pin_bias_adds_b_to_every_score_and_keeps_the_time_term(tiny_ws):
+    """model.pin_bias: score(u, i, t) = (<u, v_i> + <w_u, c_i(t)>) / tau + b_i, b_i the bias
+    head on the pin tower's crossing output, as one inner product of the query [u, 1, w] with the
+    index vector [v, tau b, c]; the training pass's time term reads the same w. Catches the bias
+    left unscaled by tau, the query's constant column at 0 (no bias), and the time term reading
+    its weights from the wrong column."""
+    fs = build_feature_state(tiny_ws)
+    torch.manual_seed(0)
+    cfg = ModelConfig(pin_bias=True)
+    model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32]}, cfg).eval()
+    with torch.no_grad():
+        model.pin.bias.weight.normal_()
+        model.pin.bias.bias.fill_(0.3)
+        for e in model.time:
+            e.weight.normal_()
+    B, L, n_pins, d = 4, 6, fs.sizes["n_pins"], cfg.dim
+    g = torch.Generator().manual_seed(1)
+    hist = torch.randint(0, n_pins, (B, L), generator=g)
+    rest = (torch.randint(1, 6, (B, L), generator=g), torch.randint(0, 2, (B, len(fs.user_cat)), generator=g),
+            torch.randint(0, len(fs.interests), (B, 3), generator=g), torch.zeros(B, dtype=torch.long),
+            torch.arange(B))
+    pins = torch.arange(2, 9)
+    cat, num = torch.randint(0, 2, (n_pins, len(fs.sizes["pin_cat"]))), torch.randn(n_pins, fs.sizes["n_pin_num"])
+    emb, interests = torch.randn(n_pins, fs.sizes["emb_dim"]), torch.randint(0, len(fs.interests), (n_pins, 2))
+
+    def fields(ids):
+        return ids, cat[ids], num[ids], emb[ids], interests[ids]
+
+    with torch.no_grad():
+        q, v = model.embed_users_and_pins(hist, rest, pins, fields)
+        h = model.pin.crossing(model.items(*fields(pins)))
+        b = model.pin.bias(h)[:, 0]
+        unit_v = torch.nn.functional.normalize(h, dim=-1)
+        u, w = q[:, :d], q[:, d + 1:]
+        buckets = torch.randint(0, 30, (len(pins), 2), generator=g)
+        c = sum(e(buckets[:, f]) for f, e in enumerate(model.time))
+        want = (u @ unit_v.T + w @ c.T) / cfg.temperature + b[None, :]
+        got = q @ model.index_vectors(v, buckets).T / cfg.temperature
+        assert b.abs().min() > 0.01 and torch.allclose(u.norm(dim=1), torch.ones(B), atol=1e-5)
+        assert torch.allclose(got, want, atol=1e-4)
+        # training's time term: every pin read as of each row's time (here the same buckets per row)
+        tl = model.time_logits(q, buckets[None].expand(B, -1, -1))
+        assert torch.allclose(tl, w @ c.T, atol=1e-5)

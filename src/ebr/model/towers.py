@@ -5,8 +5,9 @@ followed ones. Tower outputs are L2-normalised; score(u, i, t) = (<u, v_i> + <w_
 The second, the time term (on when the data has time), scores what changes with time about a pin:
 c_i(t) sums embeddings of its age bucket and its recent-engagement-count buckets, read at the query's
 time t (in training, every pin of a batch as of each example's time; features/age.py, pinstats.py).
-The user tower returns the query [u, w_u] and the index stores [v_i, c_i(as of the bundle)], so the
-score stays one inner product for the ANN search."""
+With model.pin_bias a learned scalar b_i per pin (a head on the pin tower) is added to every score.
+The user tower returns the query [u, (1,) w_u] and the index stores [v_i, (tau b_i,) c_i(as of the
+bundle)], so the score stays one inner product for the ANN search."""
 
 from __future__ import annotations
 
@@ -91,13 +92,16 @@ class ItemEncoder(nn.Module):
 
 
 class HistoryEncoder(nn.Module):
-    """History item representations + action -> pooled fields (masked mean, attention pooling)."""
+    """History item representations + action [+ position] -> pooled fields (masked mean, attention
+    pooling). positions > 0 (model.history_position): a learned embedding per slot, slot L-1 the
+    most recent event (histories are left-padded), zero at the start."""
 
-    def __init__(self, item_dim: int, field_dim: int):
+    def __init__(self, item_dim: int, field_dim: int, positions: int = 0):
         super().__init__()
         self.proj = nn.Linear(item_dim, field_dim)
         self.action = nn.Embedding(N_ACTIONS, field_dim)
         self.query = nn.Parameter(torch.randn(field_dim) * 0.05)
+        self.position = nn.Parameter(torch.zeros(positions, field_dim)) if positions else None
         self.widths = [field_dim, field_dim]
         self.out_dim = 2 * field_dim
 
@@ -105,7 +109,10 @@ class HistoryEncoder(nn.Module):
                 projected: torch.Tensor | None = None) -> torch.Tensor:
         """hist (B, L, item_dim), actions (B, L) -> (B, 2 * field_dim). `projected` (B, L, field_dim)
         is proj(hist) computed elsewhere (training projects each distinct item once, then gathers)."""
-        h = F.gelu((self.proj(hist) if projected is None else projected) + lookup(self.action, actions))
+        x = (self.proj(hist) if projected is None else projected) + lookup(self.action, actions)
+        if self.position is not None:  # the last L slots' embeddings: slot -1 is the most recent
+            x = x + self.position[self.position.shape[0] - actions.shape[1]:]
+        h = F.gelu(x)
         valid = valid_items(actions)  # hides stay in the sequence, excluded from pooling
         m = valid.to(h.dtype)
         att = (h @ self.query).masked_fill(~valid, -1e9)
@@ -129,9 +136,10 @@ class UserTower(nn.Module):
     the ItemEncoder's output per pin."""
 
     def __init__(self, item_dim: int, user_cat: list[int], n_interests: int, n_users: int, cfg,
-                 interest: nn.Embedding | None = None, time_dim: int = 0, pretrained_id_dim: int = 0):
+                 interest: nn.Embedding | None = None, time_dim: int = 0, pretrained_id_dim: int = 0,
+                 history_positions: int = 0):
         super().__init__()
-        self.history = HistoryEncoder(item_dim, cfg.field_dim)
+        self.history = HistoryEncoder(item_dim, cfg.field_dim, history_positions)
         self.cats = nn.ModuleList(nn.Embedding(n, cfg.cat_dim) for n in user_cat)
         self.followed = interest
         self.condition = nn.Embedding(n_interests, cfg.cat_dim)
@@ -145,6 +153,7 @@ class UserTower(nn.Module):
                   + ([cfg.multi.dim] if self.clusters is not None else []))
         self.crossing = make_crossing(cfg.user_crossing or cfg.crossing, widths, cfg.dim, cfg)
         self.time_weights = nn.Linear(cfg.dim, time_dim) if time_dim else None
+        self.pin_bias = cfg.pin_bias
 
     def forward(self, hist: torch.Tensor | None, actions: torch.Tensor, user_cat: torch.Tensor, followed: torch.Tensor,
                 condition: torch.Tensor, user: torch.Tensor, hist_proj: torch.Tensor | None = None):
@@ -168,28 +177,42 @@ class UserTower(nn.Module):
         return q.reshape(B, K, -1), c.active, c.importance, c.assign
 
     def _query(self, u: torch.Tensor) -> torch.Tensor:
-        return u if self.time_weights is None else torch.cat([u, self.time_weights(u)], dim=-1)
+        """The unit-norm u -> [u, 1 (pin bias on), w (time term on)]."""
+        parts = [u] + ([u.new_ones(u.shape[0], 1)] if self.pin_bias else [])
+        if self.time_weights is not None:
+            parts.append(self.time_weights(u))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class PinTower(nn.Module):
-    """Item representation [+ engagement statistics field] -> (N, dim). The statistics enter here,
-    not in the shared ItemEncoder: a history item is encoded the same whenever it is read."""
+    """Item representation [+ engagement statistics field] -> (N, dim), unit norm [, then tau * b_i
+    with model.pin_bias]. The statistics enter here, not in the shared ItemEncoder: a history item
+    is encoded the same whenever it is read."""
 
     def __init__(self, item_widths: list[int], n_stats: int, cfg):
         super().__init__()
         self.stats = nn.Sequential(nn.Linear(n_stats, cfg.field_dim), nn.ReLU()) if n_stats else None
         widths = list(item_widths) + ([cfg.field_dim] if n_stats else [])
         self.crossing = make_crossing(cfg.pin_crossing or cfg.crossing, widths, cfg.dim, cfg)
+        self.bias = nn.Linear(cfg.dim, 1) if cfg.pin_bias else None
+        if self.bias is not None:  # starts neutral, as the time term does
+            nn.init.zeros_(self.bias.weight)
+            nn.init.zeros_(self.bias.bias)
+        self.temperature = cfg.temperature
 
     def forward(self, item: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
-        """item (N, sum(item_widths)), stats (N, n_stats) -> (N, dim), unit norm"""
+        """item (N, sum(item_widths)), stats (N, n_stats) -> (N, dim) unit norm [+ (N, 1) tau * b]:
+        against the query's [u, 1] the score <u, v>/tau + b."""
         if self.stats is not None:
             item = torch.cat([item, self.stats(stats)], dim=-1)
-        return F.normalize(self.crossing(item), dim=-1)
+        h = self.crossing(item)
+        v = F.normalize(h, dim=-1)
+        return v if self.bias is None else torch.cat([v, self.temperature * self.bias(h)], dim=-1)
 
 
 class TwoTower(nn.Module):
-    """The retrieval model: score(u, i, t) = <query(u), [v_i, c_i(t)]> / temperature.
+    """The retrieval model: score(u, i, t) = <query(u), [v_i, c_i(t)]> / temperature (v_i ends with
+    tau * b_i and the query's embedding with 1 under model.pin_bias: score_dim columns before c).
 
     sizes["interest_features"]: embed pin and followed interests (one table); sizes["time_fields"]:
     the bucket count of each time-term field (empty: no time term); sizes["pretrained_id_dim"]: the
@@ -210,9 +233,10 @@ class TwoTower(nn.Module):
         for e in self.time:
             nn.init.zeros_(e.weight)  # the time term starts neutral
         self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg,
-                              interest, cfg.time_dim if fields else 0, pre)
+                              interest, cfg.time_dim if fields else 0, pre, int(sizes.get("history_positions", 0)))
         self.pin = PinTower(self.items.widths, sizes.get("n_pin_stats", 0), cfg)
         self.dim = cfg.dim
+        self.score_dim = cfg.dim + int(cfg.pin_bias)  # the query's and pin's columns before the time term
         self.temperature = cfg.temperature
 
     @torch.no_grad()
@@ -236,7 +260,7 @@ class TwoTower(nn.Module):
         query (B, dim + time_dim), buckets (B, N, F) -> (B, N) <w_b, sum_f c_f(bucket_bnf)>."""
         if not len(self.time):
             return None
-        w = query[:, self.dim:]
+        w = query[:, self.score_dim:]
         return sum(torch.gather(w @ e.weight.T, 1, buckets[..., f]) for f, e in enumerate(self.time))
 
     @torch.no_grad()
@@ -268,7 +292,7 @@ class TwoTower(nn.Module):
         pin is encoded once. pin_fields(ids) -> (ids, cat, num, emb, interests). `distinct`: the
         sorted distinct codes of [hist.flatten(), pins] and each one's position among them, when
         computed ahead (training's batch assembly does, in its worker thread).
-        Returns (queries (B, dim [+ time_dim]), pin embeddings (N, dim))."""
+        Returns (queries (B, score_dim [+ time_dim]), pin embeddings (N, score_dim))."""
         B, L = hist.shape
         uniq, inv = distinct if distinct is not None else torch.unique(torch.cat([hist.reshape(-1), pins]),
                                                                        return_inverse=True)
@@ -279,5 +303,5 @@ class TwoTower(nn.Module):
         else:
             u = self.user(rep.index_select(0, inv[: B * L]).view(B, L, -1), *rest)
         if pins.numel() == 0:
-            return u, rep.new_zeros(0, self.dim)
+            return u, rep.new_zeros(0, self.score_dim)
         return u, self.pin(rep.index_select(0, inv[B * L:]), pin_stats)

@@ -78,6 +78,9 @@ class TrainData:
     id_overlap: bool = False  # the snapshot's window overlaps the training window (--allow-overlap)
     action_weight: np.ndarray | None = None  # the examples' weights before recency weighting
     timed: bool = False  # real time (a recency half-life applies); False: pseudo-time, the file order
+    # model.history_position resolved: the history's length when the user tower embeds each slot's
+    # position, else 0 (sizes["history_positions"])
+    history_positions: int = 0
 
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
@@ -103,6 +106,7 @@ class TrainData:
         return {**self.fs.sizes, "n_pin_stats": self.stats.width if self.stats is not None else 0,
                 "interest_features": self.interest_features,
                 "time_fields": self.time.sizes if self.time is not None else [],
+                "history_positions": self.history_positions,
                 "pretrained_id_dim": self.id_snapshot["dim"] if self.id_snapshot else 0}
 
 
@@ -125,7 +129,8 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
                                        max_users=cfg.train.val_users, seed=cfg.train.seed)
     interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
     d = TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
-                  snap.time, snap.as_of, interest, *ids, action_weight=ex.weight, timed=snap.e.timed)
+                  snap.time, snap.as_of, interest, *ids, action_weight=ex.weight, timed=snap.e.timed,
+                  history_positions=cfg.features.history_len if history_positions(cfg, snap.e.timed, split.kind) else 0)
     return _weighted(d, cfg.train)
 
 
@@ -297,6 +302,12 @@ class TrainState:
         if "C" not in state.get("estimator", {}):
             raise EbrError("this checkpoint predates the current logQ estimator (no sighting counts); it cannot be "
                            "resumed exactly: start the run again without --resume")
+        pos = self.model.user.history.position
+        saved, now = state.get("sizes", {}).get("history_positions", 0), 0 if pos is None else pos.shape[0]
+        if saved != now:  # (a checkpoint saved before model.history_position has none)
+            raise EbrError(f"this checkpoint embeds {saved} history positions and this code {now} "
+                           "(model.history_position; checkpoints saved before it embed none): it cannot be resumed "
+                           "exactly: start the run again without --resume")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.est.load_state_dict(state["estimator"])
@@ -354,6 +365,18 @@ def history_at_end(cfg: RunConfig, timed: bool) -> bool:
     """Whether training histories are read as of the end of the visible data (features.history_as_of;
     auto: on data without real time)."""
     return cfg.features.history_as_of == "end" or (cfg.features.history_as_of == "auto" and not timed)
+
+
+def history_positions(cfg: RunConfig, timed: bool, split_kind: str) -> bool:
+    """Whether the user tower embeds each history slot's position (model.history_position). `auto`:
+    where the split asks for each user's next engagement (leave_last_out) and training histories
+    are read at each example's time, so a slot's position is how recent the event is before the
+    target. Not under a temporal split (a window of future engagements to predict: validation
+    recall fell on the synthetic world), nor where histories are read at the end of the data (a
+    slot's position then says nothing about the row's target; on files in id order nothing)."""
+    mode = cfg.model.history_position
+    next_item = split_kind == "leave_last_out" and not history_at_end(cfg, timed)
+    return mode == "on" or (mode == "auto" and next_item)
 
 
 def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
@@ -450,7 +473,7 @@ def train_step(s: TrainState, d: TrainData, cfg: RunConfig, idx: np.ndarray, exa
         extra = s.model.time_logits(q, buckets) / cfg.model.temperature
         if d.time.has_age:
             extra = extra.masked_fill(buckets[..., 0] == NOT_YET, float("-inf"))
-    u = q[:, : s.model.dim]
+    u = q[:, : s.model.score_dim]
     loss = sampled_softmax_logq(u, distributed.gather_rows(v[:size], b.sizes), pos, log_q, cfg.model.temperature,
                                 b.weight, v[size:] if negs is not None else None, negs,
                                 neg_lq, extra, row_offset=off, norm=len(b.idx),
@@ -677,6 +700,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt",
                # the choices made from the data: training histories, the epoch cap
                "history_as_of": "end" if history_at_end(cfg, d.timed) else "example",
+               "history_positions": d.history_positions > 0,
                "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
     if s.lr_drops:
         summary["lr_drops"] = s.lr_drops
