@@ -138,7 +138,8 @@ def test_history_positions_count_back_from_the_most_recent_slot():
     """model.history_position: slot j of a left-padded history (slot -1 the most recent event)
     gets the position table's row for its distance from the end, so a history shorter than the
     table reads the table's last rows; the positions enter before the GELU and both poolings.
-    Catches the table read from its first rows or reversed, and the positions left out."""
+    Catches the table read from its first rows or reversed, the positions left out, and a history
+    longer than the table let through (a one-row slice would add the same row to every slot)."""
     from ebr.model.interests import valid_items
     from ebr.model.towers import HistoryEncoder
 
@@ -156,6 +157,8 @@ def test_history_positions_count_back_from_the_most_recent_slot():
         w = torch.softmax(hb @ enc.query, 0)
         assert torch.allclose(out[b, :6], hb.mean(0), atol=1e-6)
         assert torch.allclose(out[b, 6:], (w[:, None] * hb).sum(0), atol=1e-6)
+    with pytest.raises(ValueError, match="longer than the 8 positions"):
+        enc(torch.randn(1, 9, 10), torch.ones(1, 9, dtype=torch.long))
 
 
 def test_pin_bias_adds_b_to_every_score_and_keeps_the_time_term(tiny_ws):
@@ -163,12 +166,14 @@ def test_pin_bias_adds_b_to_every_score_and_keeps_the_time_term(tiny_ws):
     head on the pin tower's crossing output, as one inner product of the query [u, 1, w] with the
     index vector [v, tau b, c]; the training pass's time term reads the same w. Catches the bias
     left unscaled by tau, the query's constant column at 0 (no bias), and the time term reading
-    its weights from the wrong column."""
+    its weights from the wrong column, and a bias head that does not start at zero (a new model's
+    scores are the model's without the bias)."""
     fs = build_feature_state(tiny_ws)
     torch.manual_seed(0)
     cfg = ModelConfig(pin_bias=True)
     model = TwoTower({**fs.sizes, "interest_features": True, "time_fields": [30, 32]}, cfg).eval()
     with torch.no_grad():
+        assert torch.equal(model.pin(torch.randn(5, model.items.out_dim))[:, cfg.dim], torch.zeros(5))
         model.pin.bias.weight.normal_()
         model.pin.bias.bias.fill_(0.3)
         for e in model.time:

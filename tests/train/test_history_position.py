@@ -71,7 +71,8 @@ def test_positions_are_trained_saved_and_rebuilt_from_the_checkpoint(llo_ws):
 def test_resuming_a_checkpoint_from_before_positions_is_a_clear_error(llo_ws, monkeypatch):
     """A checkpoint saved before model.history_position (no count in its sizes, no key in its
     config) resumes under `auto`, which now embeds positions on this data: an EbrError that says
-    to start again, not load_state_dict's missing-key traceback. Catches the check removed."""
+    to start again, not load_state_dict's missing-key traceback; so does a checkpoint with
+    positions where the run resolves none. Catches the check removed, or made one-way."""
     cfg = RunConfig.load(None, {**LLO, "train.checkpoint_every": 2, "model.history_position": "off"})
     monkeypatch.setenv("EBR_FAIL_AT_STEP", "3")
     with pytest.raises(InjectedFailure):
@@ -84,3 +85,31 @@ def test_resuming_a_checkpoint_from_before_positions_is_a_clear_error(llo_ws, mo
     torch.save(state, path)
     with pytest.raises(EbrError, match="history positions"):
         train(llo_ws, cfg, run="old-ck", resume=True, progress=False)
+    # the other way: positions in the checkpoint, none in the run its config now resolves
+    state["config"]["model"]["history_position"] = "off"
+    state["sizes"]["history_positions"] = 50
+    state["model"]["user.history.position"] = torch.zeros(50, 32)
+    torch.save(state, path)
+    with pytest.raises(EbrError, match="history positions"):
+        train(llo_ws, cfg, run="old-ck", resume=True, progress=False)
+
+
+def test_a_pin_bias_run_trains_the_bias_and_its_bundle_serves_it(tiny_ws):
+    """model.pin_bias through `train()` and `build_bundle`: the bias head moves from its zero start,
+    and the bundle's index vectors carry tau * b_i in the column after the unit-norm embedding.
+    A temporal split records no history positions. Catches the training step slicing the query
+    to model.dim (every pin-bias run fails), a bias head left out of the optimiser, and a summary
+    that records positions it did not embed."""
+    import numpy as np
+
+    from ebr.index.bundle import build_bundle, load_checkpoint
+
+    cfg = RunConfig.load(None, {**CFG, "train.max_steps": 4, "model.pin_bias": True})
+    summary = train(tiny_ws, cfg, run="pin-bias", progress=False)
+    assert summary["history_positions"] is False
+    model, _ = load_checkpoint(tiny_ws.run_dir("pin-bias") / "checkpoints" / "refit.pt")
+    assert model.pin.bias.weight.abs().sum() > 0
+    emb = np.load(build_bundle(tiny_ws, "pin-bias", "temporal") / "pin_embeddings.npy")
+    d = cfg.model.dim
+    assert np.allclose(np.linalg.norm(emb[2:, :d], axis=1), 1, atol=1e-4)
+    assert np.abs(emb[2:, d]).max() > 0 and emb.shape[1] == d + 1 + cfg.model.time_dim

@@ -1,4 +1,5 @@
-"""ANN backends over unit-norm pin embeddings (inner product); ids in an index are pin codes.
+"""ANN backends over pin embeddings (inner product: unit-norm pin-tower outputs, then the pin bias
+and time-term columns where the model has them); ids in an index are pin codes.
 
 - exact: IndexFlatIP (brute force);
 - hnsw:  IndexHNSWFlat (M=32, efConstruction=200; efSearch at query time);

@@ -3,8 +3,9 @@
 bundles/VERSION/
   user_tower.pt2        the user tower, torch.export'ed for CPU (dynamic batch; no code unpickled)
   item_repr.npy         (P, H) the shared ItemEncoder's output per pin: history inputs of the tower
-  pin_embeddings.npy    (P, D) what the index stores: pin-tower outputs (unit norm), then the time
-                        term's pin embedding as of the bundle's time (age, recent counts), if any
+  pin_embeddings.npy    (P, D) what the index stores: pin-tower outputs (unit norm, then tau * b_i
+                        with model.pin_bias), then the time term's pin embedding as of the
+                        bundle's time (age, recent counts), if any
   index.faiss           the ANN index over the candidate pins (exact | hnsw | ivfpq)
   index_codes.npy       the pin code of each index position
   pins.parquet          pin_id, code, interests, candidate flag (in the corpus, when one is given)

@@ -111,7 +111,11 @@ class HistoryEncoder(nn.Module):
         is proj(hist) computed elsewhere (training projects each distinct item once, then gathers)."""
         x = (self.proj(hist) if projected is None else projected) + lookup(self.action, actions)
         if self.position is not None:  # the last L slots' embeddings: slot -1 is the most recent
-            x = x + self.position[self.position.shape[0] - actions.shape[1]:]
+            P, L = self.position.shape[0], actions.shape[1]
+            if L > P:
+                raise ValueError(f"a history of {L} slots is longer than the {P} positions the model embeds "
+                                 "(features.history_len it was trained with)")
+            x = x + self.position[P - L:]
         h = F.gelu(x)
         valid = valid_items(actions)  # hides stay in the sequence, excluded from pooling
         m = valid.to(h.dtype)
