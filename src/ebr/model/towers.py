@@ -261,7 +261,7 @@ class TwoTower(nn.Module):
 
     def time_logits(self, query: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor | None:
         """The time term of every (query, pin) pair, each pin's fields read as of each query's time:
-        query (B, dim + time_dim), buckets (B, N, F) -> (B, N) <w_b, sum_f c_f(bucket_bnf)>."""
+        query (B, score_dim + time_dim), buckets (B, N, F) -> (B, N) <w_b, sum_f c_f(bucket_bnf)>."""
         if not len(self.time):
             return None
         w = query[:, self.score_dim:]
