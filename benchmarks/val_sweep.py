@@ -86,7 +86,6 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "lr_plateau_0.5": {"train.lr_plateau_factor": 0.5},
     "end_histories": {"features.history_as_of": "end"},
     "pin_bias": {"model.pin_bias": True},
-    "mixneg_1024_dropout_0.2_pin_bias": {"train.mixed_negatives": 1024, "model.dropout": 0.2, "model.pin_bias": True},
     "history_position": {"model.history_position": "on"},
     "no_history_position": {"model.history_position": "off"},
 }

@@ -305,7 +305,7 @@ class TrainState:
         pos = self.model.user.history.position
         saved, now = state.get("sizes", {}).get("history_positions", 0), 0 if pos is None else pos.shape[0]
         if saved != now:  # (a checkpoint saved before model.history_position has none)
-            raise EbrError(f"this checkpoint embeds {saved} history positions and this code {now} "
+            raise EbrError(f"this checkpoint embeds {saved} history positions and this run {now} "
                            "(model.history_position; checkpoints saved before it embed none): it cannot be resumed "
                            "exactly: start the run again without --resume")
         self.model.load_state_dict(state["model"])
@@ -698,7 +698,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     summary = {"run": run, "best_val_recall@100": s.best, "selected_step": s.best_step, "steps": s.step,
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt",
-               # the choices made from the data: training histories, the epoch cap
+               # the choices made from the data: training histories, history positions, the epoch cap
                "history_as_of": "end" if history_at_end(cfg, d.timed) else "example",
                "history_positions": d.history_positions > 0,
                "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
