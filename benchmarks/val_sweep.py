@@ -88,6 +88,9 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "pin_bias": {"model.pin_bias": True},
     "history_position": {"model.history_position": "on"},
     "no_history_position": {"model.history_position": "off"},
+    # data without time whose lines are in engagement order (validation: each user's last rows)
+    "example_histories": {"features.history_as_of": "example"},
+    "example_histories_position": {"features.history_as_of": "example", "model.history_position": "on"},
 }
 
 
@@ -112,7 +115,8 @@ def peers_on_validation(ws, seed: int, split: str | None) -> dict[str, float]:
 
     cfg = RunConfig.load(None, {"train.seed": seed, **({"data.split": split} if split else {})})
     d = prepare(ws, cfg)
-    e = load_engagements(ws, d.fs, load_split(ws, cfg.data.split), seed=seed)
+    e = load_engagements(ws, d.fs, load_split(ws, cfg.data.split), seed=seed,
+                         given_validation_mode=cfg.data.given_validation)
     visible = e.part == Part.TRAIN
     P, allowed = d.sizes["n_pins"], torch.from_numpy(d.candidates)
     scorers = {"popularity": pz.popularity(e, visible, P),

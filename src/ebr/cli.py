@@ -581,9 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
 
         Chosen from the data and recorded in summary.json: the epoch cap (train.epochs unset: 8,
         more on small data, up to train.min_steps steps; early stopping ends no run before
-        train.stop_after_steps) and the training histories (features.history_as_of auto: on data
+        train.stop_after_steps), the training histories (features.history_as_of auto: on data
         without real time, e.g. a given split's adjacency files, each example reads the user's
-        history as evaluation does, as of the end, without the example's own pin).
+        history as evaluation does, as of the end, without the example's own pin), a given
+        split's validation (data.given_validation auto: each user's last 10% of training rows
+        where the lines are in engagement order, a random 10% where they list items in id order;
+        the former's file order counts as time: point-in-time histories) and history positions
+        (model.history_position auto: on where the targets are each user's next engagements,
+        leave_last_out or engagement-ordered lines, with point-in-time histories).
 
         examples:
           ebr train --run main --epochs 8

@@ -27,6 +27,11 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     split: str | None = None  # default: the given split when the import had one, else temporal
+    # a given split's validation rows (10% of each user's training rows): random (seeded by
+    # train.seed), last (each user's last rows in file order), or auto: random where every line
+    # lists its items in id order (the order carries nothing), else last, as the test of a file
+    # written in engagement order is each user's last rows (features/examples.py)
+    given_validation: Literal["auto", "random", "last"] = "auto"
     # ID pretraining (pretrain/windows.py): the older share of the training part is the pretraining
     # window, the recent rest trains a retrieval model with ID embeddings (data without time: a
     # seeded partition of the training pairs, drawn with id_pretrain_seed)

@@ -39,13 +39,17 @@ print(h.hexdigest(), w.hexdigest(), torch.get_num_threads())
 """
 
 
-def _adjacency(tmp_path, n_users: int = 200) -> Workspace:
+def _adjacency(tmp_path, n_users: int = 200, id_order: bool = False) -> Workspace:
+    """Each user 10 training and 2 test items in engagement (random) order, or each line's items
+    in ascending id order (`id_order`, as LightGCN-style files store them)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     tr, te = [], []
     for u in range(n_users):
         items = rng.choice(np.arange((u % 4) * 50, (u % 4) * 50 + 50), 12, replace=False)
-        tr.append(" ".join(map(str, [u, *items[:10]])))
-        te.append(" ".join(map(str, [u, *items[10:]])))
+        train, test = (sorted(items[:10]), sorted(items[10:])) if id_order else (items[:10], items[10:])
+        tr.append(" ".join(map(str, [u, *train])))
+        te.append(" ".join(map(str, [u, *test])))
     (tmp_path / "train.txt").write_text("\n".join(tr))
     (tmp_path / "test.txt").write_text("\n".join(te))
     ws = Workspace.at(tmp_path / "ws")
@@ -70,9 +74,11 @@ def test_given_split_and_weights_are_identical_across_processes(tmp_path):
 
 
 def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
-    """Mutation caught: validation drawn as 10% of all rows (users get 0, 1, 2, 3... pins)."""
-    ws = _adjacency(tmp_path)
+    """Lines in id order: a seeded random 10% of each user's training pins. Mutation caught:
+    validation drawn as 10% of all rows (users get 0, 1, 2, 3... pins)."""
+    ws = _adjacency(tmp_path, id_order=True)
     e = load_engagements(ws, build_feature_state(ws), load_split(ws, None), seed=3)
+    assert e.given_validation == "random"
     users = np.unique(e.user)
     val = np.bincount(e.user[e.part == Part.VALIDATION], minlength=users.max() + 1)[users]
     test = np.bincount(e.user[e.part == Part.TEST], minlength=users.max() + 1)[users]
@@ -83,24 +89,63 @@ def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
         assert e.t[m][e.part[m] == Part.TEST].min() > e.t[m][e.part[m] != Part.TEST].max()
     other = load_engagements(ws, build_feature_state(ws), load_split(ws, None), seed=4)
     assert not np.array_equal(other.part, e.part), "the draw must depend on the seed"
-    assert json.loads((ws.split_dir("given") / "manifest.json").read_text())["validation"].startswith("a random 10%")
+    assert "10%" in json.loads((ws.split_dir("given") / "manifest.json").read_text())["validation"]
+
+
+def test_given_validation_is_each_users_last_rows_when_lines_are_in_engagement_order(tmp_path):
+    """Lines in engagement (not id) order: data.given_validation auto holds out each user's last
+    training row in file order (10% of 10), the same for every seed, as the test is the lines'
+    last rows; lines in id order or `random` asked for draw at random. Mutations caught: the
+    detection inverted (or reading every line as id-ordered), the first rows held out in place of
+    the last, the last-rows mode ignored (a random draw), numeric ids compared as text, users with
+    fewer than 3 rows judged (they ascend by chance), the resolved mode not recorded in
+    summary.json."""
+    from ebr.config import RunConfig
+    from ebr.features.examples import lines_in_id_order
+    from ebr.train.loop import train
+
+    ws = _adjacency(tmp_path)
+    fs = build_feature_state(ws)
+    e = load_engagements(ws, fs, load_split(ws, None), seed=3)
+    assert e.given_validation == "last"
+    lines = {int(ln.split()[0]): ln.split()[1:] for ln in (tmp_path / "train.txt").read_text().splitlines()}
+    names = fs.users.decode(e.user[e.part == Part.VALIDATION])
+    held = fs.pins.decode(e.pin[e.part == Part.VALIDATION])
+    assert len(held) == len(lines)
+    assert all(lines[int(u)][-1] == p for u, p in zip(names, held)), "not each user's last training row"
+    assert np.array_equal(load_engagements(ws, fs, load_split(ws, None), seed=4).part, e.part)
+    other = load_engagements(ws, fs, load_split(ws, None), seed=3, given_validation_mode="random")
+    assert other.given_validation == "random" and not np.array_equal(other.part, e.part)
+    assert not lines_in_id_order(e.user, fs.pins.decode(e.pin), e.part != Part.TEST)
+    srt = _adjacency(tmp_path / "sorted", id_order=True)
+    fs2 = build_feature_state(srt)
+    e2 = load_engagements(srt, fs2, load_split(srt, None), seed=3)
+    assert e2.given_validation == "random"
+    assert lines_in_id_order(e2.user, fs2.pins.decode(e2.pin), e2.part != Part.TEST)
+    # users with one or two rows ascend by chance: only users with 3+ rows are judged
+    user = np.r_[np.repeat(np.arange(300), 2), np.repeat(np.arange(300, 320), 5)]
+    ids = [str(x) for x in np.r_[np.tile([1, 2], 300), np.tile([9, 7, 5, 3, 1], 20)]]
+    assert not lines_in_id_order(user, ids, np.ones(len(user), dtype=bool))
+    over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.epochs": 1,
+            "train.min_steps": 0, "train.refit": False, "train.choose_regularised": False}
+    assert train(ws, RunConfig.load(None, over), run="g", progress=False)["given_validation"] == "last"
 
 
 def test_untimed_training_histories_are_the_evaluation_history_without_the_target(tmp_path):
-    """Data without real time (a given split: the file order is no time, validation rows are drawn
-    at random): features.history_as_of auto reads each training row's history as evaluation reads
-    it, the user's last L visible events as of the end, with the row's own pin left out and one
-    more event read in its place (L = 5 here; every user has 9 visible events, so every row sees
-    5 items). Mutations caught: the target kept in its own history (a model that learns to copy
-    it), auto read as `example` (the file-order prefix), the pin left out but its action kept
-    (pooled as an item), the target blanked without reading the next event (4 items where the
-    target is among the last 5)."""
+    """Data without real time (a given split whose lines are in id order: the file order is no
+    time, validation rows are drawn at random): features.history_as_of auto reads each training
+    row's history as evaluation reads it, the user's last L visible events as of the end, with the
+    row's own pin left out and one more event read in its place (L = 5 here; every user has 9
+    visible events, so every row sees 5 items). Mutations caught: the target kept in its own
+    history (a model that learns to copy it), auto read as `example` (the file-order prefix), the
+    pin left out but its action kept (pooled as an item), the target blanked without reading the
+    next event (4 items where the target is among the last 5)."""
     from ebr.config import RunConfig
     from ebr.features.examples import T_MAX
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
 
-    ws = _adjacency(tmp_path)
+    ws = _adjacency(tmp_path, id_order=True)
     over = {"train.batch_size": 128, "features.history_len": 5}
     cfg = RunConfig.load(None, over)
     d = prepare(ws, cfg)
@@ -131,7 +176,7 @@ def test_default_epoch_cap_gives_small_data_min_steps(tmp_path):
     from ebr.config import RunConfig
     from ebr.train.loop import epoch_cap, train
 
-    ws = _adjacency(tmp_path)
+    ws = _adjacency(tmp_path, id_order=True)
     over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.patience": 100,
             "train.refit": False, "train.min_steps": 150}
     s = train(ws, RunConfig.load(None, over), run="cap", progress=False)
@@ -169,7 +214,7 @@ def test_history_dropout_leaves_out_a_share_of_each_rows_items(tmp_path):
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
 
-    ws = _adjacency(tmp_path)
+    ws = _adjacency(tmp_path, id_order=True)  # end histories: every row 9 items
     cfg = RunConfig.load(None, {"train.batch_size": 128})
     d = prepare(ws, cfg)
     idx = np.random.default_rng(0).permutation(len(d.examples.user))[:128]

@@ -31,10 +31,13 @@ def llo_ws(tmp_path_factory):
 
 def test_auto_embeds_positions_for_next_engagement_with_point_in_time_histories(llo_ws, tiny_ws, tmp_path):
     """auto: positions (features.history_len of them) under a leave-last-out split with
-    point-in-time histories; none under a temporal split, nor where histories are read at the end
-    of the data (forced `end`, or data without time); `on` and `off` force either. Catches the
-    rule inverted, `auto` read as on (or off) everywhere, the split's kind ignored, and the sizes
-    the model is built from left without the count."""
+    point-in-time histories, and under a given split whose lines are in engagement order (its
+    validation each user's last rows, its histories point in time); none under a temporal split,
+    nor where histories are read at the end of the data (forced `end`, or data without time whose
+    lines are in id order or whose validation is forced random); `on` and `off` force either.
+    Catches the rule inverted, `auto` read as on (or off) everywhere, the split's kind ignored,
+    engagement-ordered lines read as unordered, and the sizes the model is built from left
+    without the count."""
     from tests.data.test_given_split import _adjacency
 
     def positions(ws, base=LLO, **over):
@@ -46,9 +49,12 @@ def test_auto_embeds_positions_for_next_engagement_with_point_in_time_histories(
     assert positions(llo_ws, **{"model.history_position": "off"}) == 0
     assert positions(tiny_ws, CFG) == 0  # temporal
     assert positions(tiny_ws, CFG, **{"model.history_position": "on"}) == 50
-    untimed = _adjacency(tmp_path)
+    untimed = _adjacency(tmp_path / "ids", id_order=True)
     assert positions(untimed, CFG) == 0
     assert positions(untimed, CFG, **{"model.history_position": "on"}) == 50
+    ordered = _adjacency(tmp_path / "seq")
+    assert positions(ordered, CFG) == 50
+    assert positions(ordered, CFG, **{"data.given_validation": "random"}) == 0
 
 
 def test_positions_are_trained_saved_and_rebuilt_from_the_checkpoint(llo_ws):

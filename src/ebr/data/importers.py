@@ -341,7 +341,9 @@ def import_adjacency(
             "name": split,
             "source": source,
             "counts": counts,
-            "validation": f"a random {GIVEN_VAL_FRACTION:.0%} of each user's training pins (seeded by train.seed)",
+            "validation": (f"{GIVEN_VAL_FRACTION:.0%} of each user's training pins: a random draw (seeded by "
+                           "train.seed) where the lines list items in id order, else each user's last rows "
+                           "(data.given_validation)"),
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "inputs": [str(train), str(test)],
         },

@@ -35,6 +35,7 @@ class Engagements:
     part: np.ndarray  # Part per engagement (train, validation, test)
     timed: bool = True  # t is microseconds of real time (False: a pseudo-time, the file order)
     cond: np.ndarray | None = None  # interest code that sourced the engagement (0: none logged)
+    given_validation: str | None = None  # a given split's validation rows: random or last (None: other splits)
 
     def conditions(self) -> np.ndarray:
         return np.zeros(len(self.user), dtype=np.int64) if self.cond is None else self.cond
@@ -44,14 +45,18 @@ class Engagements:
 
 
 def given_validation(
-    user: np.ndarray, train: np.ndarray, seed: int, fraction: float = GIVEN_VAL_FRACTION
+    user: np.ndarray, train: np.ndarray, seed: int, fraction: float = GIVEN_VAL_FRACTION, mode: str = "random"
 ) -> np.ndarray:
-    """A seeded random `fraction` of each user's training rows (rounded, per user); rows must be in a
-    deterministic order (here: by user, then file position). Returns a bool mask."""
+    """`fraction` of each user's training rows (rounded, per user): a seeded random draw (`random`),
+    or the user's last rows in file order (`last`); rows must be in a deterministic order (here: by
+    user, then file position). Returns a bool mask."""
     idx = np.flatnonzero(train)
     u = user[idx]
-    key = np.random.default_rng([seed, 0x5EED]).random(len(idx))
-    order = np.lexsort((key, u))  # each user's rows in a random order
+    if mode == "last":  # descending position within the user: the last rows come first
+        key = -np.arange(len(idx), dtype=np.float64)
+    else:
+        key = np.random.default_rng([seed, 0x5EED]).random(len(idx))
+    order = np.lexsort((key, u))  # each user's rows in a random order (last: latest first)
     su = u[order]
     first = np.searchsorted(su, su, side="left")
     rank = np.arange(len(su)) - first
@@ -61,9 +66,33 @@ def given_validation(
     return out
 
 
-def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 0) -> Engagements:
+def lines_in_id_order(user: np.ndarray, pin_ids: list, train: np.ndarray, share: float = 0.9) -> bool:
+    """Whether a given split's training lines list each user's items in ascending id order (numeric
+    where every id is an integer, else as text), as LightGCN-style files do: their order is then
+    the ids', no time. True when at least `share` of the users with 3+ training rows ascend; in
+    files written in engagement order almost none do (a random order of n items ascends with
+    probability 1/n!). Rows sorted by user, then file position."""
+    idx = np.flatnonzero(train)
+    ids = [pin_ids[i] for i in idx]
+    try:
+        key = np.array([int(x) for x in ids], dtype=np.float64)
+    except (TypeError, ValueError):
+        key = np.unique(np.array(ids, dtype=object).astype(str), return_inverse=True)[1].astype(np.float64)
+    u = user[idx]
+    same = u[1:] == u[:-1]
+    down = np.bincount(u[1:][same & (key[1:] < key[:-1])], minlength=int(u.max()) + 1 if len(u) else 0)
+    n = np.bincount(u, minlength=len(down))
+    judged = n >= 3
+    return bool(judged.any()) and float((down[judged] == 0).mean()) >= share
+
+
+def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 0,
+                     given_validation_mode: str = "auto") -> Engagements:
     """Every engagement with its part of the split, in a deterministic order (the same arrays in
-    every process: the query is ordered, and pseudo-time is the stored file position)."""
+    every process: the query is ordered, and pseudo-time is the stored file position). A given
+    split's validation rows (data.given_validation): `random`, `last` (each user's last training
+    rows in file order), or `auto`: random where the lines are in id order (lines_in_id_order: the
+    order says nothing), else the last rows, as a test of each user's last rows is drawn."""
     con = connect(ws)
     given = split.kind == "given"
     cols, join = "NULL AS pos, false AS is_test", ""
@@ -92,7 +121,10 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
         order = np.lexsort((tt, user))
         user, pin, tt, part = user[order], pin[order], tt[order], part[order]
         t = t.take(pa.array(order))
-        part[given_validation(user, part == Part.TRAIN, seed)] = Part.VALIDATION
+        mode = given_validation_mode
+        if mode == "auto":
+            mode = "random" if lines_in_id_order(user, t["pin_id"].to_pylist(), part == Part.TRAIN) else "last"
+        part[given_validation(user, part == Part.TRAIN, seed, mode=mode)] = Part.VALIDATION
     elif split.kind == "temporal":
         if not has_time:
             raise DataError("a temporal split needs timestamps; this data has none (use the given split)")
@@ -120,7 +152,7 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     order = np.lexsort((tt, user))  # stable: ties keep the query's deterministic order
     timed = has_time and not given  # given: pseudo-time = file position; no-time leave-last-out: row order
     return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order], timed,
-                       cond[order])
+                       cond[order], mode if given else None)
 
 
 @dataclass

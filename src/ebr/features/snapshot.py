@@ -49,9 +49,10 @@ class Snapshot:
 
 
 def build_snapshot(ws: Workspace, fs: FeatureState, split: Split, features: FeaturesConfig, seed: int,
-                   visible_parts: tuple[int, ...]) -> Snapshot:
-    """The features of `split` as seen by a stage that may read `visible_parts`."""
-    e = load_engagements(ws, fs, split, seed=seed)
+                   visible_parts: tuple[int, ...], given_validation: str = "auto") -> Snapshot:
+    """The features of `split` as seen by a stage that may read `visible_parts` (given_validation:
+    data.given_validation)."""
+    e = load_engagements(ws, fs, split, seed=seed, given_validation_mode=given_validation)
     visible = np.isin(e.part, visible_parts)
     stats = None
     if features.pin_stats:

@@ -149,7 +149,7 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
     t0 = time.time()
     fs = build_feature_state(ws)
     split = load_split(ws, cfg.data.split)
-    e = load_engagements(ws, fs, split, seed=cfg.train.seed)
+    e = load_engagements(ws, fs, split, seed=cfg.train.seed, given_validation_mode=cfg.data.given_validation)
     w = resolve_window(e, split, cfg, window)
     ex = positive_examples(e, cfg.features, parts=(Part.TRAIN,), within=mask(e, w))
     users, pins, weight = ex.user, ex.pin, ex.weight

@@ -81,7 +81,13 @@ class TrainData:
     # model.history_position resolved: the history's length when the user tower embeds each slot's
     # position, else 0 (sizes["history_positions"])
     history_positions: int = 0
+    given_validation: str | None = None  # a given split's validation rows as resolved: random or last
 
+    @property
+    def ordered(self) -> bool:
+        """Each user's events are in a known order: real time, or a given split's file order where
+        its lines are in engagement order (validation: each user's last rows)."""
+        return self.timed or self.given_validation == "last"
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
 
@@ -117,7 +123,8 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     is never read."""
     split = load_split(ws, cfg.data.split)
     parts = (Part.TRAIN, Part.VALIDATION) if refit else (Part.TRAIN,)
-    snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, parts)
+    snap = build_snapshot(ws, fs or build_feature_state(ws), split, cfg.features, cfg.train.seed, parts,
+                          cfg.data.given_validation)
     within, ids = None, (None, None, False)
     if cfg.model.id_embeddings != "none" or cfg.data.recent_only:  # the recent window; histories read all
         within, ids = _id_window(ws, cfg, snap, parts)
@@ -130,7 +137,9 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
     d = TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
                   snap.time, snap.as_of, interest, *ids, action_weight=ex.weight, timed=snap.e.timed,
-                  history_positions=cfg.features.history_len if history_positions(cfg, snap.e.timed, split.kind) else 0)
+                  given_validation=snap.e.given_validation)
+    if history_positions(cfg, d.ordered, split.kind):
+        d.history_positions = cfg.features.history_len
     return _weighted(d, cfg.train)
 
 
@@ -361,22 +370,24 @@ class Batch:
     distinct: tuple[torch.Tensor, torch.Tensor]  # the model's (uniq, inv) of [history codes, local_pins]
 
 
-def history_at_end(cfg: RunConfig, timed: bool) -> bool:
+def history_at_end(cfg: RunConfig, ordered: bool) -> bool:
     """Whether training histories are read as of the end of the visible data (features.history_as_of;
-    auto: on data without real time)."""
-    return cfg.features.history_as_of == "end" or (cfg.features.history_as_of == "auto" and not timed)
+    auto: where each user's events have no known order, i.e. data without real time other than a
+    given split whose lines are in engagement order: TrainData.ordered)."""
+    return cfg.features.history_as_of == "end" or (cfg.features.history_as_of == "auto" and not ordered)
 
 
-def history_positions(cfg: RunConfig, timed: bool, split_kind: str) -> bool:
+def history_positions(cfg: RunConfig, ordered: bool, split_kind: str) -> bool:
     """Whether the user tower embeds each history slot's position (model.history_position). `auto`:
-    where the split asks for each user's next engagement (leave_last_out) and training histories
-    are read at each example's time, so a slot's position is how recent the event is before the
-    target. Not under a temporal split (a window of future engagements to predict: validation
-    recall fell on the synthetic world), nor where histories are read at the end of the data (a
-    slot's position then says nothing about the row's target; on files in id order nothing)."""
+    where the split asks for each user's next engagements (leave_last_out; a given split whose
+    lines are in engagement order, its test each user's last rows) and training histories are read
+    at each example's time, so a slot's position is how recent the event is before the target.
+    Not under a temporal split (a window of future engagements to predict: validation recall fell
+    on the synthetic world), nor where histories are read at the end of the data (a slot's
+    position then says nothing about the row's target; on files in id order nothing)."""
     mode = cfg.model.history_position
-    next_item = split_kind == "leave_last_out" and not history_at_end(cfg, timed)
-    return mode == "on" or (mode == "auto" and next_item)
+    per_user = split_kind == "leave_last_out" or (split_kind == "given" and ordered)
+    return mode == "on" or (mode == "auto" and per_user and not history_at_end(cfg, ordered))
 
 
 def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: distributed.Ranks) -> Batch:
@@ -387,7 +398,7 @@ def assemble(d: TrainData, cfg: RunConfig, idx: np.ndarray, step: int, ranks: di
     off, size, sizes = ranks.chunk(len(idx))
     loc = idx[off: off + size]
     back = None
-    if history_at_end(cfg, d.timed):  # as evaluation reads it, without the row's own target
+    if history_at_end(cfg, d.ordered):  # as evaluation reads it, without the row's own target
         ub = user_batch(ex.user[loc], np.full(size, T_MAX), d.hist, d.users, cfg.features.history_len,
                         leave_out=ex.pin[loc])
     else:
@@ -636,7 +647,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     if cfg.train.recency_half_life_days is not None and not d.timed:
         log.warning("train.recency_half_life_days ignored: split %r has no real time (pseudo-time is no age)",
                     d.split_name)
-    if cfg.train.horizon > 1 and history_at_end(cfg, d.timed):
+    if cfg.train.horizon > 1 and history_at_end(cfg, d.ordered):
         log.warning("train.horizon ignored: training histories are read at the end of the visible data "
                     "(features.history_as_of %s on split %r)", cfg.features.history_as_of, d.split_name)
     if d.id_snapshot is not None:  # the refit and a resume use the same snapshot
@@ -699,9 +710,11 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt",
                # the choices made from the data: training histories, history positions, the epoch cap
-               "history_as_of": "end" if history_at_end(cfg, d.timed) else "example",
+               "history_as_of": "end" if history_at_end(cfg, d.ordered) else "example",
                "history_positions": d.history_positions > 0,
                "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
+    if d.given_validation is not None:  # data.given_validation as resolved from the lines' order
+        summary["given_validation"] = d.given_validation
     if s.lr_drops:
         summary["lr_drops"] = s.lr_drops
     if choice is not None:
