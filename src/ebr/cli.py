@@ -585,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         without real time, e.g. a given split's adjacency files, each example reads the user's
         history as evaluation does, as of the end, without the example's own pin), a given
         split's validation (data.given_validation auto: each user's last 10% of training rows
-        where the lines are in engagement order, a random 10% where they list items in id order;
-        the former's file order counts as time: point-in-time histories) and history positions
+        where the lines are in engagement order, else a random 10%; the former's file order
+        counts as time: point-in-time histories) and history positions
         (model.history_position auto: on where the targets are each user's next engagements,
         leave_last_out or engagement-ordered lines, with point-in-time histories).
 

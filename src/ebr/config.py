@@ -28,9 +28,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     split: str | None = None  # default: the given split when the import had one, else temporal
     # a given split's validation rows (10% of each user's training rows): random (seeded by
-    # train.seed), last (each user's last rows in file order), or auto: random where every line
-    # lists its items in id order (the order carries nothing), else last, as the test of a file
-    # written in engagement order is each user's last rows (features/examples.py)
+    # train.seed), last (each user's last rows in file order; the file order then counts as time),
+    # or auto: last where the lines are in engagement order (features/examples.py line_order: not
+    # in id order, and consecutive items recur across users beyond a shuffled baseline), as such
+    # a file's test is each user's last rows; else random
     given_validation: Literal["auto", "random", "last"] = "auto"
     # ID pretraining (pretrain/windows.py): the older share of the training part is the pretraining
     # window, the recent rest trains a retrieval model with ID embeddings (data without time: a

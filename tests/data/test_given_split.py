@@ -39,15 +39,21 @@ print(h.hexdigest(), w.hexdigest(), torch.get_num_threads())
 """
 
 
-def _adjacency(tmp_path, n_users: int = 200, id_order: bool = False) -> Workspace:
-    """Each user 10 training and 2 test items in engagement (random) order, or each line's items
-    in ascending id order (`id_order`, as LightGCN-style files store them)."""
+def _adjacency(tmp_path, n_users: int = 200, order: str = "random") -> Workspace:
+    """Each user 10 training and 2 test items of one of 4 groups of 50: drawn at random, each line
+    in that random order (`random`) or in ascending id order (`id`, as LightGCN-style files store
+    them); or (`engagement`) 12 consecutive items of the group's timeline (a fixed random
+    permutation), in timeline order, the last 2 as test: consecutive pairs recur across users."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    timelines = [rng.permutation(np.arange(g * 50, g * 50 + 50)) for g in range(4)]
     tr, te = [], []
     for u in range(n_users):
         items = rng.choice(np.arange((u % 4) * 50, (u % 4) * 50 + 50), 12, replace=False)
-        train, test = (sorted(items[:10]), sorted(items[10:])) if id_order else (items[:10], items[10:])
+        if order == "engagement":
+            start = rng.integers(0, 39)
+            items = timelines[u % 4][start: start + 12]
+        train, test = (sorted(items[:10]), sorted(items[10:])) if order == "id" else (items[:10], items[10:])
         tr.append(" ".join(map(str, [u, *train])))
         te.append(" ".join(map(str, [u, *test])))
     (tmp_path / "train.txt").write_text("\n".join(tr))
@@ -76,7 +82,7 @@ def test_given_split_and_weights_are_identical_across_processes(tmp_path):
 def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
     """Lines in id order: a seeded random 10% of each user's training pins. Mutation caught:
     validation drawn as 10% of all rows (users get 0, 1, 2, 3... pins)."""
-    ws = _adjacency(tmp_path, id_order=True)
+    ws = _adjacency(tmp_path, order="id")
     e = load_engagements(ws, build_feature_state(ws), load_split(ws, None), seed=3)
     assert e.given_validation == "random"
     users = np.unique(e.user)
@@ -93,21 +99,26 @@ def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
 
 
 def test_given_validation_is_each_users_last_rows_when_lines_are_in_engagement_order(tmp_path):
-    """Lines in engagement (not id) order: data.given_validation auto holds out each user's last
-    training row in file order (10% of 10), the same for every seed, as the test is the lines'
-    last rows; lines in id order or `random` asked for draw at random. Mutations caught: the
-    detection inverted (or reading every line as id-ordered), the first rows held out in place of
-    the last, the last-rows mode ignored (a random draw), numeric ids compared as text, users with
-    fewer than 3 rows judged (they ascend by chance), the resolved mode not recorded in
-    summary.json."""
+    """Lines in engagement order (consecutive items recur across users): data.given_validation auto
+    holds out each user's last training row in file order (10% of 10), the same for every seed,
+    as the test is the lines' last rows; lines in id order or in a random order, or `random`
+    asked for, draw at random. Mutations caught: the detection inverted, a random order read as
+    engagement order (the shuffled baseline's margin dropped), the first rows held out in place
+    of the last, the last-rows mode ignored (a random draw), numeric ids compared as text, users
+    with fewer than 3 rows judged (they ascend by chance), pairs read across two users' lines, the
+    resolved mode or the detected order not recorded in summary.json."""
     from ebr.config import RunConfig
-    from ebr.features.examples import lines_in_id_order
+    from ebr.features.examples import line_order
     from ebr.train.loop import train
 
-    ws = _adjacency(tmp_path)
-    fs = build_feature_state(ws)
-    e = load_engagements(ws, fs, load_split(ws, None), seed=3)
-    assert e.given_validation == "last"
+    def detected(ws):
+        fs = build_feature_state(ws)
+        e = load_engagements(ws, fs, load_split(ws, None), seed=3)
+        return fs, e, line_order(e.user, e.pin, fs.pins.decode(e.pin), e.part != Part.TEST)
+
+    ws = _adjacency(tmp_path, order="engagement")
+    fs, e, order = detected(ws)
+    assert order == "engagement" and e.given_validation == "last" and e.line_order == "engagement"
     lines = {int(ln.split()[0]): ln.split()[1:] for ln in (tmp_path / "train.txt").read_text().splitlines()}
     names = fs.users.decode(e.user[e.part == Part.VALIDATION])
     held = fs.pins.decode(e.pin[e.part == Part.VALIDATION])
@@ -116,19 +127,22 @@ def test_given_validation_is_each_users_last_rows_when_lines_are_in_engagement_o
     assert np.array_equal(load_engagements(ws, fs, load_split(ws, None), seed=4).part, e.part)
     other = load_engagements(ws, fs, load_split(ws, None), seed=3, given_validation_mode="random")
     assert other.given_validation == "random" and not np.array_equal(other.part, e.part)
-    assert not lines_in_id_order(e.user, fs.pins.decode(e.pin), e.part != Part.TEST)
-    srt = _adjacency(tmp_path / "sorted", id_order=True)
-    fs2 = build_feature_state(srt)
-    e2 = load_engagements(srt, fs2, load_split(srt, None), seed=3)
-    assert e2.given_validation == "random"
-    assert lines_in_id_order(e2.user, fs2.pins.decode(e2.pin), e2.part != Part.TEST)
+    for kind, want in (("id", "id"), ("random", "none")):
+        _, e2, order2 = detected(_adjacency(tmp_path / kind, order=kind))
+        assert order2 == want and e2.given_validation == "random", kind
     # users with one or two rows ascend by chance: only users with 3+ rows are judged
     user = np.r_[np.repeat(np.arange(300), 2), np.repeat(np.arange(300, 320), 5)]
-    ids = [str(x) for x in np.r_[np.tile([1, 2], 300), np.tile([9, 7, 5, 3, 1], 20)]]
-    assert not lines_in_id_order(user, ids, np.ones(len(user), dtype=bool))
+    pins = np.r_[np.tile([1, 2], 300), np.tile([9, 7, 5, 3, 1], 20)]
+    assert line_order(user, pins, [str(x) for x in pins], np.ones(len(user), dtype=bool)) != "id"
+    # pairs are read within a user: lines 'u 1 a b c 0' (a, b, c never repeat) put (0, 1) at
+    # every boundary between two users, which is no order of any user's items
+    user = np.repeat(np.arange(200), 5)
+    pins = np.c_[np.ones(200, int), np.arange(2, 602).reshape(200, 3), np.zeros(200, int)].ravel()
+    assert line_order(user, pins, [str(x) for x in pins], np.ones(len(user), dtype=bool)) == "none"
     over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.epochs": 1,
             "train.min_steps": 0, "train.refit": False, "train.choose_regularised": False}
-    assert train(ws, RunConfig.load(None, over), run="g", progress=False)["given_validation"] == "last"
+    s = train(ws, RunConfig.load(None, over), run="g", progress=False)
+    assert s["given_validation"] == "last" and s["line_order"] == "engagement"
 
 
 def test_untimed_training_histories_are_the_evaluation_history_without_the_target(tmp_path):
@@ -145,7 +159,7 @@ def test_untimed_training_histories_are_the_evaluation_history_without_the_targe
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
 
-    ws = _adjacency(tmp_path, id_order=True)
+    ws = _adjacency(tmp_path, order="id")
     over = {"train.batch_size": 128, "features.history_len": 5}
     cfg = RunConfig.load(None, over)
     d = prepare(ws, cfg)
@@ -176,7 +190,7 @@ def test_default_epoch_cap_gives_small_data_min_steps(tmp_path):
     from ebr.config import RunConfig
     from ebr.train.loop import epoch_cap, train
 
-    ws = _adjacency(tmp_path, id_order=True)
+    ws = _adjacency(tmp_path, order="id")
     over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.patience": 100,
             "train.refit": False, "train.min_steps": 150}
     s = train(ws, RunConfig.load(None, over), run="cap", progress=False)
@@ -214,7 +228,7 @@ def test_history_dropout_leaves_out_a_share_of_each_rows_items(tmp_path):
     from ebr.train.distributed import Ranks
     from ebr.train.loop import assemble, prepare
 
-    ws = _adjacency(tmp_path, id_order=True)  # end histories: every row 9 items
+    ws = _adjacency(tmp_path, order="id")  # end histories: every row 9 items
     cfg = RunConfig.load(None, {"train.batch_size": 128})
     d = prepare(ws, cfg)
     idx = np.random.default_rng(0).permutation(len(d.examples.user))[:128]

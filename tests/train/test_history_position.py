@@ -49,10 +49,10 @@ def test_auto_embeds_positions_for_next_engagement_with_point_in_time_histories(
     assert positions(llo_ws, **{"model.history_position": "off"}) == 0
     assert positions(tiny_ws, CFG) == 0  # temporal
     assert positions(tiny_ws, CFG, **{"model.history_position": "on"}) == 50
-    untimed = _adjacency(tmp_path / "ids", id_order=True)
+    untimed = _adjacency(tmp_path / "ids", order="id")
     assert positions(untimed, CFG) == 0
     assert positions(untimed, CFG, **{"model.history_position": "on"}) == 50
-    ordered = _adjacency(tmp_path / "seq")
+    ordered = _adjacency(tmp_path / "seq", order="engagement")
     assert positions(ordered, CFG) == 50
     assert positions(ordered, CFG, **{"data.given_validation": "random"}) == 0
 

@@ -341,8 +341,8 @@ def import_adjacency(
             "name": split,
             "source": source,
             "counts": counts,
-            "validation": (f"{GIVEN_VAL_FRACTION:.0%} of each user's training pins: a random draw (seeded by "
-                           "train.seed) where the lines list items in id order, else each user's last rows "
+            "validation": (f"{GIVEN_VAL_FRACTION:.0%} of each user's training pins: each user's last rows "
+                           "where the lines are in engagement order, else a random draw seeded by train.seed "
                            "(data.given_validation)"),
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "inputs": [str(train), str(test)],

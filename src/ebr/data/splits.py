@@ -9,9 +9,9 @@
   evaluation counts (EVALUATION.md): a 2% window of sparse data (ML-100K: 26 users) makes the
   choice of epoch and alternative noise. An explicit `val_fraction` is used as given;
 - given: train/test sets as imported from adjacency files (``assignment.parquet``, with each
-  pair's position in the files: the pseudo-time); validation = 10% of each user's training pins,
-  a seeded random draw where every line lists its items in id order, else each user's last rows
-  in file order, as the test of a file in engagement order is (data.given_validation);
+  pair's position in the files: the pseudo-time); validation = 10% of each user's training pins:
+  each user's last rows in file order where the lines are in engagement order, as such a file's
+  test is, else a seeded random draw (data.given_validation, features/examples.py line_order);
 - leave_last_out: each user's last positive engagement is the target (``targets.parquet``),
   the one before it the validation target.
 

@@ -36,6 +36,7 @@ class Engagements:
     timed: bool = True  # t is microseconds of real time (False: a pseudo-time, the file order)
     cond: np.ndarray | None = None  # interest code that sourced the engagement (0: none logged)
     given_validation: str | None = None  # a given split's validation rows: random or last (None: other splits)
+    line_order: str | None = None  # a given split's lines as detected (line_order; None: not detected)
 
     def conditions(self) -> np.ndarray:
         return np.zeros(len(self.user), dtype=np.int64) if self.cond is None else self.cond
@@ -66,24 +67,45 @@ def given_validation(
     return out
 
 
-def lines_in_id_order(user: np.ndarray, pin_ids: list, train: np.ndarray, share: float = 0.9) -> bool:
-    """Whether a given split's training lines list each user's items in ascending id order (numeric
-    where every id is an integer, else as text), as LightGCN-style files do: their order is then
-    the ids', no time. True when at least `share` of the users with 3+ training rows ascend; in
-    files written in engagement order almost none do (a random order of n items ascends with
-    probability 1/n!). Rows sorted by user, then file position."""
+def _repeated_pairs(user: np.ndarray, pin: np.ndarray, order: np.ndarray) -> float:
+    """The share of consecutive (same-user) item pairs, rows taken in `order`, that occur as a
+    consecutive pair (either way round) more than once in the data."""
+    u, p = user[order], pin[order]
+    same = u[1:] == u[:-1]
+    a, b = p[:-1][same], p[1:][same]
+    key = np.minimum(a, b).astype(np.int64) * (int(pin.max()) + 1) + np.maximum(a, b)
+    if len(key) == 0:
+        return 0.0
+    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return float((counts[inv] >= 2).mean())
+
+
+def line_order(user: np.ndarray, pin: np.ndarray, pin_ids: list, train: np.ndarray, seed: int = 0) -> str:
+    """How a given split's training lines order each user's items (rows sorted by user, then file
+    position): `id` where 90%+ of the users with 3+ rows list them in ascending id order (numeric
+    where every id is an integer, else as text; LightGCN-style files: the order is the ids', no
+    time; a random order of n items ascends with probability 1/n!); `engagement` where the order
+    carries information, as engagement order does: consecutive items recur as consecutive pairs in
+    other users' lines clearly more often than in the same lines shuffled within each user (3
+    seeded shuffles; more than 10% and 5 standard deviations above their mean; ML-100K in time
+    order 0.53 against 0.38); else `none` (lines in a random order)."""
     idx = np.flatnonzero(train)
     ids = [pin_ids[i] for i in idx]
     try:
         key = np.array([int(x) for x in ids], dtype=np.float64)
     except (TypeError, ValueError):
         key = np.unique(np.array(ids, dtype=object).astype(str), return_inverse=True)[1].astype(np.float64)
-    u = user[idx]
+    u, p = user[idx], pin[idx]
     same = u[1:] == u[:-1]
     down = np.bincount(u[1:][same & (key[1:] < key[:-1])], minlength=int(u.max()) + 1 if len(u) else 0)
     n = np.bincount(u, minlength=len(down))
     judged = n >= 3
-    return bool(judged.any()) and float((down[judged] == 0).mean()) >= share
+    if judged.any() and float((down[judged] == 0).mean()) >= 0.9:
+        return "id"
+    rng = np.random.default_rng([seed, 0x0D3])
+    shuffled = [_repeated_pairs(u, p, np.lexsort((rng.random(len(u)), u))) for _ in range(3)]
+    f, m, sd = _repeated_pairs(u, p, np.arange(len(u))), float(np.mean(shuffled)), float(np.std(shuffled, ddof=1))
+    return "engagement" if f > m * 1.1 and f > m + 5 * sd else "none"
 
 
 def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 0,
@@ -91,8 +113,8 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     """Every engagement with its part of the split, in a deterministic order (the same arrays in
     every process: the query is ordered, and pseudo-time is the stored file position). A given
     split's validation rows (data.given_validation): `random`, `last` (each user's last training
-    rows in file order), or `auto`: random where the lines are in id order (lines_in_id_order: the
-    order says nothing), else the last rows, as a test of each user's last rows is drawn."""
+    rows in file order), or `auto`: the last rows where the lines are in engagement order
+    (line_order), as such a file's test is each user's last rows, else random."""
     con = connect(ws)
     given = split.kind == "given"
     cols, join = "NULL AS pos, false AS is_test", ""
@@ -121,9 +143,10 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
         order = np.lexsort((tt, user))
         user, pin, tt, part = user[order], pin[order], tt[order], part[order]
         t = t.take(pa.array(order))
-        mode = given_validation_mode
+        mode, lines = given_validation_mode, None
         if mode == "auto":
-            mode = "random" if lines_in_id_order(user, t["pin_id"].to_pylist(), part == Part.TRAIN) else "last"
+            lines = line_order(user, pin, t["pin_id"].to_pylist(), part == Part.TRAIN)
+            mode = "last" if lines == "engagement" else "random"
         part[given_validation(user, part == Part.TRAIN, seed, mode=mode)] = Part.VALIDATION
     elif split.kind == "temporal":
         if not has_time:
@@ -152,7 +175,7 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
     order = np.lexsort((tt, user))  # stable: ties keep the query's deterministic order
     timed = has_time and not given  # given: pseudo-time = file position; no-time leave-last-out: row order
     return Engagements(user[order], pin[order], tt[order], action[order], w[order], part[order], timed,
-                       cond[order], mode if given else None)
+                       cond[order], mode if given else None, lines if given else None)
 
 
 @dataclass

@@ -82,6 +82,7 @@ class TrainData:
     # position, else 0 (sizes["history_positions"])
     history_positions: int = 0
     given_validation: str | None = None  # a given split's validation rows as resolved: random or last
+    line_order: str | None = None  # what data.given_validation auto read from the lines: id, engagement, none
 
     @property
     def ordered(self) -> bool:
@@ -137,7 +138,7 @@ def prepare(ws: Workspace, cfg: RunConfig, fs: FeatureState | None = None, refit
     interest = cfg.features.interest_features and snap.fs.sizes["n_interests"] > FIRST_ID
     d = TrainData(snap.fs, snap.pins, snap.users, snap.hist, ex, val, split.name, snap.stats, snap.candidates,
                   snap.time, snap.as_of, interest, *ids, action_weight=ex.weight, timed=snap.e.timed,
-                  given_validation=snap.e.given_validation)
+                  given_validation=snap.e.given_validation, line_order=snap.e.line_order)
     if history_positions(cfg, d.ordered, split.kind):
         d.history_positions = cfg.features.history_len
     return _weighted(d, cfg.train)
@@ -715,6 +716,8 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
     if d.given_validation is not None:  # data.given_validation as resolved from the lines' order
         summary["given_validation"] = d.given_validation
+        if d.line_order is not None:
+            summary["line_order"] = d.line_order
     if s.lr_drops:
         summary["lr_drops"] = s.lr_drops
     if choice is not None:
