@@ -30,8 +30,8 @@ class DataConfig(_Section):
     # a given split's validation rows (10% of each user's training rows): random (seeded by
     # train.seed), last (each user's last rows in file order; the file order then counts as time),
     # or auto: last where the lines are in engagement order (features/examples.py line_order: not
-    # in id order, and consecutive items recur across users beyond a shuffled baseline), as such
-    # a file's test is each user's last rows; else random
+    # sorted, and consecutive items recur across users beyond a shuffled baseline), as such a
+    # file's test is each user's last rows; else random. A resumed checkpoint must match
     given_validation: Literal["auto", "random", "last"] = "auto"
     # ID pretraining (pretrain/windows.py): the older share of the training part is the pretraining
     # window, the recent rest trains a retrieval model with ID embeddings (data without time: a

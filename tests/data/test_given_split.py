@@ -43,7 +43,8 @@ def _adjacency(tmp_path, n_users: int = 200, order: str = "random") -> Workspace
     """Each user 10 training and 2 test items of one of 4 groups of 50: drawn at random, each line
     in that random order (`random`) or in ascending id order (`id`, as LightGCN-style files store
     them); or (`engagement`) 12 consecutive items of the group's timeline (a fixed random
-    permutation), in timeline order, the last 2 as test: consecutive pairs recur across users."""
+    permutation), in timeline order with neighbours swapped at random (p 0.4 each), the last 2
+    as test: consecutive pairs recur across users, in either direction."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     timelines = [rng.permutation(np.arange(g * 50, g * 50 + 50)) for g in range(4)]
@@ -52,7 +53,9 @@ def _adjacency(tmp_path, n_users: int = 200, order: str = "random") -> Workspace
         items = rng.choice(np.arange((u % 4) * 50, (u % 4) * 50 + 50), 12, replace=False)
         if order == "engagement":
             start = rng.integers(0, 39)
-            items = timelines[u % 4][start: start + 12]
+            items = timelines[u % 4][start: start + 12].copy()
+            for j in np.flatnonzero(rng.random(11) < 0.4):  # each user's own order, locally
+                items[j], items[j + 1] = items[j + 1], items[j]
         train, test = (sorted(items[:10]), sorted(items[10:])) if order == "id" else (items[:10], items[10:])
         tr.append(" ".join(map(str, [u, *train])))
         te.append(" ".join(map(str, [u, *test])))
@@ -101,14 +104,17 @@ def test_given_validation_is_ten_percent_of_each_users_training_pins(tmp_path):
 def test_given_validation_is_each_users_last_rows_when_lines_are_in_engagement_order(tmp_path):
     """Lines in engagement order (consecutive items recur across users): data.given_validation auto
     holds out each user's last training row in file order (10% of 10), the same for every seed,
-    as the test is the lines' last rows; lines in id order or in a random order, or `random`
+    as the test is the lines' last rows, and trains on point-in-time histories with positions;
+    lines sorted (ids up or down, numeric or as text, any key) or in a random order, or `random`
     asked for, draw at random. Mutations caught: the detection inverted, a random order read as
-    engagement order (the shuffled baseline's margin dropped), the first rows held out in place
-    of the last, the last-rows mode ignored (a random draw), numeric ids compared as text, users
-    with fewer than 3 rows judged (they ascend by chance), pairs read across two users' lines, the
-    resolved mode or the detected order not recorded in summary.json."""
+    engagement order (both margins over the shuffled baseline dropped), the first rows held out in
+    place of the last, the last-rows mode ignored (a random draw), numeric ids compared as text,
+    descending or text-sorted lines read as engagement order (the direction test dropped), users
+    with fewer than 3 rows judged (they ascend by chance), pairs read across two users' lines, an
+    empty training part crashing, the resolved mode, the detected order or the resolved
+    histories not recorded in summary.json."""
     from ebr.config import RunConfig
-    from ebr.features.examples import line_order
+    from ebr.features.examples import _sorted_lines, line_order
     from ebr.train.loop import train
 
     def detected(ws):
@@ -127,13 +133,33 @@ def test_given_validation_is_each_users_last_rows_when_lines_are_in_engagement_o
     assert np.array_equal(load_engagements(ws, fs, load_split(ws, None), seed=4).part, e.part)
     other = load_engagements(ws, fs, load_split(ws, None), seed=3, given_validation_mode="random")
     assert other.given_validation == "random" and not np.array_equal(other.part, e.part)
-    for kind, want in (("id", "id"), ("random", "none")):
+    for kind, want in (("id", "sorted"), ("random", "none")):
         _, e2, order2 = detected(_adjacency(tmp_path / kind, order=kind))
         assert order2 == want and e2.given_validation == "random", kind
+    # the engagement lines sorted another way: by id descending, by id as text (one id not a
+    # number), by a key that is no id (the recurring pairs then run one way)
+    tr = e.part != Part.TEST
+    u, p = e.user[tr], e.pin[tr]
+    ids = np.array(fs.pins.decode(p), dtype=object)
+    num = np.array([int(x) for x in ids])
+    rank = np.random.default_rng(0).permutation(int(p.max()) + 1)
+    for key in (-num, np.array([str(x) for x in num]), rank[p]):
+        o = np.lexsort((key, u))
+        named = ids[o].copy()
+        named[0] = "x" + named[0]
+        assert line_order(u[o], p[o], list(named), np.ones(len(o), dtype=bool)) == "sorted"
+    assert line_order(u, p, list(ids), np.zeros(len(u), dtype=bool)) == "none"  # no training rows
+    # sparse lines (no pair recurs): only the ids can tell a sort, down or as text
+    user, r = np.repeat(np.arange(60), 5), np.arange(60)[:, None]
+    items = np.c_[r + 1, 900 + r, 1000 + r, 10000 * (r + 1) + 5, 70000000 + r]  # ascending numbers
+    as_text = np.array([sorted(x, key=str) for x in items])  # e.g. 1, 1000, 10005, 70000000, 900
+    assert not any(_sorted_lines(np.zeros(5, int), x) for x in as_text)  # not sorted as numbers
+    for lines in (items[:, ::-1], as_text):
+        assert line_order(user, lines.ravel(), [str(x) for x in lines.ravel()], np.ones(300, dtype=bool)) == "sorted"
     # users with one or two rows ascend by chance: only users with 3+ rows are judged
     user = np.r_[np.repeat(np.arange(300), 2), np.repeat(np.arange(300, 320), 5)]
-    pins = np.r_[np.tile([1, 2], 300), np.tile([9, 7, 5, 3, 1], 20)]
-    assert line_order(user, pins, [str(x) for x in pins], np.ones(len(user), dtype=bool)) != "id"
+    pins = np.r_[np.tile([1, 2], 300), np.tile([5, 9, 1, 7, 3], 20)]
+    assert not _sorted_lines(user, pins)
     # pairs are read within a user: lines 'u 1 a b c 0' (a, b, c never repeat) put (0, 1) at
     # every boundary between two users, which is no order of any user's items
     user = np.repeat(np.arange(200), 5)
@@ -143,6 +169,54 @@ def test_given_validation_is_each_users_last_rows_when_lines_are_in_engagement_o
             "train.min_steps": 0, "train.refit": False, "train.choose_regularised": False}
     s = train(ws, RunConfig.load(None, over), run="g", progress=False)
     assert s["given_validation"] == "last" and s["line_order"] == "engagement"
+    assert s["history_as_of"] == "example" and s["history_positions"]
+
+
+def test_engagement_ordered_lines_train_on_point_in_time_histories(tmp_path):
+    """On lines in engagement order a training row's history is its user's events before it in
+    file order (the prefix), not the end-of-data history; on id-ordered lines the end. Mutations
+    caught: the batch built with end-of-data histories on engagement lines (`ordered` ignored
+    where histories are assembled)."""
+    from ebr.config import RunConfig
+    from ebr.features.examples import T_MAX
+    from ebr.train.distributed import Ranks
+    from ebr.train.loop import assemble, prepare
+
+    cfg = RunConfig.load(None, {"train.batch_size": 128, "features.history_len": 5})
+    for order, prefix in (("engagement", True), ("id", False)):
+        d = prepare(_adjacency(tmp_path / order, order=order), cfg)
+        ex = d.examples
+        idx = np.random.default_rng(0).permutation(len(ex.user))[:128]
+        hist = assemble(d, cfg, idx, 1, Ranks()).ub.hist.numpy()
+        want = d.hist.at(ex.user[idx], ex.t[idx], 5)[0]
+        end = d.hist.at(ex.user[idx], np.full(len(idx), T_MAX), 5)[0]
+        assert np.array_equal(hist, want) == prefix and not np.array_equal(want, end), order
+
+
+def test_resume_refuses_a_checkpoint_of_another_given_validation(tmp_path):
+    """A run's 'last' checkpoint records the resolved data.given_validation; resuming it where the
+    run resolves another (e.g. a checkpoint saved before the setting, always random, on lines now
+    read as engagement order) is a clear error naming the setting; the same one resumes. Mutations
+    caught: the value not saved, the check dropped, a missing value read as the run's own."""
+    import pytest
+    import torch
+
+    from ebr.config import RunConfig
+    from ebr.errors import EbrError
+    from ebr.train.loop import train
+
+    ws = _adjacency(tmp_path, order="engagement")
+    over = {"train.batch_size": 128, "model.hidden": [16], "train.val_users": 20, "train.epochs": 2,
+            "train.min_steps": 0, "train.refit": False, "train.choose_regularised": False}
+    train(ws, RunConfig.load(None, over), run="r", progress=False)
+    last = ws.run_dir("r") / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["given_validation"] == "last"
+    train(ws, RunConfig.load(None, over), run="r", progress=False, resume=True)  # the same: resumes
+    del state["given_validation"]
+    torch.save(state, last)
+    with pytest.raises(EbrError, match="data.given_validation"):
+        train(ws, RunConfig.load(None, over), run="r", progress=False, resume=True)
 
 
 def test_untimed_training_histories_are_the_evaluation_history_without_the_target(tmp_path):

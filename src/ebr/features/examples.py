@@ -36,7 +36,7 @@ class Engagements:
     timed: bool = True  # t is microseconds of real time (False: a pseudo-time, the file order)
     cond: np.ndarray | None = None  # interest code that sourced the engagement (0: none logged)
     given_validation: str | None = None  # a given split's validation rows: random or last (None: other splits)
-    line_order: str | None = None  # a given split's lines as detected (line_order; None: not detected)
+    line_order: str | None = None  # a given split's lines as detected (line_order: sorted, engagement, none)
 
     def conditions(self) -> np.ndarray:
         return np.zeros(len(self.user), dtype=np.int64) if self.cond is None else self.cond
@@ -67,42 +67,85 @@ def given_validation(
     return out
 
 
+LINE_ORDER_USERS = 20_000  # line_order reads at most this many users (a seeded sample)
+
+
+def _pairs(user: np.ndarray, pin: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive same-user item pairs, rows taken in `order`: (unordered pair key, whether the
+    pair ascends in pin code)."""
+    u, p = user[order], pin[order]
+    same = (u[1:] == u[:-1]) & (p[1:] != p[:-1])
+    a, b = p[:-1][same].astype(np.int64), p[1:][same].astype(np.int64)
+    return np.minimum(a, b) * (int(pin.max()) + 1) + np.maximum(a, b), a < b
+
+
 def _repeated_pairs(user: np.ndarray, pin: np.ndarray, order: np.ndarray) -> float:
     """The share of consecutive (same-user) item pairs, rows taken in `order`, that occur as a
     consecutive pair (either way round) more than once in the data."""
-    u, p = user[order], pin[order]
-    same = u[1:] == u[:-1]
-    a, b = p[:-1][same], p[1:][same]
-    key = np.minimum(a, b).astype(np.int64) * (int(pin.max()) + 1) + np.maximum(a, b)
+    key, _ = _pairs(user, pin, order)
     if len(key) == 0:
         return 0.0
     _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
     return float((counts[inv] >= 2).mean())
 
 
-def line_order(user: np.ndarray, pin: np.ndarray, pin_ids: list, train: np.ndarray, seed: int = 0) -> str:
-    """How a given split's training lines order each user's items (rows sorted by user, then file
-    position): `id` where 90%+ of the users with 3+ rows list them in ascending id order (numeric
-    where every id is an integer, else as text; LightGCN-style files: the order is the ids', no
-    time; a random order of n items ascends with probability 1/n!); `engagement` where the order
-    carries information, as engagement order does: consecutive items recur as consecutive pairs in
-    other users' lines clearly more often than in the same lines shuffled within each user (3
-    seeded shuffles; more than 10% and 5 standard deviations above their mean; ML-100K in time
-    order 0.53 against 0.38); else `none` (lines in a random order)."""
-    idx = np.flatnonzero(train)
-    ids = [pin_ids[i] for i in idx]
-    try:
-        key = np.array([int(x) for x in ids], dtype=np.float64)
-    except (TypeError, ValueError):
-        key = np.unique(np.array(ids, dtype=object).astype(str), return_inverse=True)[1].astype(np.float64)
-    u, p = user[idx], pin[idx]
-    same = u[1:] == u[:-1]
-    down = np.bincount(u[1:][same & (key[1:] < key[:-1])], minlength=int(u.max()) + 1 if len(u) else 0)
-    n = np.bincount(u, minlength=len(down))
+def _one_way_share(user: np.ndarray, pin: np.ndarray) -> float:
+    """Among consecutive pairs that recur, the share always seen in the same direction: 1 for lines
+    sorted by any key (ids up or down, ids as text, popularity), about 0.4 in engagement order."""
+    key, up = _pairs(user, pin, np.arange(len(user)))
+    if len(key) == 0:
+        return 0.0
+    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    ups = np.bincount(inv, weights=up, minlength=len(uniq))
+    rec = counts >= 2
+    return float(((ups[rec] == 0) | (ups[rec] == counts[rec])).mean()) if rec.any() else 0.0
+
+
+def _sorted_lines(user: np.ndarray, key: np.ndarray, share: float = 0.9) -> bool:
+    """Whether at least `share` of the users with 3+ rows list their items in ascending or in
+    descending `key` order (rows sorted by user, then file position)."""
+    same = user[1:] == user[:-1]
+    n = np.bincount(user, minlength=int(user.max()) + 1)
     judged = n >= 3
-    if judged.any() and float((down[judged] == 0).mean()) >= 0.9:
-        return "id"
+    if not judged.any():
+        return False
+    for desc in (False, True):
+        out = (key[1:] > key[:-1]) if desc else (key[1:] < key[:-1])
+        against = np.bincount(user[1:][same & out], minlength=len(n))
+        if float((against[judged] == 0).mean()) >= share:
+            return True
+    return False
+
+
+def line_order(user: np.ndarray, pin: np.ndarray, pin_ids: pa.Array | pa.ChunkedArray | list, train: np.ndarray,
+               seed: int = 0) -> str:
+    """How a given split's training lines order each user's items (rows sorted by user, then file
+    position; at most LINE_ORDER_USERS users, a seeded sample, are read): `sorted` where 90%+ of
+    the users with 3+ rows list them in ascending or descending id order (numeric ids as numbers
+    or as text; LightGCN-style files: the order is the ids', no time; a random order of n items is
+    sorted with probability 2/n!) or where the recurring consecutive pairs (below) nearly always
+    (90%+) run one way, as under any strict sort key; `engagement` where the order carries information,
+    as engagement order does: consecutive items recur as consecutive pairs in other users' lines
+    clearly more often than in the same lines shuffled within each user (3 seeded shuffles; more
+    than 10% and 5 standard deviations above their mean; ML-100K in time order 0.53 against
+    0.38, its recurring pairs one way in 0.40); else `none` (lines in a random order)."""
+    idx = np.flatnonzero(train)
+    if len(idx) == 0:
+        return "none"
+    users = np.unique(user[idx])
     rng = np.random.default_rng([seed, 0x0D3])
+    if len(users) > LINE_ORDER_USERS:
+        idx = idx[np.isin(user[idx], rng.choice(users, LINE_ORDER_USERS, replace=False))]
+    u, p = user[idx], pin[idx]
+    ids = (pin_ids if isinstance(pin_ids, (pa.Array, pa.ChunkedArray)) else pa.array(pin_ids)).take(pa.array(idx))
+    ids = ids.cast(pa.string())
+    keys = [np.unique(ids.to_numpy(zero_copy_only=False).astype(str), return_inverse=True)[1]]
+    try:
+        keys.append(ids.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    if any(_sorted_lines(u, k) for k in keys) or _one_way_share(u, p) >= 0.9:
+        return "sorted"
     shuffled = [_repeated_pairs(u, p, np.lexsort((rng.random(len(u)), u))) for _ in range(3)]
     f, m, sd = _repeated_pairs(u, p, np.arange(len(u))), float(np.mean(shuffled)), float(np.std(shuffled, ddof=1))
     return "engagement" if f > m * 1.1 and f > m + 5 * sd else "none"
@@ -145,7 +188,7 @@ def load_engagements(ws: Workspace, fs: FeatureState, split: Split, seed: int = 
         t = t.take(pa.array(order))
         mode, lines = given_validation_mode, None
         if mode == "auto":
-            lines = line_order(user, pin, t["pin_id"].to_pylist(), part == Part.TRAIN)
+            lines = line_order(user, pin, t["pin_id"], part == Part.TRAIN)
             mode = "last" if lines == "engagement" else "random"
         part[given_validation(user, part == Part.TRAIN, seed, mode=mode)] = Part.VALIDATION
     elif split.kind == "temporal":

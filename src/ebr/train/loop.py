@@ -82,7 +82,7 @@ class TrainData:
     # position, else 0 (sizes["history_positions"])
     history_positions: int = 0
     given_validation: str | None = None  # a given split's validation rows as resolved: random or last
-    line_order: str | None = None  # what data.given_validation auto read from the lines: id, engagement, none
+    line_order: str | None = None  # what data.given_validation auto read from the lines: sorted, engagement, none
 
     @property
     def ordered(self) -> bool:
@@ -308,10 +308,18 @@ class TrainState:
         self.id_grad = (buf, rows)
         table.weight.grad = buf
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict, given_validation: str | None = None) -> None:
+        """Resume from a 'last' checkpoint; given_validation: the run's resolved data.given_validation
+        (None: not a given split), which the checkpoint's must match."""
         if "C" not in state.get("estimator", {}):
             raise EbrError("this checkpoint predates the current logQ estimator (no sighting counts); it cannot be "
                            "resumed exactly: start the run again without --resume")
+        saved_gv = state.get("given_validation", "random")  # saved before the setting: always random
+        if given_validation is not None and saved_gv != given_validation:
+            raise EbrError(f"this checkpoint was trained with a {saved_gv} validation and this run resolves "
+                           f"{given_validation} (data.given_validation; checkpoints saved before it were random): it "
+                           "cannot be resumed exactly: start the run again without --resume, or set "
+                           f"data.given_validation={saved_gv}")
         pos = self.model.user.history.position
         saved, now = state.get("sizes", {}).get("history_positions", 0), 0 if pos is None else pos.shape[0]
         if saved != now:  # (a checkpoint saved before model.history_position has none)
@@ -336,7 +344,7 @@ class TrainState:
         """The 'best' checkpoint (model, config, feature state) or, with full, the 'last' one."""
         base = {"model": self.model.state_dict(), "config": cfg.model_dump(), "sizes": d.sizes,
                 "feature_state": d.fs.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
-                "split": d.split_name, "created_at": now_utc().isoformat()}
+                "split": d.split_name, "given_validation": d.given_validation, "created_at": now_utc().isoformat()}
         if not full:
             return base
         return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
@@ -667,7 +675,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         (rdir / "metrics.jsonl").write_text("")
     s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives())
     if state is not None:
-        s.load(state)
+        s.load(state, d.given_validation)
     s.distribute(ranks)
     seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
     choice = None
@@ -683,7 +691,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives())
             alast = adir / "checkpoints" / "last.pt"
             if resume and alast.exists():
-                a.load(load_checkpoint_state(alast))
+                a.load(load_checkpoint_state(alast), d.given_validation)
             elif ranks.main:
                 (adir / "metrics.jsonl").write_text("")
             a.distribute(ranks)
@@ -809,7 +817,7 @@ def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: i
     r = TrainState.fresh(cfg, rd.sizes, rd.id_tables, rd.positives())
     last = rdir / "checkpoints" / "refit_last.pt"
     if resume and last.exists():
-        r.load(load_checkpoint_state(last))
+        r.load(load_checkpoint_state(last), rd.given_validation)
     r.distribute(ranks)
     if progress:
         log.info("refit: %d steps on training + validation (%s examples)", steps, f"{len(rd.examples.user):,}")
