@@ -89,6 +89,7 @@ class TrainData:
         """Each user's events are in a known order: real time, or a given split's file order where
         its lines are in engagement order (validation: each user's last rows)."""
         return self.timed or self.given_validation == "last"
+
     def pin_stats(self, pins: np.ndarray, t: np.ndarray) -> torch.Tensor | None:
         return None if self.stats is None else torch.from_numpy(self.stats.at(pins, t))
 
@@ -393,7 +394,7 @@ def history_positions(cfg: RunConfig, ordered: bool, split_kind: str) -> bool:
     at each example's time, so a slot's position is how recent the event is before the target.
     Not under a temporal split (a window of future engagements to predict: validation recall fell
     on the synthetic world), nor where histories are read at the end of the data (a slot's
-    position then says nothing about the row's target; on files in id order nothing)."""
+    position then says nothing about the row's target; on sorted files nothing)."""
     mode = cfg.model.history_position
     per_user = split_kind == "leave_last_out" or (split_kind == "given" and ordered)
     return mode == "on" or (mode == "auto" and per_user and not history_at_end(cfg, ordered))
