@@ -86,6 +86,7 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "lr_plateau_0.5": {"train.lr_plateau_factor": 0.5},
     "end_histories": {"features.history_as_of": "end"},
     "pin_bias": {"model.pin_bias": True},
+    "time_prior": {"model.time_prior": True},
     "history_position": {"model.history_position": "on"},
     "no_history_position": {"model.history_position": "off"},
     # data without time whose lines are in engagement order (validation: each user's last rows)

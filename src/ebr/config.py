@@ -160,6 +160,9 @@ class ModelConfig(_Section):
     # interest filter per condition (mode conditional / auto)
     conditional: bool = False
     time_dim: int = 8  # width of the time term's pin embedding (features.pin_age, features.pin_counts)
+    # the time term starts as a popularity prior (TwoTower.init_time_prior): the mean log recent
+    # count over the count windows added to every score at step 0, instead of a zero term
+    time_prior: bool = False
     # a learned scalar per pin added to every score, b_i = a linear head on the pin tower's crossing
     # output (before the unit norm): the popularity a unit-norm embedding can only hold as a
     # direction; served as one more index column (tau * b_i) against a constant 1 in the query

@@ -172,3 +172,41 @@ def test_training_reads_every_batch_pin_as_of_each_examples_time(tiny_ws, monkey
     not_yet = (want[..., 0] == NOT_YET) & off
     assert not_yet.any(), "some pins of the batch are not created yet at some rows' times"
     assert torch.isinf(seen["extra"][0][not_yet]).all() and torch.isfinite(seen["extra"][0][~not_yet]).all()
+
+
+def test_time_prior_starts_the_score_at_the_mean_log_recent_count(tiny_ws):
+    """model.time_prior: a new model's time term, for any user, scores each pin at the mean over
+    the count windows of ln(1 + its recent count) as of the row's time (within half a bucket,
+    ln 2 / 4), with the age field adding nothing; off, the time term starts at zero. Checked against
+    the raw counts, not the buckets. Mutations caught: the prior left unscaled by tau, the query's
+    channel 0 left to its random weights or its bias at 0, the windows summed instead of averaged,
+    bucket middles one bucket off (b instead of b + 0.5, or octaves), the flag not reaching
+    TrainState.fresh, the prior applied with the flag off."""
+    from ebr.features.pinstats import bucket_log_counts
+    from ebr.train.loop import TrainState
+
+    cfg = RunConfig.load(None, {"model.time_prior": True, **NO_CHOICE})
+    d = prepare(tiny_ws, cfg)
+    assert d.time is not None and d.time.has_age and len(d.time.counts.windows) == 3
+    torch.manual_seed(0)
+    model = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives(), d.time).model
+    n_pins = d.sizes["n_pins"]
+    pins, t = np.arange(2, n_pins), np.sort(d.examples.t)[-5:]
+    buckets = d.time_buckets(pins, t)  # (5, N, F)
+    counts = d.time.counts.at(pins[None, :], t[:, None])  # (5, N, 3)
+    want = np.log1p(counts).mean(-1)
+    assert want.max() > 1.0 and (counts == 0).any(), "the fixture's pins differ in recent counts"
+    u = torch.nn.functional.normalize(torch.randn(5, cfg.model.dim), dim=-1)
+    q = torch.cat([u, model.user.time_weights(u)], dim=-1)
+    with torch.no_grad():
+        got = (model.time_logits(q, buckets) / cfg.model.temperature).numpy()
+    assert np.abs(got - want).max() <= np.log(2) / 4 + 1e-5
+    assert np.all(got[counts.sum(-1) == 0] == 0)
+    # the bucket middles themselves: ln(1 + c) for every count falls within half a bucket of its own
+    c = np.arange(0, 5000)
+    b = np.minimum(np.floor(2 * np.log2(1 + c)), 31).astype(int)
+    assert np.abs(bucket_log_counts()[b] - np.log1p(c)).max() <= np.log(2) / 4 + 1e-6
+    off = RunConfig.load(None, {**NO_CHOICE})
+    plain = TrainState.fresh(off, d.sizes, d.id_tables, d.positives(), d.time).model
+    with torch.no_grad():
+        assert torch.equal(plain.time_logits(q, buckets), torch.zeros(5, len(pins)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ebr.data.tables import connect
-from ebr.features.pinstats import N_COUNT_BUCKETS, DailyCounts
+from ebr.features.pinstats import N_COUNT_BUCKETS, DailyCounts, bucket_log_counts
 from ebr.features.state import FIRST_ID, FeatureState
 from ebr.workspace import Workspace
 
@@ -123,6 +123,13 @@ class TimeFields:
     @property
     def has_age(self) -> bool:
         return self.created is not None
+
+    def popularity_prior(self) -> list[np.ndarray | None]:
+        """Per field, a value per bucket for model.time_prior: each count window's ln(1 + count)
+        at its buckets' middles divided by the window count (their sum: the mean log count over the
+        windows); None for the age field."""
+        n = len(self.counts.windows) if self.counts is not None else 0
+        return ([None] if self.created is not None else []) + [bucket_log_counts() / n] * n
 
     def buckets(self, pins: np.ndarray, t: np.ndarray) -> np.ndarray:
         """pins and times broadcast together (shape S) -> (S..., fields) int64; with the age field,

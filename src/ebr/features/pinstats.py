@@ -91,6 +91,13 @@ class PinStats:
 N_COUNT_BUCKETS = 32
 
 
+def bucket_log_counts() -> np.ndarray:
+    """(N_COUNT_BUCKETS,) ln(1 + count) at the middle of each count bucket (bucket b holds
+    2 log2(1 + c) in [b, b + 1)); bucket 0 holds only c = 0: ln 1 = 0."""
+    b = np.arange(N_COUNT_BUCKETS, dtype=np.float64)
+    return np.where(b == 0, 0.0, (b + 0.5) / 2 * np.log(2)).astype(np.float32)
+
+
 @dataclass
 class DailyCounts:
     """Positive engagements per pin group and UTC day, cumulative, for the time term of the model

@@ -252,6 +252,24 @@ class TwoTower(nn.Module):
             table.weight.requires_grad_(not frozen)
 
     @torch.no_grad()
+    def init_time_prior(self, priors: list[torch.Tensor | None]) -> None:
+        """Start the time term as a popularity prior (model.time_prior): channel 0 of each field's
+        table holds tau * priors[f][bucket] (None: 0) and the query's channel 0 is a constant 1
+        (time_weights' row 0 zero, its bias 1), so the first score is <u, v>/tau + sum_f
+        priors[f][bucket_f]: the logQ-corrected softmax starts at the pins' recent popularity instead of
+        at uniform. Everything stays trainable."""
+        if not len(self.time):
+            return
+        if len(priors) != len(self.time):
+            raise ValueError(f"{len(priors)} priors for {len(self.time)} time-term fields")
+        tw = self.user.time_weights
+        tw.weight[0].zero_()
+        tw.bias[0] = 1.0
+        for e, p in zip(self.time, priors):
+            if p is not None:
+                e.weight[:, 0] = self.temperature * p.to(e.weight.dtype)
+
+    @torch.no_grad()
     def index_vectors(self, v: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
         """Pin embeddings (N, dim) and their time-term buckets as of the index's time (N, F) -> the
         vectors the ANN index stores: [v, sum_f c_f(bucket_f)] (v alone without the time term)."""

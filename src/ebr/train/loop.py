@@ -276,10 +276,13 @@ class TrainState:
 
     @classmethod
     def fresh(cls, cfg: RunConfig, sizes: dict, id_tables: tuple[np.ndarray, np.ndarray] | None = None,
-              positives: np.ndarray | None = None) -> TrainState:
+              positives: np.ndarray | None = None, time: TimeFields | None = None) -> TrainState:
         """A new model and optimiser; positives (n_pins,): each pin's training positives, for
-        model.pin_id_min_count (pretrained ID tables are left whole)."""
+        model.pin_id_min_count (pretrained ID tables are left whole); time: the time term's fields,
+        for model.time_prior."""
         model = TwoTower(sizes, cfg.model)
+        if cfg.model.time_prior and time is not None:
+            model.init_time_prior([None if p is None else torch.from_numpy(p) for p in time.popularity_prior()])
         if id_tables is not None:  # pretrained IDs: frozen ones are left out of the optimiser
             model.load_id_tables(*map(torch.from_numpy, id_tables), frozen=cfg.model.id_embeddings == "frozen")
         elif positives is not None and cfg.model.pin_id_min_count > 1:
@@ -674,7 +677,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         (rdir / "config.yaml").write_text(cfg.to_yaml())
         (rdir / "feature_state.json").write_text(json.dumps(d.fs.to_dict()))
         (rdir / "metrics.jsonl").write_text("")
-    s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives())
+    s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives(), d.time)
     if state is not None:
         s.load(state, d.given_validation)
     s.distribute(ranks)
@@ -689,7 +692,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             adir = rdir / "alternatives" / name
             (adir / "checkpoints").mkdir(parents=True, exist_ok=True)
             da = _weighted(d, alt.train)
-            a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives())
+            a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives(), da.time)
             alast = adir / "checkpoints" / "last.pt"
             if resume and alast.exists():
                 a.load(load_checkpoint_state(alast), d.given_validation)
@@ -815,7 +818,7 @@ def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: i
     in the model. Bundles serve refit.pt; best.pt (the selected model) is kept."""
     t0 = time.time()
     rd = prepare(ws, cfg, fs, refit=True)
-    r = TrainState.fresh(cfg, rd.sizes, rd.id_tables, rd.positives())
+    r = TrainState.fresh(cfg, rd.sizes, rd.id_tables, rd.positives(), rd.time)
     last = rdir / "checkpoints" / "refit_last.pt"
     if resume and last.exists():
         r.load(load_checkpoint_state(last), rd.given_validation)
