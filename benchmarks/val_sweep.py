@@ -87,6 +87,7 @@ VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (eac
     "end_histories": {"features.history_as_of": "end"},
     "pin_bias": {"model.pin_bias": True},
     "time_prior": {"model.time_prior": True},
+    **{f"first_day_{w}": {"train.first_day_weight": w} for w in (0.1, 0.3)},
     "history_position": {"model.history_position": "on"},
     "no_history_position": {"model.history_position": "off"},
     # data without time whose lines are in engagement order (validation: each user's last rows)

@@ -218,6 +218,10 @@ class TrainConfig(_Section):
     # user counts the same, as evaluation averages recall per user (Covington et al. 2016 cap examples
     # per user for the same reason)
     user_weight_power: float = Field(0.0, ge=0.0, le=1.0)
+    # returning-user weighting: each example within a day of its user's first training example
+    # (the sign-up session) weighs this much against a later one (a returning user's), rescaled to
+    # mean 1; 1 = no change. Data with real time only (ignored, with a warning, elsewhere)
+    first_day_weight: float = Field(1.0, gt=0.0)
     estimator_alpha: float = 0.01
     estimator_hashes: int = 2
     estimator_buckets: int = 1 << 20

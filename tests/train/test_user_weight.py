@@ -40,3 +40,26 @@ def test_training_examples_are_weighted_per_user_in_both_phases(tiny_ws):
         assert counts[counts > 0].max() > 2 * counts[counts > 0].min()  # users differ in activity
         totals = np.bincount(ex.user, weights=ex.weight / plain.weight)[counts > 0]
         np.testing.assert_allclose(totals, totals[0], rtol=1e-4)
+
+
+def test_first_day_weight_by_hand_and_in_training(tiny_ws):
+    """train.first_day_weight: an example within a day of its user's first example (strictly
+    before first + 1 day) weighs `weight` against 1 for later ones, rescaled to mean 1; the first
+    time is each user's own, whatever the rows' order; prepare() multiplies the action weights by
+    it on data with real time. Mutations caught: <= at the day's edge, one first time for all
+    users, the weights inverted (later examples light), the rescaling dropped, the setting ignored
+    by prepare()."""
+    from ebr.features.examples import first_day_weights
+
+    day = 86400 * 10**6
+    users = np.array([1, 1, 2, 1, 2, 2])
+    t = np.array([2 * day, day // 2, 9 * day, 0, 10 * day, 9 * day + day // 3])
+    w = first_day_weights(users, t, 0.25, day_us=day)
+    assert w.dtype == np.float32 and w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(w / w[0], [1, 0.25, 0.25, 0.25, 1, 0.25])
+    plain = prepare(tiny_ws, RunConfig.load(None, {})).examples
+    cfg = RunConfig.load(None, {"train.first_day_weight": 0.5})
+    ex = prepare(tiny_ws, cfg).examples
+    want = first_day_weights(plain.user, plain.t, 0.5)
+    assert len(np.unique(want)) == 2  # the fixture has first-day and later examples
+    np.testing.assert_allclose(ex.weight, plain.weight * want, rtol=1e-5)

@@ -336,6 +336,18 @@ def user_weights(user: np.ndarray, power: float) -> np.ndarray:
     return _mean_one(r)
 
 
+def first_day_weights(user: np.ndarray, t: np.ndarray, weight: float, day_us: int = 86400 * 10**6) -> np.ndarray:
+    """(N,) float32 weights of examples of users `user` at times `t` (microseconds): `weight` for an
+    example within a day of its user's first example here (the sign-up session: on MovieLens most
+    of a user's ratings), 1 for the later ones (a returning user's), rescaled to mean 1."""
+    user, t = np.asarray(user), np.asarray(t, dtype=np.int64)
+    _, inv = np.unique(user, return_inverse=True)
+    first = np.full(inv.max() + 1 if len(inv) else 0, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, inv, t)
+    r = np.where(t < first[inv] + day_us, weight, 1.0)
+    return _mean_one(r)
+
+
 @dataclass
 class EvalSpec:
     """Who is evaluated, against which targets, excluding what. Histories for evaluation are

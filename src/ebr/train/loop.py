@@ -35,6 +35,7 @@ from ebr.features.examples import (
     Histories,
     draw_conditions,
     eval_spec,
+    first_day_weights,
     positive_examples,
     recency_weights,
     user_weights,
@@ -657,9 +658,10 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     t_prep = time.time()
     d = prepare(ws, cfg, fs)
     prep_s = time.time() - t_prep
-    if cfg.train.recency_half_life_days is not None and not d.timed:
-        log.warning("train.recency_half_life_days ignored: split %r has no real time (pseudo-time is no age)",
-                    d.split_name)
+    for key, on in (("recency_half_life_days", cfg.train.recency_half_life_days is not None),
+                    ("first_day_weight", cfg.train.first_day_weight != 1.0)):
+        if on and not d.timed:
+            log.warning("train.%s ignored: split %r has no real time (pseudo-time is no age)", key, d.split_name)
     if cfg.train.horizon > 1 and history_at_end(cfg, d.ordered):
         log.warning("train.horizon ignored: training histories are read at the end of the visible data "
                     "(features.history_as_of %s on split %r)", cfg.features.history_as_of, d.split_name)
@@ -802,12 +804,14 @@ def _overrides(cfg: RunConfig, alt: RunConfig) -> dict:
 def _weighted(d: TrainData, t: TrainConfig) -> TrainData:
     """d with its examples weighted: the action weights, times recency_weights for a recency
     half-life (train.recency_half_life_days, on data with real time), times user_weights for
-    train.user_weight_power."""
+    train.user_weight_power, times first_day_weights for train.first_day_weight (real time only)."""
     w = d.action_weight
     if t.recency_half_life_days is not None and d.timed:
         w = w * recency_weights(d.examples.t, d.as_of, t.recency_half_life_days)
     if t.user_weight_power:
         w = w * user_weights(d.examples.user, t.user_weight_power)
+    if t.first_day_weight != 1.0 and d.timed:
+        w = w * first_day_weights(d.examples.user, d.examples.t, t.first_day_weight)
     return replace(d, examples=replace(d.examples, weight=w))
 
 
