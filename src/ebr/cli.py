@@ -236,7 +236,7 @@ def cmd_pretrain_ids(a) -> int:
         over.pop("train.epochs", None)
         over["pretrain.epochs"] = a.epochs
     cfg = RunConfig.load(a.config, over)
-    m = pretrain_ids(ws, cfg, window=a.window, name=a.run)
+    m = pretrain_ids(ws, cfg, window=a.window, name=a.run, resume=a.resume)
     if m:
         print(json.dumps({k: m[k] for k in ("name", "window_text", "dim", "counts", "loss_curve", "throughput",
                                             "content_hash")}, indent=2))
@@ -629,7 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
         surfaces, no downsampling), several epochs; the tables are a TorchRec EmbeddingBagCollection
         with fbgemm's fused row-wise Adagrad, sharded table-wise or column-wise across processes.
         Writes WORKSPACE/pretrain/NAME/ (tables, ids, manifest with window, dims, counts, loss curve
-        and content hash).
+        and content hash). Each finished epoch is checkpointed (tables and Adagrad state, in
+        WORKSPACE/pretrain/.partial-NAME/); after a crash, the same command with --resume continues
+        from the last finished epoch and gives the uninterrupted run's tables.
 
         The window: by default the older data.id_pretrain_fraction (0.7) of the split's training
         part (data without time: a seeded 70% of each user's training pairs); the retrieval model
@@ -641,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
           ebr pretrain-ids                              # defaults: dim 64, 10 epochs, older 70%
           ebr pretrain-ids --dim 32 --epochs 20 --run ids32
           ebr pretrain-ids --window 2026-01-01:2026-03-01
+          ebr pretrain-ids --run ids32 --dim 32 --epochs 20 --resume   # after a crash: from the last epoch
           ebr pretrain-ids list
           ebr train --set model.id_embeddings=frozen    # uses the latest non-overlapping snapshot
           torchrun --nproc_per_node 2 -m ebr.cli pretrain-ids --run ids2   # 2 processes, gloo
@@ -656,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="row-wise Adagrad learning rate (pretrain.lr)")
     p.add_argument("--seed", type=int, help="initialisation and order seed (train.seed)")
     p.add_argument("--run", help="snapshot name (default: ids-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished pretraining --run NAME from its last finished epoch "
+                        "(the same settings; --epochs may grow)")
     p.add_argument("--config", help="YAML run config (sections data, features, pretrain, ...)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--json", action="store_true", help="list: print the manifests as JSON")

@@ -249,3 +249,48 @@ def test_bundle_serves_the_user_ids(frozen):
         served = r.retrieve(r.fs.users.ids[c - FIRST_ID], 30)
         assert served.pin_ids == [r.pin_ids[x] for x in row[row >= 0]]
     assert json.loads((bundle / "manifest.json").read_text())
+
+
+def test_a_crashed_pretraining_resumes_to_the_uninterrupted_tables(snap, monkeypatch):
+    """A run that crashes inside its second epoch leaves no snapshot, only its first epoch's
+    checkpoint; `--resume` continues from it and ends with the uninterrupted run's loss curve and
+    tables (max abs difference < 1e-6), and the checkpoint is removed once the snapshot is whole.
+    Resuming with other settings, or without a checkpoint, is a one-line error naming the fix.
+    Mutations caught: the Adagrad accumulators not restored (larger steps after the resume), the
+    resume starting again from epoch 0, the tables not restored, the fingerprint not checked, the
+    checkpoint written before the epoch's last step."""
+    import ebr.pretrain.ids as ids
+
+    ws, _ = snap
+    cfg = RunConfig.load(None, {**PRE, "pretrain.epochs": 3})
+    calls = {"n": 0}
+    real = ids.sampled_softmax_logq
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls.get("crash") and calls["n"] == calls["crash"]:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ids, "sampled_softmax_logq", counting)
+    ref = pretrain_ids(ws, cfg, name="t-ref", progress=False)
+    per_epoch = calls["n"] // 3
+    assert per_epoch * 3 == calls["n"] and per_epoch > 2
+    calls.update(n=0, crash=per_epoch + 2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_ids(ws, cfg, name="t-res", progress=False)
+    assert "t-res" not in [m["name"] for m in snapshots.list_snapshots(ws)]
+    assert ids.partial_path(ws, "t-res").is_file()
+    with pytest.raises(EbrError, match="dim|config"):
+        pretrain_ids(ws, RunConfig.load(None, {**PRE, "pretrain.epochs": 3, "pretrain.dim": 8}), name="t-res",
+                     progress=False, resume=True)
+    with pytest.raises(EbrError, match="no unfinished pretraining 't-nope'"):
+        pretrain_ids(ws, cfg, name="t-nope", progress=False, resume=True)
+    calls.update(n=0, crash=None)
+    res = pretrain_ids(ws, cfg, name="t-res", progress=False, resume=True)
+    assert calls["n"] == 2 * per_epoch and res["resumed_after_epoch"] == 1
+    np.testing.assert_allclose(res["loss_curve"], ref["loss_curve"], rtol=1e-6)
+    fs = build_feature_state(ws)
+    for a, b in zip(*[snapshots.load_tables(ws, m, fs.users, fs.pins) for m in (ref, res)]):
+        assert np.abs(a - b).max() < 1e-6
+    assert not ids.partial_path(ws, "t-res").parent.exists()

@@ -18,9 +18,13 @@ how many processes share it.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import resource
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,24 +88,58 @@ def _tables(model) -> dict:
     return {k.split(".")[-2]: v for k, v in model.state_dict().items() if k.endswith(".weight")}
 
 
+def _state(model) -> dict:
+    """The sharded tensors a resume restores: the tables (user, pin) and the fused row-wise
+    Adagrad's accumulators (user.momentum1, pin.momentum1: one value per row)."""
+    out = dict(_tables(model))
+    for st in model.fused_optimizer.state_dict()["state"].values():
+        out.update(st)
+    return out
+
+
 @torch.no_grad()
-def _init(model, full: dict[str, torch.Tensor]) -> None:
-    """Copy the full initial tables into this rank's shards."""
-    for name, st in _tables(model).items():
-        for shard in st.local_shards():
-            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            shard.tensor.copy_(full[name][r0: r0 + nr, c0: c0 + nc])
+def _init(shards: dict, full: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (by name) into this rank's shards of `shards` (_tables or _state)."""
+    for name, src in full.items():
+        for shard in shards[name].local_shards():
+            idx = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+            shard.tensor.copy_(src[idx])
 
 
-def _gather(model, ranks: distributed.Ranks) -> dict[str, np.ndarray]:
-    """The full tables on rank 0 (empty dict elsewhere)."""
+def _gather(shards: dict, ranks: distributed.Ranks) -> dict[str, np.ndarray]:
+    """The full tensors of `shards` on rank 0 (empty dict elsewhere)."""
     out = {}
-    for name, st in _tables(model).items():
+    for name, st in shards.items():
         full = torch.zeros(st.size()) if ranks.main else None
         st.gather(dst=0, out=full)
         if ranks.main:
             out[name] = full.numpy()
     return out
+
+
+def partial_path(ws: Workspace, name: str) -> Path:
+    """Where an unfinished run keeps its last finished epoch (a dot folder: never a snapshot)."""
+    return snapshots.root(ws) / f".partial-{name}" / "last.pt"
+
+
+def _load_partial(ws: Workspace, name: str, fingerprint: str) -> dict:
+    """The last finished epoch of pretraining `name` (plain tensors: weights_only), checked against
+    this run's settings."""
+    path = partial_path(ws, name)
+    if not path.is_file():
+        raise EbrError(f"no unfinished pretraining {name!r} to resume (nothing in {path.parent}); "
+                       "run without --resume")
+    try:
+        ck = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise EbrError(f"the checkpoint of pretraining {name!r} is truncated or corrupt ({type(e).__name__}); "
+                       "run without --resume to start again") from None
+    if ck.get("fingerprint") != fingerprint:
+        old, new = json.loads(ck.get("fingerprint") or "{}"), json.loads(fingerprint)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise EbrError(f"pretraining {name!r} was started with other settings ({', '.join(diff)} differ); "
+                       "resume with the same ones, or run without --resume to start again")
+    return ck
 
 
 def resolve_window(e, split, cfg: RunConfig, window: str | None) -> IdWindow:
@@ -126,24 +164,28 @@ def resolve_window(e, split, cfg: RunConfig, window: str | None) -> IdWindow:
 
 
 def pretrain_ids(ws: Workspace, cfg: RunConfig, window: str | None = None, name: str | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, resume: bool = False) -> dict:
     """Pretrain the ID tables on the window and save a snapshot; returns its manifest (rank 0; the
-    other ranks return an empty dict). A process group this call creates, it destroys."""
+    other ranks return an empty dict). Each finished epoch is checkpointed (partial_path: tables and
+    Adagrad state); `resume` continues the unfinished run `name` from its last finished epoch, with
+    the same result as an uninterrupted run. A process group this call creates, it destroys."""
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
     try:
-        return _pretrain(ws, cfg, window, name, progress, distributed.setup(need_group=True))
+        return _pretrain(ws, cfg, window, name, progress, distributed.setup(need_group=True), resume)
     finally:
         if owned:
             distributed.teardown()
 
 
 def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | None, progress: bool,
-              ranks: distributed.Ranks) -> dict:
+              ranks: distributed.Ranks, resume: bool = False) -> dict:
     p = cfg.pretrain
     if p.batch_size < ranks.world:
         raise EbrError(f"pretrain.batch_size {p.batch_size} is smaller than the {ranks.world} processes")
+    if resume and not name:
+        raise EbrError("--resume needs the --run name of the unfinished pretraining")
     name = name or f"ids-{version_stamp()}"
     check_name(name, "snapshot")
     t0 = time.time()
@@ -162,16 +204,28 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
     full = {"user": torch.randn(n_users, p.dim, generator=g) * p.init_std,
             "pin": torch.randn(n_pins, p.dim, generator=g) * p.init_std}
     model = _ebc(n_users, n_pins, p.dim, p.lr, p.sharding, ranks)
-    _init(model, full)
+    _init(_tables(model), full)
     B = p.batch_size
     log_q = inclusion_log_prob(np.bincount(pins, minlength=n_pins), B)
     neg_lq = math.log(B / max(n_pins - FIRST_ID, 1))
     w_t = torch.from_numpy(weight)
     n, steps_per_epoch = len(users), math.ceil(len(users) / B)
-    curve, seen, t_train = [], 0, time.time()
+    curve, seen, start, t_train = [], 0, 0, time.time()
+    # what must match for a resume to continue the same run (the epoch count may grow)
+    fingerprint = json.dumps({"config": {k: v for k, v in p.model_dump().items() if k != "epochs"},
+                              "seed": cfg.train.seed, "window": w.to_dict(), "split": split.name,
+                              "positive_actions": cfg.features.positive_actions, "examples": int(n),
+                              "rows": [n_users, n_pins], "processes": ranks.world}, sort_keys=True, default=str)
+    partial = partial_path(ws, name)
+    if resume:
+        ck = _load_partial(ws, name, fingerprint)
+        _init(_state(model), {k[len("state."):]: v for k, v in ck.items() if k.startswith("state.")})
+        start, curve, seen = int(ck["epoch"]), list(ck["loss_curve"]), int(ck["seen"])
+        if ranks.main and progress:
+            log.info("pretrain %s: resumed after epoch %d of %d", name, start, p.epochs)
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    for epoch in range(p.epochs):
+    for epoch in range(start, p.epochs):
         perm = np.random.default_rng([cfg.train.seed, 0x1D5, epoch]).permutation(n)
         pbar = bar(steps_per_epoch, f"pretrain epoch {epoch + 1}/{p.epochs}", progress and ranks.main, unit="step")
         loss_sum = 0.0
@@ -204,8 +258,15 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
         curve.append(round(loss_sum / n, 5))
         if ranks.main and progress:
             log.info("pretrain epoch %d: loss %.4f", epoch + 1, curve[-1])
-    seconds = time.time() - t_train
-    tables = _gather(model, ranks)
+        if epoch + 1 < p.epochs:
+            state = _gather(_state(model), ranks)
+            if ranks.main:
+                _save_partial(partial, {"epoch": epoch + 1, "loss_curve": curve, "seen": seen,
+                                        "fingerprint": fingerprint,
+                                        **{f"state.{k}": torch.from_numpy(v) for k, v in state.items()}})
+            distributed.barrier()
+    seconds, trained = time.time() - t_train, seen - start * n  # this process's share of the epochs
+    tables = _gather(_tables(model), ranks)
     distributed.barrier()
     if not ranks.main:
         return {}
@@ -216,10 +277,23 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
         "counts": {"examples": int(n), "users": int(len(np.unique(users))), "pins": int(len(np.unique(pins))),
                    "user_rows": n_users - FIRST_ID, "pin_rows": n_pins - FIRST_ID},
         "loss_curve": curve, "processes": ranks.world,
-        "throughput": {"examples_per_s": round(seen / max(seconds, 1e-9), 1),
-                       "ids_per_s": round(lookups * seen / max(seconds, 1e-9), 1), "train_seconds": round(seconds, 2),
+        "resumed_after_epoch": start or None,
+        "throughput": {"examples_per_s": round(trained / max(seconds, 1e-9), 1),
+                       "ids_per_s": round(lookups * trained / max(seconds, 1e-9), 1),
+                       "train_seconds": round(seconds, 2),
                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
         "seconds": round(time.time() - t0, 2), "created_at": now_utc().isoformat(), "versions": library_versions(),
     }
-    return snapshots.save(ws, name, list(fs.users.ids), list(fs.pins.ids), tables["user"][FIRST_ID:],
-                          tables["pin"][FIRST_ID:], manifest)
+    out = snapshots.save(ws, name, list(fs.users.ids), list(fs.pins.ids), tables["user"][FIRST_ID:],
+                         tables["pin"][FIRST_ID:], manifest)
+    shutil.rmtree(partial.parent, ignore_errors=True)  # the snapshot is whole: nothing left to resume
+    return out
+
+
+def _save_partial(path: Path, ck: dict) -> None:
+    """Write the last finished epoch atomically (temp + rename): a crash while writing keeps the
+    previous epoch's checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
