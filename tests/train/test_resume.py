@@ -41,6 +41,35 @@ def test_resume_is_bit_for_bit(tiny_ws, monkeypatch, single_thread):
     assert a["best"] > 0  # validation recall of a trained model
 
 
+def test_resume_refuses_a_checkpoint_of_other_training_histories(tiny_ws, monkeypatch, single_thread):
+    """A 'last' checkpoint records the resolved features.history_as_of (end or example); resuming
+    one whose settings now resolve the other (a changed auto rule, or a checkpoint saved before
+    the setting, which counts as `example`: histories were point in time then) is a clear error
+    naming the setting; the same resolution resumes. Mutations caught: the value not saved, the
+    check dropped, a missing value read as the run's own."""
+    from ebr.errors import EbrError
+
+    cfg = RunConfig.load(None, {**CFG, "train.epochs": 1})
+    monkeypatch.setenv("EBR_FAIL_AT_STEP", "7")
+    with pytest.raises(InjectedFailure):
+        train(tiny_ws, cfg, run="hist", progress=False)
+    monkeypatch.delenv("EBR_FAIL_AT_STEP")
+    last = tiny_ws.run_dir("hist") / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["history_as_of"] == "example"  # timed data: each example's time
+    state["config"]["features"]["history_as_of"] = "end"  # the saved settings now resolve `end`
+    torch.save(state, last)
+    with pytest.raises(EbrError, match="features.history_as_of"):
+        train(tiny_ws, cfg, run="hist", resume=True, progress=False)
+    del state["history_as_of"]  # saved before the setting: point in time
+    torch.save(state, last)
+    with pytest.raises(EbrError, match="read as of each example"):
+        train(tiny_ws, cfg, run="hist", resume=True, progress=False)
+    state["config"]["features"]["history_as_of"] = "auto"
+    torch.save(state, last)
+    assert train(tiny_ws, cfg, run="hist", resume=True, progress=False)["steps"] > 7
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_ws):
     from ebr.errors import EbrError
 

@@ -313,18 +313,25 @@ class TrainState:
         self.id_grad = (buf, rows)
         table.weight.grad = buf
 
-    def load(self, state: dict, given_validation: str | None = None) -> None:
+    def load(self, state: dict, given_validation: str | None = None, history_as_of: str | None = None) -> None:
         """Resume from a 'last' checkpoint; given_validation: the run's resolved data.given_validation
-        (None: not a given split), which the checkpoint's must match."""
+        (None: not a given split), history_as_of: its resolved features.history_as_of (end or
+        example; None: not checked), which the checkpoint's must match."""
         if "C" not in state.get("estimator", {}):
             raise EbrError("this checkpoint predates the current logQ estimator (no sighting counts); it cannot be "
                            "resumed exactly: start the run again without --resume")
         saved_gv = state.get("given_validation", "random")  # saved before the setting: always random
         if given_validation is not None and saved_gv != given_validation:
-            raise EbrError(f"this checkpoint was trained with a {saved_gv} validation and this run resolves "
+            raise EbrError(f"this checkpoint was trained with a {saved_gv} validation and its settings now resolve "
                            f"{given_validation} (data.given_validation; checkpoints saved before it were random): it "
-                           "cannot be resumed exactly: start the run again without --resume, or set "
-                           f"data.given_validation={saved_gv}")
+                           "cannot be resumed exactly: start the run again without --resume (a resume keeps the "
+                           "checkpoint's settings)")
+        saved_h = state.get("history_as_of", "example")  # saved before the setting: point in time
+        if history_as_of is not None and saved_h != history_as_of:
+            raise EbrError(f"this checkpoint was trained on histories read as of each {saved_h} and its settings "
+                           f"now resolve {history_as_of} (features.history_as_of; checkpoints saved before it read "
+                           "each example's time): it cannot be resumed exactly: start the run again without "
+                           "--resume (a resume keeps the checkpoint's settings)")
         pos = self.model.user.history.position
         saved, now = state.get("sizes", {}).get("history_positions", 0), 0 if pos is None else pos.shape[0]
         if saved != now:  # (a checkpoint saved before model.history_position has none)
@@ -349,7 +356,8 @@ class TrainState:
         """The 'best' checkpoint (model, config, feature state) or, with full, the 'last' one."""
         base = {"model": self.model.state_dict(), "config": cfg.model_dump(), "sizes": d.sizes,
                 "feature_state": d.fs.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
-                "split": d.split_name, "given_validation": d.given_validation, "created_at": now_utc().isoformat()}
+                "split": d.split_name, "given_validation": d.given_validation,
+                "history_as_of": _as_of(cfg, d), "created_at": now_utc().isoformat()}
         if not full:
             return base
         return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
@@ -389,6 +397,11 @@ def history_at_end(cfg: RunConfig, ordered: bool) -> bool:
     auto: where each user's events have no known order, i.e. data without real time other than a
     given split whose lines are in engagement order: TrainData.ordered)."""
     return cfg.features.history_as_of == "end" or (cfg.features.history_as_of == "auto" and not ordered)
+
+
+def _as_of(cfg: RunConfig, d: TrainData) -> str:
+    """The resolved features.history_as_of of a run on d: end or example."""
+    return "end" if history_at_end(cfg, d.ordered) else "example"
 
 
 def history_positions(cfg: RunConfig, ordered: bool, split_kind: str) -> bool:
@@ -681,7 +694,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         (rdir / "metrics.jsonl").write_text("")
     s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives(), d.time)
     if state is not None:
-        s.load(state, d.given_validation)
+        s.load(state, d.given_validation, _as_of(cfg, d))
     s.distribute(ranks)
     seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
     choice = None
@@ -697,7 +710,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives(), da.time)
             alast = adir / "checkpoints" / "last.pt"
             if resume and alast.exists():
-                a.load(load_checkpoint_state(alast), d.given_validation)
+                a.load(load_checkpoint_state(alast), d.given_validation, _as_of(alt, d))
             elif ranks.main:
                 (adir / "metrics.jsonl").write_text("")
             a.distribute(ranks)
@@ -725,7 +738,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                "epochs": s.epoch, "train_examples": len(d.examples.user), "prep_seconds": round(prep_s, 2),
                "train_seconds": round(seconds, 2), "split": d.split_name, "served": "best.pt",
                # the choices made from the data: training histories, history positions, the epoch cap
-               "history_as_of": "end" if history_at_end(cfg, d.ordered) else "example",
+               "history_as_of": _as_of(cfg, d),
                "history_positions": d.history_positions > 0,
                "epoch_cap": epoch_cap(cfg, len(d.examples.user))}
     if d.given_validation is not None:  # data.given_validation as resolved from the lines' order
@@ -825,7 +838,7 @@ def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: i
     r = TrainState.fresh(cfg, rd.sizes, rd.id_tables, rd.positives(), rd.time)
     last = rdir / "checkpoints" / "refit_last.pt"
     if resume and last.exists():
-        r.load(load_checkpoint_state(last), rd.given_validation)
+        r.load(load_checkpoint_state(last), rd.given_validation, _as_of(cfg, rd))
     r.distribute(ranks)
     if progress:
         log.info("refit: %d steps on training + validation (%s examples)", steps, f"{len(rd.examples.user):,}")
