@@ -634,9 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
         from the last finished epoch and gives the uninterrupted run's tables.
 
         The window: by default the older data.id_pretrain_fraction (0.7) of the split's training
-        part (data without time: a seeded 70% of each user's training pairs); the retrieval model
-        with model.id_embeddings=frozen|finetune then trains on the recent rest and takes the latest
-        snapshot whose window ends before its own. --window train pretrains on the whole training
+        part (data without time: 70% of each user's training pairs, the older ones in file order
+        where the lines are in engagement order, else a seeded draw: data.id_partition); the
+        retrieval model with model.id_embeddings=frozen|finetune then trains on the recent rest and
+        takes the latest snapshot whose window ends before its own. --window train pretrains on the whole training
         part (it overlaps every retrieval model: ablations, with ebr train --allow-overlap).
 
         examples:

@@ -39,8 +39,10 @@ class DataConfig(_Section):
     id_pretrain_fraction: float = Field(0.7, gt=0.0, lt=1.0)
     id_pretrain_seed: int = 0
     # data without time: the pretraining side is a seeded random share of each user's training pairs
-    # (random), or each user's older share in pseudo-time, the file order (file_order)
-    id_partition: Literal["random", "file_order"] = "random"
+    # (random), or each user's older share in pseudo-time, the file order (file_order); auto:
+    # file_order where the lines are in engagement order (data.given_validation resolves last: the
+    # file order is then each user's time), else random
+    id_partition: Literal["auto", "random", "file_order"] = "auto"
     # a model without IDs trained on that recent share only, as a model with IDs is (an ablation:
     # it separates the effect of the window from the effect of the IDs)
     recent_only: bool = False

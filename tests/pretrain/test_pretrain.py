@@ -88,6 +88,26 @@ def test_given_split_partitions_each_users_pairs(tmp_path):
         assert e.t[fp & mine].max() < e.t[fr & mine].min()  # the older pairs in file order pretrain
 
 
+def test_auto_partition_follows_the_lines_order(tmp_path):
+    """data.id_partition auto (the default) partitions by file order where the lines are in
+    engagement order (data.given_validation resolves last: the file order is each user's time) and
+    at random elsewhere, from what pretrain-ids and the retrieval model both resolve. Mutations
+    caught: auto always random, auto always file_order, auto left unresolved in the window."""
+    from ebr.config import RunConfig
+    from ebr.pretrain.ids import resolve_window
+
+    for order, rule in (("engagement", "file_order"), ("random", "random")):
+        ws = _adjacency(tmp_path / order, order=order)
+        cfg = RunConfig.load(None, {})
+        assert cfg.data.id_partition == "auto"
+        fs = build_feature_state(ws)
+        split = load_split(ws, None)
+        e = load_engagements(ws, fs, split, seed=0)
+        w = resolve_window(e, split, cfg, None)
+        assert w.rule == rule, order
+        assert (mask(e, w) == mask(e, windows(e, split.name, 0.7, 0, 0, rule)[0])).all()
+
+
 def _auc(user_t: np.ndarray, pin_t: np.ndarray, users: np.ndarray, pins: np.ndarray, among: np.ndarray,
          seed: int = 0) -> float:
     """P(score of a held-out positive > score of a random pin of `among`) with normalised rows."""

@@ -10,8 +10,10 @@ validation, never test) into
   (user, pin) pairs, a random 70% of each user's pairs for pretraining and the rest for the
   retrieval model (`data.id_pretrain_seed`; every row of a pair falls on the same side, so a pair's
   label is never on both). `data.id_partition: file_order` takes each user's older 70% of pairs
-  in pseudo-time (the file order) instead. A given split's validation pairs are drawn per training seed, so such a
-  snapshot serves retrieval models of the seed it was pretrained with (`ebr pretrain-ids --seed`).
+  in pseudo-time (the file order) instead, as the default `auto` does where the lines are in
+  engagement order (data.given_validation resolves last). A given split's validation pairs are
+  drawn per training seed, so such a snapshot serves retrieval models of the seed it was
+  pretrained with (`ebr pretrain-ids --seed`).
 
 A window is described by an IdWindow (saved in each snapshot's manifest); `overlaps` says whether a
 snapshot's window shares engagements with a retrieval model's training window.
@@ -77,7 +79,10 @@ def windows(e: Engagements, split: str, fraction: float, seed: int, val_seed: in
             rule: str = "random") -> tuple[IdWindow, IdWindow]:
     """(pretraining window, retrieval training window) of a split's training part; `val_seed` is
     the training seed the engagements were loaded with (a given split's validation draw); `rule`
-    the partition of data without time (data.id_partition)."""
+    the partition of data without time (data.id_partition; auto: file_order where the lines are in
+    engagement order, e.given_validation last, else random)."""
+    if rule == "auto":
+        rule = "file_order" if e.given_validation == "last" else "random"
     if not 0 < fraction < 1:
         raise EbrError(f"data.id_pretrain_fraction must be in (0, 1), got {fraction}")
     train = e.part == Part.TRAIN
