@@ -263,6 +263,8 @@ class TwoTower(nn.Module):
         if len(priors) != len(self.time):
             raise ValueError(f"{len(priors)} priors for {len(self.time)} time-term fields")
         tw = self.user.time_weights
+        if tw is None:
+            raise ValueError("model.time_prior needs the time term's query weights: set model.time_dim >= 1")
         tw.weight[0].zero_()
         tw.bias[0] = 1.0
         for e, p in zip(self.time, priors):

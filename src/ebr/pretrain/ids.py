@@ -18,6 +18,7 @@ how many processes share it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -117,28 +118,80 @@ def _gather(shards: dict, ranks: distributed.Ranks) -> dict[str, np.ndarray]:
     return out
 
 
-def partial_path(ws: Workspace, name: str) -> Path:
-    """Where an unfinished run keeps its last finished epoch (a dot folder: never a snapshot)."""
-    return snapshots.root(ws) / f".partial-{name}" / "last.pt"
+def partial_dir(ws: Workspace, name: str) -> Path:
+    """Where an unfinished run keeps its last finished epoch (a dot folder: never a snapshot): one
+    file of local shards per rank, epoch{k}.rank{r}.pt, and last.json naming the epoch every rank
+    has written."""
+    return snapshots.root(ws) / f".partial-{name}"
 
 
-def _load_partial(ws: Workspace, name: str, fingerprint: str) -> dict:
-    """The last finished epoch of pretraining `name` (plain tensors: weights_only), checked against
-    this run's settings."""
-    path = partial_path(ws, name)
-    if not path.is_file():
-        raise EbrError(f"no unfinished pretraining {name!r} to resume (nothing in {path.parent}); "
-                       "run without --resume")
+def _local(model) -> dict[str, torch.Tensor]:
+    """This rank's shards of the tables and of their Adagrad accumulators, keyed name@offsets."""
+    return {f"{name}@{','.join(map(str, sh.metadata.shard_offsets))}": sh.tensor
+            for name, st in sorted(_state(model).items()) for sh in st.local_shards()}
+
+
+def _save_partial(folder: Path, model, meta: dict, ranks: distributed.Ranks) -> None:
+    """Every rank writes its local shards for the finished epoch (temp + rename), then rank 0 points
+    last.json at it and removes the previous epoch's files: a crash at any point leaves one whole
+    epoch to resume."""
+    k = meta["epoch"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch{k}.rank{ranks.rank}.pt"
+    torch.save({**meta, "shards": {key: t.detach().clone() for key, t in _local(model).items()}},
+               path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    distributed.barrier()
+    if ranks.main:
+        tmp = folder / "last.json.tmp"
+        tmp.write_text(json.dumps({"epoch": k, "processes": ranks.world}))
+        os.replace(tmp, folder / "last.json")
+        for old in folder.glob("epoch*.rank*.pt"):
+            if not old.name.startswith(f"epoch{k}."):
+                old.unlink(missing_ok=True)
+    distributed.barrier()
+
+
+def _load_partial(ws: Workspace, name: str, fingerprint: str, model, epochs: int,
+                  ranks: distributed.Ranks) -> dict:
+    """Restore this rank's shards from the last finished epoch of pretraining `name` (plain tensors:
+    weights_only), checked against this run's settings, shard by shard; returns its metadata."""
+    folder = partial_dir(ws, name)
+    again = "run without --resume to start again"
+    if not (folder / "last.json").is_file():
+        raise EbrError(f"no unfinished pretraining {name!r} to resume (nothing in {folder}); run without --resume")
     try:
-        ck = torch.load(path, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise EbrError(f"the checkpoint of pretraining {name!r} is truncated or corrupt ({type(e).__name__}); "
-                       "run without --resume to start again") from None
+        k = json.loads((folder / "last.json").read_text())["epoch"]
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(k)
+        ck = torch.load(folder / f"epoch{k}.rank{ranks.rank}.pt", weights_only=True)
+        if not isinstance(ck, dict) or not isinstance(ck.get("shards"), dict):
+            raise ValueError("not a checkpoint")
+    except Exception as e:  # noqa: BLE001 - any unreadable file: one line, never a traceback
+        raise EbrError(f"the checkpoint of pretraining {name!r} is missing, truncated or corrupt "
+                       f"({type(e).__name__}); {again}") from None
     if ck.get("fingerprint") != fingerprint:
-        old, new = json.loads(ck.get("fingerprint") or "{}"), json.loads(fingerprint)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        try:
+            old = json.loads(ck.get("fingerprint") or "{}")
+        except ValueError:
+            old = {}
+        new = json.loads(fingerprint)
+        diff = sorted(x for x in set(old) | set(new) if old.get(x) != new.get(x))
         raise EbrError(f"pretraining {name!r} was started with other settings ({', '.join(diff)} differ); "
-                       "resume with the same ones, or run without --resume to start again")
+                       f"resume with the same ones, or {again}")
+    if ck.get("epoch") != k or k > epochs:
+        raise EbrError(f"pretraining {name!r} finished epoch {ck.get('epoch')} and this run asks for {epochs} "
+                       f"epochs: resume with --epochs {ck.get('epoch')} or more, or {again}")
+    mine, saved = _local(model), ck["shards"]
+    bad = sorted(set(mine) ^ set(saved)) + sorted(
+        key for key in set(mine) & set(saved)
+        if not isinstance(saved[key], torch.Tensor) or saved[key].shape != mine[key].shape
+        or saved[key].dtype != mine[key].dtype or not torch.isfinite(saved[key]).all())
+    if bad:
+        raise EbrError(f"the checkpoint of pretraining {name!r} does not fit this run's shards ({bad[0]}); {again}")
+    with torch.no_grad():
+        for key, t in mine.items():
+            t.copy_(saved[key])
     return ck
 
 
@@ -210,26 +263,33 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
     neg_lq = math.log(B / max(n_pins - FIRST_ID, 1))
     w_t = torch.from_numpy(weight)
     n, steps_per_epoch = len(users), math.ceil(len(users) / B)
-    curve, seen, start, t_train = [], 0, 0, time.time()
-    # what must match for a resume to continue the same run (the epoch count may grow)
+    curve, seen, start = [], 0, 0
+    # what must match for a resume to continue the same run (the epoch count may grow): the
+    # settings and a hash of the examples themselves
+    data = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in (users, pins, weight))).hexdigest()
     fingerprint = json.dumps({"config": {k: v for k, v in p.model_dump().items() if k != "epochs"},
                               "seed": cfg.train.seed, "window": w.to_dict(), "split": split.name,
-                              "positive_actions": cfg.features.positive_actions, "examples": int(n),
+                              "positive_actions": cfg.features.positive_actions,
+                              "action_weights": cfg.features.action_weights, "examples": data,
                               "rows": [n_users, n_pins], "processes": ranks.world}, sort_keys=True, default=str)
-    partial = partial_path(ws, name)
+    partial = partial_dir(ws, name)
     if resume:
-        ck = _load_partial(ws, name, fingerprint)
-        _init(_state(model), {k[len("state."):]: v for k, v in ck.items() if k.startswith("state.")})
-        start, curve, seen = int(ck["epoch"]), list(ck["loss_curve"]), int(ck["seen"])
+        ck = _load_partial(ws, name, fingerprint, model, p.epochs, ranks)
+        start, curve, seen = int(ck["epoch"]), [float(x) for x in ck["loss_curve"]], int(ck["seen"])
         if ranks.main and progress:
             log.info("pretrain %s: resumed after epoch %d of %d", name, start, p.epochs)
+    fail_at = int(os.environ.get("EBR_FAIL_AT_STEP", "0")) if os.environ.get("EBR_FAIL_PHASE") == "pretrain" else 0
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    t_train, ck_seconds = time.time(), 0.0
 
     for epoch in range(start, p.epochs):
         perm = np.random.default_rng([cfg.train.seed, 0x1D5, epoch]).permutation(n)
         pbar = bar(steps_per_epoch, f"pretrain epoch {epoch + 1}/{p.epochs}", progress and ranks.main, unit="step")
         loss_sum = 0.0
         for step in range(steps_per_epoch):
+            if fail_at and epoch * steps_per_epoch + step + 1 == fail_at:
+                raise RuntimeError(f"injected failure at pretraining step {fail_at} (EBR_FAIL_AT_STEP)")
             idx = perm[step * B: (step + 1) * B]
             off, size, sizes = ranks.chunk(len(idx))
             loc = idx[off: off + size]
@@ -259,13 +319,12 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
         if ranks.main and progress:
             log.info("pretrain epoch %d: loss %.4f", epoch + 1, curve[-1])
         if epoch + 1 < p.epochs:
-            state = _gather(_state(model), ranks)
-            if ranks.main:
-                _save_partial(partial, {"epoch": epoch + 1, "loss_curve": curve, "seen": seen,
-                                        "fingerprint": fingerprint,
-                                        **{f"state.{k}": torch.from_numpy(v) for k, v in state.items()}})
-            distributed.barrier()
-    seconds, trained = time.time() - t_train, seen - start * n  # this process's share of the epochs
+            t_ck = time.time()
+            _save_partial(partial, model, {"epoch": epoch + 1, "loss_curve": curve, "seen": seen,
+                                           "fingerprint": fingerprint}, ranks)
+            ck_seconds += time.time() - t_ck
+    # the training steps of this process's epochs (checkpoints left out)
+    seconds, trained = time.time() - t_train - ck_seconds, seen - start * n
     tables = _gather(_tables(model), ranks)
     distributed.barrier()
     if not ranks.main:
@@ -286,14 +345,5 @@ def _pretrain(ws: Workspace, cfg: RunConfig, window: str | None, name: str | Non
     }
     out = snapshots.save(ws, name, list(fs.users.ids), list(fs.pins.ids), tables["user"][FIRST_ID:],
                          tables["pin"][FIRST_ID:], manifest)
-    shutil.rmtree(partial.parent, ignore_errors=True)  # the snapshot is whole: nothing left to resume
+    shutil.rmtree(partial, ignore_errors=True)  # the snapshot is whole: nothing left to resume
     return out
-
-
-def _save_partial(path: Path, ck: dict) -> None:
-    """Write the last finished epoch atomically (temp + rename): a crash while writing keeps the
-    previous epoch's checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)

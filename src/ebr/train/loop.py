@@ -281,6 +281,8 @@ class TrainState:
         """A new model and optimiser; positives (n_pins,): each pin's training positives, for
         model.pin_id_min_count (pretrained ID tables are left whole); time: the time term's fields,
         for model.time_prior."""
+        if cfg.model.time_prior and cfg.model.time_dim < 1:
+            raise EbrError("model.time_prior starts the time term as a prior: it needs model.time_dim >= 1")
         model = TwoTower(sizes, cfg.model)
         if cfg.model.time_prior and time is not None:
             model.init_time_prior([None if p is None else torch.from_numpy(p) for p in time.popularity_prior()])
@@ -313,10 +315,12 @@ class TrainState:
         self.id_grad = (buf, rows)
         table.weight.grad = buf
 
-    def load(self, state: dict, given_validation: str | None = None, history_as_of: str | None = None) -> None:
+    def load(self, state: dict, given_validation: str | None = None, history_as_of: str | None = None,
+             timed: bool = True) -> None:
         """Resume from a 'last' checkpoint; given_validation: the run's resolved data.given_validation
         (None: not a given split), history_as_of: its resolved features.history_as_of (end or
-        example; None: not checked), which the checkpoint's must match."""
+        example; None: not checked), which the checkpoint's must match; timed: whether the data has
+        real time (how `auto` resolved for a checkpoint that does not record it)."""
         if "C" not in state.get("estimator", {}):
             raise EbrError("this checkpoint predates the current logQ estimator (no sighting counts); it cannot be "
                            "resumed exactly: start the run again without --resume")
@@ -326,12 +330,15 @@ class TrainState:
                            f"{given_validation} (data.given_validation; checkpoints saved before it were random): it "
                            "cannot be resumed exactly: start the run again without --resume (a resume keeps the "
                            "checkpoint's settings)")
-        saved_h = state.get("history_as_of", "example")  # saved before the setting: point in time
+        # not recorded (saved before this check): the saved setting as it resolved then (auto: end on
+        # data without time); none at all (saved before the setting): point in time
+        raw = state.get("config", {}).get("features", {}).get("history_as_of")
+        saved_h = state.get("history_as_of") or (raw if raw in ("end", "example") else
+                                                 "end" if raw == "auto" and not timed else "example")
         if history_as_of is not None and saved_h != history_as_of:
             raise EbrError(f"this checkpoint was trained on histories read as of each {saved_h} and its settings "
-                           f"now resolve {history_as_of} (features.history_as_of; checkpoints saved before it read "
-                           "each example's time): it cannot be resumed exactly: start the run again without "
-                           "--resume (a resume keeps the checkpoint's settings)")
+                           f"now resolve {history_as_of} (features.history_as_of): it cannot be resumed exactly: "
+                           "start the run again without --resume (a resume keeps the checkpoint's settings)")
         pos = self.model.user.history.position
         saved, now = state.get("sizes", {}).get("history_positions", 0), 0 if pos is None else pos.shape[0]
         if saved != now:  # (a checkpoint saved before model.history_position has none)
@@ -675,6 +682,9 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                     ("first_day_weight", cfg.train.first_day_weight != 1.0)):
         if on and not d.timed:
             log.warning("train.%s ignored: split %r has no real time (pseudo-time is no age)", key, d.split_name)
+    if cfg.model.time_prior and (d.time is None or d.time.counts is None):
+        log.warning("model.time_prior ignored: split %r gives the model no recent engagement counts "
+                    "(features.pin_counts, data with real time)", d.split_name)
     if cfg.train.horizon > 1 and history_at_end(cfg, d.ordered):
         log.warning("train.horizon ignored: training histories are read at the end of the visible data "
                     "(features.history_as_of %s on split %r)", cfg.features.history_as_of, d.split_name)
@@ -694,7 +704,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
         (rdir / "metrics.jsonl").write_text("")
     s = TrainState.fresh(cfg, d.sizes, d.id_tables, d.positives(), d.time)
     if state is not None:
-        s.load(state, d.given_validation, _as_of(cfg, d))
+        s.load(state, d.given_validation, _as_of(cfg, d), d.timed)
     s.distribute(ranks)
     seconds = fit(s, d, cfg, rdir, progress, on_epoch=on_epoch)
     choice = None
@@ -710,7 +720,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
             a = TrainState.fresh(alt, da.sizes, da.id_tables, da.positives(), da.time)
             alast = adir / "checkpoints" / "last.pt"
             if resume and alast.exists():
-                a.load(load_checkpoint_state(alast), d.given_validation, _as_of(alt, d))
+                a.load(load_checkpoint_state(alast), d.given_validation, _as_of(alt, d), d.timed)
             elif ranks.main:
                 (adir / "metrics.jsonl").write_text("")
             a.distribute(ranks)
@@ -838,7 +848,7 @@ def _refit(ws: Workspace, cfg: RunConfig, fs: FeatureState, rdir: Path, steps: i
     r = TrainState.fresh(cfg, rd.sizes, rd.id_tables, rd.positives(), rd.time)
     last = rdir / "checkpoints" / "refit_last.pt"
     if resume and last.exists():
-        r.load(load_checkpoint_state(last), rd.given_validation, _as_of(cfg, rd))
+        r.load(load_checkpoint_state(last), rd.given_validation, _as_of(cfg, rd), rd.timed)
     r.distribute(ranks)
     if progress:
         log.info("refit: %d steps on training + validation (%s examples)", steps, f"{len(rd.examples.user):,}")
