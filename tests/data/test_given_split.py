@@ -217,6 +217,12 @@ def test_resume_refuses_a_checkpoint_of_another_given_validation(tmp_path):
     torch.save(state, last)
     with pytest.raises(EbrError, match="data.given_validation"):
         train(ws, RunConfig.load(None, over), run="r", progress=False, resume=True)
+    # the histories' resolution is recorded too: end-of-data histories on randomly ordered lines
+    # (mutation caught: every checkpoint recording `example`)
+    rnd = _adjacency(tmp_path / "random", order="random")
+    train(rnd, RunConfig.load(None, over), run="r", progress=False)
+    state = torch.load(rnd.run_dir("r") / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["given_validation"], state["history_as_of"]) == ("random", "end")
 
 
 def test_untimed_training_histories_are_the_evaluation_history_without_the_target(tmp_path):

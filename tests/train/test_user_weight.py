@@ -63,3 +63,4 @@ def test_first_day_weight_by_hand_and_in_training(tiny_ws):
     want = first_day_weights(plain.user, plain.t, 0.5)
     assert len(np.unique(want)) == 2  # the fixture has first-day and later examples
     np.testing.assert_allclose(ex.weight, plain.weight * want, rtol=1e-5)
+
