@@ -219,7 +219,7 @@ def resolve_window(e, split, cfg: RunConfig, window: str | None) -> IdWindow:
 def pretrain_ids(ws: Workspace, cfg: RunConfig, window: str | None = None, name: str | None = None,
                  progress: bool = True, resume: bool = False) -> dict:
     """Pretrain the ID tables on the window and save a snapshot; returns its manifest (rank 0; the
-    other ranks return an empty dict). Each finished epoch is checkpointed (partial_path: tables and
+    other ranks return an empty dict). Each finished epoch is checkpointed (partial_dir: tables and
     Adagrad state); `resume` continues the unfinished run `name` from its last finished epoch, with
     the same result as an uninterrupted run. A process group this call creates, it destroys."""
     import torch.distributed as dist
