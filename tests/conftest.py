@@ -76,3 +76,17 @@ def cond_tiny(tiny_ws):
                                 "model.conditional": True, **NO_CHOICE})
     train(tiny_ws, cfg, run="cond", progress=False)
     return tiny_ws, build_bundle(tiny_ws, "cond", "temporal")
+
+
+def crash_at(ws: Workspace, cfg, run: str, step: int, monkeypatch, phase: str = "select") -> Path:
+    """Train `run` until the failure injected at `step` of `phase` (EBR_FAIL_AT_STEP,
+    EBR_FAIL_PHASE), as a killed process stops; the environment is left as it was. Returns the
+    run's last.pt."""
+    from ebr.train.loop import InjectedFailure, train
+
+    with monkeypatch.context() as m:
+        m.setenv("EBR_FAIL_AT_STEP", str(step))
+        m.setenv("EBR_FAIL_PHASE", phase)
+        with pytest.raises(InjectedFailure):
+            train(ws, cfg, run=run, progress=False)
+    return ws.run_dir(run) / "checkpoints" / "last.pt"

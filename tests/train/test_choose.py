@@ -10,7 +10,8 @@ import torch
 
 from ebr.config import NO_CHOICE, RunConfig
 from ebr.index.bundle import served_checkpoint
-from ebr.train.loop import InjectedFailure, _alternatives, train
+from ebr.train.loop import _alternatives, train
+from tests.conftest import crash_at
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.threads": 1, "train.val_users": 200,
        "model.hidden": [64], "train.choose_pin_id": True, "train.choose_recency_days": []}
@@ -164,11 +165,7 @@ def test_a_run_killed_after_the_first_selection_resumes_to_the_same_choice(tiny_
     a = train(tiny_ws, cfg, run="straight-choice", progress=False)
     assert a["choice"]["chosen"] == "no_pin_id"
     run = f"crashed-{phase}"
-    monkeypatch.setenv("EBR_FAIL_PHASE", phase)
-    monkeypatch.setenv("EBR_FAIL_AT_STEP", str(step))
-    with pytest.raises(InjectedFailure):
-        train(tiny_ws, cfg, run=run, progress=False)
-    monkeypatch.delenv("EBR_FAIL_AT_STEP")
+    crash_at(tiny_ws, cfg, run, step, monkeypatch, phase=phase)
     b = train(tiny_ws, cfg, run=run, resume=True, progress=False)
     assert a["choice"] == b["choice"]
     for ck in ("best.pt", "refit.pt"):

@@ -9,7 +9,8 @@ import torch
 
 from ebr.config import NO_CHOICE, RunConfig
 from ebr.errors import EbrError
-from ebr.train.loop import InjectedFailure, prepare, train
+from ebr.train.loop import prepare, train
+from tests.conftest import crash_at
 
 CFG = {"train.epochs": 1, "train.batch_size": 256, "train.threads": 1, "train.val_users": 50,
        "model.hidden": [32], **NO_CHOICE}
@@ -80,11 +81,7 @@ def test_resuming_a_checkpoint_from_before_positions_is_a_clear_error(llo_ws, mo
     to start again, not load_state_dict's missing-key traceback; so does a checkpoint with
     positions where the run resolves none. Catches the check removed, or made one-way."""
     cfg = RunConfig.load(None, {**LLO, "train.checkpoint_every": 2, "model.history_position": "off"})
-    monkeypatch.setenv("EBR_FAIL_AT_STEP", "3")
-    with pytest.raises(InjectedFailure):
-        train(llo_ws, cfg, run="old-ck", progress=False)
-    monkeypatch.delenv("EBR_FAIL_AT_STEP")
-    path = llo_ws.run_dir("old-ck") / "checkpoints" / "last.pt"
+    path = crash_at(llo_ws, cfg, "old-ck", 3, monkeypatch)
     state = torch.load(path, weights_only=True)
     del state["config"]["model"]["history_position"]
     del state["sizes"]["history_positions"]

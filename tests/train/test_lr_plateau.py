@@ -8,6 +8,7 @@ import torch
 
 from ebr.config import RunConfig
 from ebr.train import loop
+from tests.conftest import crash_at
 from tests.data.test_given_split import _adjacency
 
 OVER = {"train.batch_size": 128, "model.hidden": [16], "train.epochs": 6, "train.patience": 2,
@@ -52,10 +53,7 @@ def test_a_resumed_run_keeps_its_decays(tmp_path, monkeypatch):
     full = loop.train(ws, RunConfig.load(None, OVER), run="whole", progress=False)
     pe = -(-full["train_examples"] // 128)
     _scripted(monkeypatch)
-    monkeypatch.setenv("EBR_FAIL_AT_STEP", str(2 * pe + 2))
-    with pytest.raises(loop.InjectedFailure):
-        loop.train(ws, RunConfig.load(None, OVER), run="cut", progress=False)
-    monkeypatch.delenv("EBR_FAIL_AT_STEP")
+    crash_at(ws, RunConfig.load(None, OVER), "cut", 2 * pe + 2, monkeypatch)
     script = iter(SCRIPT[2:])  # the resumed run validates from epoch 3 on
     monkeypatch.setattr(loop, "validation_recall", lambda *a, **k: next(script))
     cut = loop.train(ws, RunConfig.load(None, OVER), run="cut", resume=True, progress=False)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ebr.config import NO_CHOICE, RunConfig
-from ebr.train.loop import InjectedFailure, train
+from ebr.train.loop import train
+from tests.conftest import crash_at
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.checkpoint_every": 5, "train.threads": 1,
        "train.val_users": 100, "train.patience": 5, "train.mixed_negatives": 32, "model.hidden": [64],
@@ -24,12 +25,8 @@ def single_thread():
 def test_resume_is_bit_for_bit(tiny_ws, monkeypatch, single_thread):
     cfg = RunConfig.load(None, CFG)
     train(tiny_ws, cfg, run="straight", progress=False)
-    monkeypatch.setenv("EBR_FAIL_AT_STEP", "13")
-    with pytest.raises(InjectedFailure):
-        train(tiny_ws, cfg, run="crashed", progress=False)
-    crashed = torch.load(tiny_ws.run_dir("crashed") / "checkpoints" / "last.pt", weights_only=True)
+    crashed = torch.load(crash_at(tiny_ws, cfg, "crashed", 13, monkeypatch), weights_only=True)
     assert crashed["step"] == 10  # the last checkpoint before the failure
-    monkeypatch.delenv("EBR_FAIL_AT_STEP")
     summary = train(tiny_ws, cfg, run="crashed", resume=True, progress=False)
     a = torch.load(tiny_ws.run_dir("straight") / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tiny_ws.run_dir("crashed") / "checkpoints" / "last.pt", weights_only=True)
@@ -51,11 +48,7 @@ def test_resume_refuses_a_checkpoint_of_other_training_histories(tiny_ws, monkey
     from ebr.errors import EbrError
 
     cfg = RunConfig.load(None, {**CFG, "train.epochs": 1})
-    monkeypatch.setenv("EBR_FAIL_AT_STEP", "7")
-    with pytest.raises(InjectedFailure):
-        train(tiny_ws, cfg, run="hist", progress=False)
-    monkeypatch.delenv("EBR_FAIL_AT_STEP")
-    last = tiny_ws.run_dir("hist") / "checkpoints" / "last.pt"
+    last = crash_at(tiny_ws, cfg, "hist", 7, monkeypatch)
     state = torch.load(last, weights_only=True)
     assert state["history_as_of"] == "example"  # timed data: each example's time
     state["config"]["features"]["history_as_of"] = "end"  # the saved settings now resolve `end`
@@ -92,11 +85,7 @@ def test_refit_trains_the_selected_steps_on_validation_too_and_resumes(tiny_ws, 
     assert refit["refit"] and refit["step"] == s["selected_step"]
     man = read_json(build_bundle(tiny_ws, "r-straight") / "manifest.json")
     assert man["checkpoint"]["refit"] and man["checkpoint"]["path"].endswith("refit.pt")
-    monkeypatch.setenv("EBR_FAIL_AT_STEP", "7")
-    monkeypatch.setenv("EBR_FAIL_PHASE", "refit")
-    with pytest.raises(InjectedFailure):
-        train(tiny_ws, cfg, run="r-crashed", progress=False)
-    monkeypatch.delenv("EBR_FAIL_AT_STEP")
+    crash_at(tiny_ws, cfg, "r-crashed", 7, monkeypatch, phase="refit")
     train(tiny_ws, cfg, run="r-crashed", resume=True, progress=False)
     b = torch.load(tiny_ws.run_dir("r-crashed") / "checkpoints" / "refit.pt", weights_only=True)
     for k in refit["model"]:
