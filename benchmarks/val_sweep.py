@@ -34,6 +34,8 @@ from ebr.train.loop import train  # noqa: E402
 
 VARIANTS = {  # name: config overrides on top of the defaults and NO_CHOICE (each trained as given)
     "base": {},
+    "user_gap_off": {"features.user_gap": "off"},
+    "user_gap_on": {"features.user_gap": "on"},
     "mixneg_1024": {"train.mixed_negatives": 1024},
     "mixneg_2048": {"train.mixed_negatives": 2048},
     "dropout_0.2": {"model.dropout": 0.2},

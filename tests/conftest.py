@@ -33,6 +33,18 @@ def tiny_ws(tmp_path_factory) -> Workspace:
 
 
 @pytest.fixture(scope="session")
+def llo_ws(tmp_path_factory) -> Workspace:
+    """The tiny world with a leave-last-out split (each user's next engagement is the target)."""
+    from ebr.data.splits import make_leave_last_out
+    from ebr.data.synth import generate
+
+    ws = Workspace.at(tmp_path_factory.mktemp("llo"))
+    generate(ws, "tiny", seed=0, progress=False)
+    make_leave_last_out(ws)
+    return ws
+
+
+@pytest.fixture(scope="session")
 def small_ws(tmp_path_factory) -> Workspace:
     from ebr.data.synth import generate
 

@@ -17,19 +17,6 @@ CFG = {"train.epochs": 1, "train.batch_size": 256, "train.threads": 1, "train.va
 LLO = {**CFG, "data.split": "leave_last_out"}
 
 
-@pytest.fixture(scope="module")
-def llo_ws(tmp_path_factory):
-    """The tiny world with a leave-last-out split (each user's next engagement is the target)."""
-    from ebr.data.splits import make_leave_last_out
-    from ebr.data.synth import generate
-    from ebr.workspace import Workspace
-
-    ws = Workspace.at(tmp_path_factory.mktemp("llo"))
-    generate(ws, "tiny", seed=0, progress=False)
-    make_leave_last_out(ws)
-    return ws
-
-
 def test_auto_embeds_positions_for_next_engagement_with_point_in_time_histories(llo_ws, tiny_ws, tmp_path):
     """auto: positions (features.history_len of them) under a leave-last-out split with
     point-in-time histories, and under a given split whose lines are in engagement order (its

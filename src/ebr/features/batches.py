@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ebr.features.examples import Histories
+from ebr.features.age import age_buckets
+from ebr.features.examples import T_MAX, Histories
 from ebr.features.state import PinArrays, UserArrays, padded
 
 
@@ -47,11 +48,14 @@ class UserBatch:
 
 def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays, L: int,
                condition: np.ndarray | None = None, back: np.ndarray | None = None,
-               leave_out: np.ndarray | None = None) -> UserBatch:
+               leave_out: np.ndarray | None = None, gap_as_of: int | None = None) -> UserBatch:
     """Users (codes) as of times t: history strictly before t (ending `back` events earlier, when
     given: Histories.at), features, followed interests. leave_out (n,): row i's history without
     the events on pin leave_out[i], the last L of the rest (one more event read in its place, so
-    a row whose pin is among the user's last L sees L others, as evaluation sees L)."""
+    a row whose pin is among the user's last L sees L others, as evaluation sees L).
+    gap_as_of (features.user_gap): one more categorical column, the bucket of the time from the
+    history's most recent event to t (features/age.py's buckets; 0: no earlier event), where a row
+    read at the end of the data (t = T_MAX) counts to gap_as_of (the bundle's time)."""
     if leave_out is None:
         pins, actions = hist.at(users, t, L, back)
     else:
@@ -62,6 +66,11 @@ def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays
         gone = ~np.take_along_axis(keep, order, 1)
         pins[gone], actions[gone] = 0, 0
     cond = np.zeros(len(users), dtype=np.int64) if condition is None else condition
+    cat = ua.cat[users]
+    if gap_as_of is not None:
+        t = np.asarray(t, dtype=np.int64)
+        gap = age_buckets(hist.last_time(users, t, back), np.where(t == T_MAX, gap_as_of, t))
+        cat = np.concatenate([cat, gap[:, None]], axis=1)
     return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
-                     torch.from_numpy(actions), torch.from_numpy(ua.cat[users]),
+                     torch.from_numpy(actions), torch.from_numpy(cat),
                      torch.from_numpy(ua.followed_pad[users]), torch.from_numpy(cond))

@@ -21,6 +21,7 @@ from ebr.features.state import ACTION_CODE, FIRST_ID, FeatureState
 from ebr.workspace import Workspace
 
 T_MAX = np.iinfo(np.int64).max
+NO_EVENT = np.iinfo(np.int64).min  # Histories.last_time of an empty history
 
 
 @dataclass
@@ -253,11 +254,7 @@ class Histories:
         (0) on the left, most recent on the right. back (n,): end each history that many events
         earlier (the training horizon: the history as of an earlier engagement of the user)."""
         users = np.asarray(users, dtype=np.int64)
-        t = np.asarray(t, dtype=np.int64)
-        rank = np.where(t == T_MAX, self.R - 1, np.searchsorted(self.times, t, side="left"))
-        j = np.searchsorted(self.key, users * self.R + rank, side="left")
-        if back is not None:  # events before the user's first are masked below (valid)
-            j = j - np.asarray(back, dtype=np.int64)
+        j = self._end(users, t, back)
         idx = j[:, None] - L + np.arange(L)[None, :]
         valid = idx >= self.start[users][:, None]
         idx = np.clip(idx, 0, max(len(self.pin) - 1, 0))
@@ -265,6 +262,22 @@ class Histories:
             z = np.zeros((len(users), L), dtype=np.int64)
             return z, z.copy()
         return np.where(valid, self.pin[idx], 0), np.where(valid, self.action[idx], 0)
+
+    def _end(self, users: np.ndarray, t: np.ndarray, back: np.ndarray | None = None) -> np.ndarray:
+        """(n,) the index one past each user's last event strictly before t (`back` events earlier);
+        events before the user's first are the callers' to mask."""
+        t = np.asarray(t, dtype=np.int64)
+        rank = np.where(t == T_MAX, self.R - 1, np.searchsorted(self.times, t, side="left"))
+        j = np.searchsorted(self.key, users * self.R + rank, side="left")
+        return j if back is None else j - np.asarray(back, dtype=np.int64)
+
+    def last_time(self, users: np.ndarray, t: np.ndarray, back: np.ndarray | None = None) -> np.ndarray:
+        """(n,) the time of each user's last event strictly before t (the history's most recent
+        event, Histories.at with the same `back`); NO_EVENT where the history is empty."""
+        users = np.asarray(users, dtype=np.int64)
+        j = self._end(users, t, back) - 1
+        has = j >= self.start[users]
+        return np.where(has, self.t[np.clip(j, 0, max(len(self.t) - 1, 0))] if len(self.t) else 0, NO_EVENT)
 
 
 def existing_pins(e: Engagements, visible: np.ndarray, n_pins: int) -> np.ndarray:

@@ -154,7 +154,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
     tb = None if snap.time is None else torch.from_numpy(snap.time.buckets(np.arange(P), snap.as_of))
     item_repr, pin_emb = item_repr.numpy(), model.index_vectors(pin_emb, tb).numpy()
     U = len(fs.users)
-    ub = user_batch(np.arange(U), np.full(U, T_MAX), snap.hist, ua, L)
+    gap = bool(ck["sizes"].get("user_gap"))  # features.user_gap: each user's time since the last engagement
+    ub = user_batch(np.arange(U), np.full(U, T_MAX), snap.hist, ua, L, gap_as_of=snap.as_of if gap else None)
     engaged = visible & (e.action != ACTION_CODE["impression"])
     order = np.lexsort((e.pin[engaged], e.user[engaged]))
     eu, ep = e.user[engaged][order], e.pin[engaged][order]
@@ -205,7 +206,7 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             tmp / "user_state.npz",
             hist=ub.hist.numpy().astype(np.int32),
             actions=ub.actions.numpy().astype(np.int8),
-            cat=ua.cat.astype(np.int32),
+            cat=ub.cat.numpy().astype(np.int32),  # with the gap column (features.user_gap)
             # followed interests only where the tower reads them (else a no-history user is not "featured")
             followed=(ua.followed_pad if model.user.followed is not None else np.zeros_like(ua.followed_pad))
             .astype(np.int32),
@@ -223,6 +224,8 @@ def build_bundle(ws: Workspace, run: str = "main", split: str | None = None, bac
             "embedding_dim": int(pin_emb.shape[1]),
             "user_tower": {"file": "user_tower.pt2", "model_version": model_version,
                            "followed_interests": model.user.followed is not None,
+                           # features.user_gap: the last categorical column, as of as_of_us
+                           "user_gap": gap,
                            "embeddings": run_cfg.model.user_embeddings},
             "index": {
                 "file": "index.faiss",

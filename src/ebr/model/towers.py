@@ -236,7 +236,10 @@ class TwoTower(nn.Module):
         self.time = nn.ModuleList(nn.Embedding(n, cfg.time_dim) for n in fields)
         for e in self.time:
             nn.init.zeros_(e.weight)  # the time term starts neutral
-        self.user = UserTower(self.items.out_dim, sizes["user_cat"], sizes["n_interests"], sizes["n_users"], cfg,
+        # features.user_gap: the time since the user's last engagement, one more categorical column
+        self.user_gap = bool(sizes.get("user_gap"))
+        user_cat = list(sizes["user_cat"]) + ([sizes["user_gap"]] if self.user_gap else [])
+        self.user = UserTower(self.items.out_dim, user_cat, sizes["n_interests"], sizes["n_users"], cfg,
                               interest, cfg.time_dim if fields else 0, pre, int(sizes.get("history_positions", 0)))
         self.pin = PinTower(self.items.widths, sizes.get("n_pin_stats", 0), cfg)
         self.dim = cfg.dim

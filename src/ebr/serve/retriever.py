@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ebr.features.age import N_AGE_BUCKETS
 from ebr.features.state import ACTION_CODE, FIRST_ID, N_ACTION_CODES, OOV, PAD, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults
 from ebr.index.verify import BundleError, CheckedBundle, verified_bundle
@@ -119,6 +120,7 @@ class Retriever:
         self._pin_id_array = np.array(self.pin_ids, dtype=object)  # codes -> ids without a Python loop
         self._user_code = {u: i for i, u in enumerate(self.fs.users.ids, start=FIRST_ID)}
         P, U = len(self.pin_ids), len(self.fs.users)
+        gap = self.manifest["user_tower"].get("user_gap", False)  # the last cat column: gap buckets
         consistent = (
             self.item_repr.shape[0] == P
             and self.pin_emb.shape[0] == P
@@ -130,7 +132,9 @@ class Retriever:
             and bool(np.all(np.diff(self.engaged_ptr) >= 0))
             and all(_codes_below(x, P) for x in (self.hist, self.engaged, self.popular, self.index.codes))
             and self.index.index.ntotal == len(self.index.codes)
-            and self.cat.shape[1] == len(self.fs.user_cat)
+            and isinstance(gap, bool)
+            and self.cat.ndim == 2 and self.cat.shape[1] == len(self.fs.user_cat) + gap
+            and (not gap or _codes_below(self.cat[:, -1], N_AGE_BUCKETS))
             and all(_codes_below(self.cat[:, j], len(v)) for j, v in enumerate(self.fs.user_cat.values()))
             and _codes_below(self.actions, N_ACTION_CODES)
             and self.followed.ndim == 2 and len(self.followed) == U
@@ -444,6 +448,8 @@ class Retriever:
         hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
         if not known:
             cat[:] = OOV
+            if self.manifest["user_tower"].get("user_gap"):
+                cat[-1] = 0  # the time since the last engagement: none (features/batches.py user_batch)
         if followed is not None and self.manifest["user_tower"].get("followed_interests", False):
             codes = self.fs.interests.encode(list(followed))
             codes = codes[codes >= FIRST_ID][: len(fol)]  # unknown interests are dropped
