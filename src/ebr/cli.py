@@ -586,9 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         history as evaluation does, as of the end, without the example's own pin), a given
         split's validation (data.given_validation auto: each user's last 10% of training rows
         where the lines are in engagement order, else a random 10%; the former's file order
-        counts as time: point-in-time histories) and history positions
+        counts as time: point-in-time histories), history positions
         (model.history_position auto: on where the targets are each user's next engagements,
-        leave_last_out or engagement-ordered lines, with point-in-time histories).
+        leave_last_out or engagement-ordered lines, with point-in-time histories) and the time
+        since the user's last engagement (features.user_gap auto: on under a temporal split of
+        data with timestamps).
 
         examples:
           ebr train --run main --epochs 8

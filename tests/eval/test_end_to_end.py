@@ -55,10 +55,15 @@ def test_retriever_batch_equals_single_requests(trained):
         assert np.allclose(one.scores, scores[i], atol=1e-5)
         engaged = set(r.pin_ids[c] for c in r.engaged_pins(int(codes[i])))
         assert not engaged & set(one.pin_ids), "engaged pins are excluded by default"
-    # request-time history + features for an unknown user = the stored state of a known user
+    # request-time history + features for an unknown user = the stored state of a known user, but
+    # for the time since the last engagement (features.user_gap), which a request cannot carry: an
+    # unknown user's history reads as ending now (the known user's stored gap is set to that here)
     from ebr.data.schema import ACTIONS
+    from ebr.serve.retriever import JUST_NOW
 
     c0 = int(codes[0])
+    assert r.manifest["user_tower"]["user_gap"], "the temporal tiny world reads gaps (features.user_gap auto)"
+    r.cat[c0, -1] = JUST_NOW
     hist = [{"pin_id": r.pin_ids[p], "action": ACTIONS[a - 1]} for p, a in zip(r.hist[c0], r.actions[c0]) if p > 0]
     feats = {col: v.decode([r.cat[c0][j]])[0] for j, (col, v) in enumerate(r.fs.user_cat.items())}
     followed = r.fs.interests.decode(r.followed[c0][r.followed[c0] > 0])

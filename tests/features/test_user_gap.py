@@ -73,12 +73,14 @@ def test_auto_reads_gaps_under_temporal_splits_of_timed_data(tiny_ws, llo_ws, tm
 
 def test_training_and_the_bundle_read_the_same_gap(tiny_ws, monkeypatch):
     """For the same time (the bundle's as-of), the refit's user inputs and the bundle's stored
-    user state carry the same gap buckets, several distinct ones; a request for an unknown user
-    reads 0 (no earlier engagement, as a training row without history), a known user its stored
-    bucket. The run records the choice and the tower embeds the column. Catches the bundle
-    counting to another time (or not at all: the tower's column count differs), the bundle reading
-    other parts than the refit, and an unknown user served the out-of-vocabulary code 1 (a bucket
-    no training row has)."""
+    user state carry the same gap buckets, several distinct ones. A known user's request reads its
+    stored bucket, with or without a history of its own (the stored history passed back gives the
+    stored answer: tests/eval/test_end_to_end.py); an unknown user's passed history reads a zero
+    gap (bucket 2: the history ends now); an unknown user without history reads 0 (no earlier
+    engagement, as a training row without history). The run records the choice. Catches the
+    bundle counting to another time (or not at all: the tower's column count differs), the bundle
+    reading other parts than the refit, an unknown user served the out-of-vocabulary code 1 (a
+    bucket no training row has), and an unknown user's history read as no history."""
     cfg = RunConfig.load(None, {**CFG, "train.max_steps": 4})
     summary = train(tiny_ws, cfg, run="gap", progress=False)
     assert summary["user_gap"] is True
@@ -96,10 +98,13 @@ def test_training_and_the_bundle_read_the_same_gap(tiny_ws, monkeypatch):
     seen = []
     orig = r.embed
     monkeypatch.setattr(r, "embed", lambda *inputs, **kw: (seen.append(inputs[2].copy()), orig(*inputs, **kw))[1])
-    known = r.fs.users.ids[0]
+    known, pin, interest = r.fs.users.ids[0], r.pin_ids[FIRST_ID], r.fs.interests.ids[0]
     r.retrieve(known, k=5)
-    r.retrieve("nobody-knows-me", k=5, history=[r.pin_ids[FIRST_ID]])
-    assert seen[0][0, -1] == r.cat[FIRST_ID, -1] and seen[1][0, -1] == 0
+    r.retrieve(known, k=5, history=[pin])
+    r.retrieve("nobody-knows-me", k=5, history=[pin])
+    r.retrieve("nobody-knows-me", k=5, followed=[interest])
+    assert r.cat[FIRST_ID, -1] != 2, "the known user's stored gap is not the just-now bucket"
+    assert [int(x[0, -1]) for x in seen] == [r.cat[FIRST_ID, -1]] * 2 + [2, 0]
 
 
 def test_resuming_a_checkpoint_from_before_gaps_is_a_clear_error(tiny_ws, monkeypatch):

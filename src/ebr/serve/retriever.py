@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ebr.features.age import N_AGE_BUCKETS
+from ebr.features.age import N_AGE_BUCKETS, age_buckets
 from ebr.features.state import ACTION_CODE, FIRST_ID, N_ACTION_CODES, OOV, PAD, FeatureState
 from ebr.index.backends import AnnIndex, SearchDefaults
 from ebr.index.verify import BundleError, CheckedBundle, verified_bundle
@@ -58,6 +58,8 @@ def _npy(data: bytes) -> np.ndarray:
 
 def _codes_below(x: np.ndarray, n: int) -> bool:
     return x.size == 0 or (int(x.min()) >= 0 and int(x.max()) < n)
+
+JUST_NOW = int(age_buckets(np.zeros(1), np.zeros(1))[0])  # features.user_gap's bucket of a zero gap
 
 
 class Retriever:
@@ -457,6 +459,8 @@ class Retriever:
             fol[: len(codes)] = codes
         if history is not None:
             hist, actions = self._history_codes(history)
+            if not known and self.manifest["user_tower"].get("user_gap"):  # an unknown user's history ends now
+                cat[-1] = JUST_NOW if (hist >= FIRST_ID).any() else 0
         if features:
             for j, (col, vocab) in enumerate(self.fs.user_cat.items()):
                 key = col[4:] if col.startswith("cat_") else col
