@@ -42,7 +42,7 @@ def test_training_trains_the_embedding_nearest_each_target(tiny_ws):
     idx = np.arange(128)
     ex = d.examples
     log_q = inclusion_log_prob(np.bincount(ex.pin, minlength=d.sizes["n_pins"]), cfg.train.batch_size)
-    ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, cfg.features.history_len)
+    ub = user_batch(ex.user[idx], ex.t[idx], d.hist, d.users, cfg.features.history_len, gap_as_of=d.gap_as_of)
     pos = torch.from_numpy(ex.pin[idx])
     with torch.no_grad():
         (q, active, _, _), v = s.model.embed_users_and_pins(ub.hist, ub.rest(), pos, d.pins.take)

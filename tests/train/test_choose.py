@@ -14,7 +14,8 @@ from ebr.train.loop import _alternatives, train
 from tests.conftest import crash_at
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.threads": 1, "train.val_users": 200,
-       "model.hidden": [64], "train.choose_pin_id": True, "train.choose_recency_days": []}
+       "model.hidden": [64], "train.choose_pin_id": True, "train.choose_recency_days": [],
+       "features.user_gap": "off"}  # the settings where the choice goes each way (see the first test)
 
 
 @pytest.fixture()

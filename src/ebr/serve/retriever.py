@@ -106,7 +106,8 @@ class Retriever:
             if cand[code]:
                 for i in ints:
                     by_interest.setdefault(i, []).append(code)
-        self.interest_pins = {i: np.array(v, dtype=np.int64) for i, v in by_interest.items()}
+        # sorted and unique (a pin listing an interest twice would break the intersections' assume_unique)
+        self.interest_pins = {i: np.unique(np.array(v, dtype=np.int64)) for i, v in by_interest.items()}
         s = np.load(io.BytesIO(f["user_state.npz"]), allow_pickle=False)
         self.hist, self.actions, self.cat, self.followed = (
             s["hist"].astype(np.int64),
