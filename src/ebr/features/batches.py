@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ebr.features.age import age_buckets
-from ebr.features.examples import T_MAX, Histories
+from ebr.features.age import NO_TIME, age_buckets
+from ebr.features.examples import NO_EVENT, T_MAX, Histories
 from ebr.features.state import PinArrays, UserArrays, padded
 
 
@@ -69,7 +69,8 @@ def user_batch(users: np.ndarray, t: np.ndarray, hist: Histories, ua: UserArrays
     cat = ua.cat[users]
     if gap_as_of is not None:
         t = np.asarray(t, dtype=np.int64)
-        gap = age_buckets(hist.last_time(users, t, back), np.where(t == T_MAX, gap_as_of, t))
+        last = hist.last_time(users, t, back)
+        gap = age_buckets(np.where(last == NO_EVENT, NO_TIME, last), np.where(t == T_MAX, gap_as_of, t))
         cat = np.concatenate([cat, gap[:, None]], axis=1)
     return UserBatch(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(pins),
                      torch.from_numpy(actions), torch.from_numpy(cat),

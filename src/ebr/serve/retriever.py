@@ -123,7 +123,8 @@ class Retriever:
         self._pin_id_array = np.array(self.pin_ids, dtype=object)  # codes -> ids without a Python loop
         self._user_code = {u: i for i, u in enumerate(self.fs.users.ids, start=FIRST_ID)}
         P, U = len(self.pin_ids), len(self.fs.users)
-        gap = self.manifest["user_tower"].get("user_gap", False)  # the last cat column: gap buckets
+        # features.user_gap: the last cat column holds each user's gap bucket (a bool, checked below)
+        self.user_gap = gap = self.manifest["user_tower"].get("user_gap", False)
         consistent = (
             self.item_repr.shape[0] == P
             and self.pin_emb.shape[0] == P
@@ -451,7 +452,7 @@ class Retriever:
         hist, actions, cat, fol = (x[0].copy() for x in self.stored_inputs(np.array([code if known else 0])))
         if not known:
             cat[:] = OOV
-            if self.manifest["user_tower"].get("user_gap"):
+            if self.user_gap:
                 cat[-1] = 0  # the time since the last engagement: none (features/batches.py user_batch)
         if followed is not None and self.manifest["user_tower"].get("followed_interests", False):
             codes = self.fs.interests.encode(list(followed))
@@ -460,7 +461,7 @@ class Retriever:
             fol[: len(codes)] = codes
         if history is not None:
             hist, actions = self._history_codes(history)
-            if not known and self.manifest["user_tower"].get("user_gap"):  # an unknown user's history ends now
+            if not known and self.user_gap:  # an unknown user's history ends now
                 cat[-1] = JUST_NOW if (hist >= FIRST_ID).any() else 0
         if features:
             for j, (col, vocab) in enumerate(self.fs.user_cat.items()):
