@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from ebr.config import RunConfig
 from ebr.index.bundle import build_bundle
 from ebr.train.loop import train
@@ -70,3 +72,31 @@ def test_cli_version_quiet_progress_latest_bundle_and_json(tiny_ws, tmp_path):
                  "--json", str(tmp_path / "o.json"))
         assert r.returncode == 0, r.stderr
         assert json.loads((tmp_path / "o.json").read_text())["version"] == tiny_ws.latest("bundles").name
+
+
+def test_demo_passes_no_choose_no_refit_and_set_to_training(tmp_path, monkeypatch):
+    """`ebr demo --no-choose --no-refit --set ...` trains the config those flags make (stopped at the
+    training call: the rest of the demo is the stages' own tests). Mutations caught: demo building
+    its config from --epochs alone (the earlier code: every flag silently ignored), --no-choose
+    dropped from the demo's parser."""
+    from ebr import cli
+    from ebr.config import NO_CHOICE
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_train(ws, cfg, run="main", **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr("ebr.train.loop.train", fake_train)
+    with pytest.raises(Stop):
+        cli.main(["demo", "--workspace", str(tmp_path / "ws"), "--preset", "tiny", "--no-choose", "--no-refit",
+                  "--set", "train.lr=0.001", "--epochs", "2"])
+    t = seen["cfg"].train
+    assert (t.refit, t.lr, t.epochs) == (False, 0.001, 2)
+    for key, value in NO_CHOICE.items():
+        section, name = key.split(".")
+        assert getattr(getattr(seen["cfg"], section), name) == value, key

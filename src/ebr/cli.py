@@ -893,12 +893,22 @@ def build_parser() -> argparse.ArgumentParser:
         The end-to-end demo (what `make demo` runs): generate the small synthetic world, train the
         two-tower model, build its bundle, evaluate it against popularity, interest-popular and ALS,
         print the results table and write a report (Markdown + PNG) under reports/demo/.
+
+        Training chooses per-dataset settings on validation (several selection runs) and refits;
+        for a quicker look:
+
+          ebr demo --no-choose                 # one selection run, then the refit
+          ebr demo --preset tiny --no-choose --no-refit
         """,
         _demo.cmd_demo,
     )
     p.add_argument("--preset", choices=["tiny", "small"], default="small")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
     p.add_argument("--config", help="YAML run config")
+    p.add_argument("--no-choose", action="store_true",
+                   help="train the config as given, no per-dataset alternatives (about 3x faster training)")
+    p.add_argument("--no-refit", action="store_true", help="skip the refit on training + validation")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     return root
 
 

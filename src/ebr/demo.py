@@ -9,6 +9,7 @@ from ebr.workspace import Workspace
 
 
 def cmd_demo(a) -> int:
+    from ebr.cli import _overrides
     from ebr.config import RunConfig
     from ebr.corpus.build import build_serving_corpus, corpus_coverage
     from ebr.data.splits import make_temporal
@@ -32,7 +33,7 @@ def cmd_demo(a) -> int:
              f"{s['users']:,} users, {s['interests']} interests; split temporal: "
              + ", ".join(f"{k} {v:,}" for k, v in split.manifest["counts"].items()))
     step(2, "train the two-tower model (runs/main)")
-    cfg = RunConfig.load(a.config, {"train.epochs": a.epochs} if a.epochs else None)
+    cfg = RunConfig.load(a.config, _overrides(a))
     summary = train(ws, cfg, run="main")
     step(3, "bundle of the best checkpoint as of the split's cut (for evaluation)")
     bundle = build_bundle(ws, "main", split.name)
