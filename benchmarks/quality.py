@@ -13,13 +13,16 @@ split), ml100k_llo (the same, leave-last-out: about 940 users instead of about 1
 (the same ratings as an ids-only dataset: no features, no timestamps, each user's last 20% as the
 given test split), ml100k_ids_random (the same with a seeded random 20% of each user's ratings as
 test and each line's items in id order, as public ids-only sets such as LightGCN's are split and
-stored) and any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
+stored), ml100k_nested (the validation-only copy of ml100k: its test window dropped, its
+validation window as test, for choosing settings by the whole pipeline's result: nested_ml100k) and
+any adjacency split given as NAME:TRAIN_FILE:TEST_FILE (given protocol).
 Resumable: a finished (dataset, seed) keeps its eval JSON under --root and is not rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -66,6 +69,27 @@ def ids_only_ml100k(folder: Path, test_share: float = 0.2, random_split: bool = 
     return folder / "train.txt", folder / "test.txt"
 
 
+def nested_ml100k(base: Workspace, folder: Path) -> tuple[dt.datetime, dt.datetime]:
+    """The validation-only copy of the temporal ML-100K benchmark: ML-100K's files with every
+    rating at or after the temporal split's cut dropped (u.data filtered, the other files as they
+    are), so that its test window is never read; returns (cut, val_cut). Split at val_cut, the copy's
+    test is the benchmark's validation window and its validation a window carved from before: the
+    whole pipeline (choice, selection, refit, evaluation against the peers) can be compared between
+    settings without the test numbers the quality table reports."""
+    from ebr.data.splits import load_split
+
+    m = load_split(base).manifest
+    cut, val_cut = dt.datetime.fromisoformat(m["cut"]), dt.datetime.fromisoformat(m["val_cut"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ML100K.iterdir():
+        if f.name != "u.data" and f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    kept = [ln for ln in (ML100K / "u.data").read_text().splitlines()
+            if ln.strip() and int(ln.split("\t")[3]) < cut.timestamp()]
+    (folder / "u.data").write_text("\n".join(kept) + "\n")
+    return cut, val_cut
+
+
 def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Workspace:
     ws = Workspace.at(root / name)
     if ws.has_table("engagements"):
@@ -81,6 +105,14 @@ def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Wor
         import_movielens(ws, ML100K)
         if name == "ml100k_llo":
             make_leave_last_out(ws, "leave_last_out")
+    elif name == "ml100k_nested":
+        from ebr.data.importers import import_movielens
+        from ebr.data.splits import load_split, make_temporal
+
+        cut, val_cut = nested_ml100k(prepare("ml100k", root, adjacency), root / f"{name}_files")
+        import_movielens(ws, root / f"{name}_files")
+        make_temporal(ws, "temporal", cut=val_cut)
+        assert dt.datetime.fromisoformat(load_split(ws).manifest["data_range"][1]) < cut  # no test row read
     elif name in ("ml100k_ids", "ml100k_ids_random"):
         from ebr.data.importers import import_adjacency
 

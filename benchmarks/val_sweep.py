@@ -108,7 +108,7 @@ def split_of(ds: str) -> str | None:
 
 def peers_on_validation(ws, seed: int, split: str | None) -> dict[str, float]:
     """The peers' recall@100 on the validation targets the model is selected on (the same users,
-    exclusions and candidates as `validation_recall`, TRAIN visible only): where the model stands
+    exclusions and candidates as `validation_recalls`, TRAIN visible only): where the model stands
     against them without reading test."""
     from ebr.data.splits import Part, load_split
     from ebr.eval import peers as pz

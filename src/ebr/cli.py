@@ -577,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
         2^(-age / half-life)), and, with train.choose_regularised (default on), on ids-only
         data with 1,024 uniform corpus negatives and dropout 0.2, in every combination; the best
         validation recall@100 is kept, refit and recorded (summary.json "choice"; the others under
-        runs/RUN/alternatives/).
+        runs/RUN/alternatives/), provided it beats the run's own settings by more than
+        train.choose_margin (default 1) standard errors of the per-user paired difference: a
+        small validation window keeps the config as given.
 
         Chosen from the data and recorded in summary.json: the epoch cap (train.epochs unset: 8,
         more on small data, up to train.min_steps steps; early stopping ends no run before

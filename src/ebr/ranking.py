@@ -42,8 +42,9 @@ def max_over_embeddings(queries: torch.Tensor, active: torch.Tensor, items: torc
 
 
 def metrics_at_k(topk: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int],
-                 pin_interests: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
-    """topk (U, Kmax) ranked candidate ids (-1 = empty slot); targets[i] = ids of user i's targets."""
+                 pin_interests: Sequence[Sequence[int]] | None = None, per_user: bool = False) -> dict:
+    """topk (U, Kmax) ranked candidate ids (-1 = empty slot); targets[i] = ids of user i's targets.
+    Each metric averaged over users; per_user: each user's value instead, an array per metric."""
     out: dict[str, list[float]] = {}
     discounts = 1.0 / np.log2(np.arange(2, topk.shape[1] + 2))
     for row, tgt in zip(topk, targets):
@@ -63,7 +64,7 @@ def metrics_at_k(topk: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[i
                 d = intra_list_diversity([pin_interests[p] for p in row[:k].tolist() if p >= 0])
                 if d is not None:
                     out.setdefault(f"diversity@{k}", []).append(d)
-    return {name: float(np.mean(v)) for name, v in out.items()}
+    return {name: np.asarray(v, dtype=np.float64) if per_user else float(np.mean(v)) for name, v in out.items()}
 
 
 DIVERSITY_MAX_K = 100

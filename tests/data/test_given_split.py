@@ -381,7 +381,7 @@ def test_first_epoch_checks_can_select_a_step_inside_the_first_epoch(tmp_path, m
 
     ws = _adjacency(tmp_path)
     script = iter([0.5, 0.9, 0.4, 0.6, 0.7, 0.65, 0.6, 0.6])
-    monkeypatch.setattr(loop, "validation_recall", lambda *a, **k: next(script))
+    monkeypatch.setattr(loop, "validation_recalls", lambda *a, **k: np.array([next(script)]))
     over = {"train.batch_size": 128, "model.hidden": [16], "train.epochs": 4, "train.patience": 2,
             "train.stop_after_steps": 0, "train.choose_pin_id": False, "train.choose_regularised": False}
     s = loop.train(ws, RunConfig.load(None, over), run="checks", progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ from tests.conftest import crash_at
 
 CFG = {"train.epochs": 2, "train.batch_size": 256, "train.threads": 1, "train.val_users": 200,
        "model.hidden": [64], "train.choose_pin_id": True, "train.choose_recency_days": [],
-       "features.user_gap": "off"}  # the settings where the choice goes each way (see the first test)
+       "features.user_gap": "off",  # the settings where the choice goes each way (see the first test)
+       "train.choose_margin": 0.0}  # the best validation recall kept (the margin: test_choose_margin)
 
 
 @pytest.fixture()
@@ -186,3 +188,40 @@ def test_no_choose_flag_trains_the_config_as_given():
     on = RunConfig.load(None, _overrides(build_parser().parse_args(["train"]))).train
     assert (off.choose_pin_id, off.choose_recency_days) == (False, [])
     assert on.choose_pin_id and on.choose_recency_days == [7.0]
+
+
+def test_paired_gain_is_the_mean_difference_and_its_standard_error():
+    """By hand: per-user differences [1, 0, 0, 0]: mean 0.25, sample std 0.5 (ddof 1), standard
+    error 0.5 / sqrt(4) = 0.25. Mutations caught: ddof 0 (0.2165), the std itself as the error (no
+    sqrt(n)), base minus alternative (a negative gain)."""
+    from ebr.train.loop import paired_gain
+
+    g = paired_gain(np.array([1.0, 0.5, 0.2, 0.0]), np.array([0.0, 0.5, 0.2, 0.0]))
+    assert g["diff"] == pytest.approx(0.25) and g["se"] == pytest.approx(0.25)
+
+
+def test_choose_margin_keeps_the_run_unless_the_alternative_wins_by_the_margin(tiny_ws, single_thread):
+    """At the default lr the tiny world's validation favours the model without pin IDs (margin 0).
+    Its recorded gain is the difference of the two validation recalls (the per-user records are the
+    users the mean was taken over), and a margin set just below its gain / error keeps it, just above
+    keeps the run's own settings, whose selected checkpoint and refit are then the plain run's.
+    Mutations caught: the margin ignored, the alternative compared with a margin in recall units
+    rather than standard errors, the per-user records of another step than the selected one."""
+    s = train(tiny_ws, RunConfig.load(None, CFG), run="margin-0", progress=False)
+    c = s["choice"]
+    assert c["chosen"] == "no_pin_id" and c["margin"] == 0.0
+    g = c["paired"]["no_pin_id"]
+    assert g["diff"] == pytest.approx(c["val_recall@100"]["no_pin_id"] - c["val_recall@100"]["base"], abs=1e-12)
+    z = g["diff"] / g["se"]
+    assert 0.05 < z < 20  # room for margins each side
+    below = train(tiny_ws, RunConfig.load(None, {**CFG, "train.choose_margin": 0.9 * z}), run="margin-below",
+                  progress=False)
+    above = train(tiny_ws, RunConfig.load(None, {**CFG, "train.choose_margin": 1.1 * z}), run="margin-above",
+                  progress=False)
+    assert below["choice"]["chosen"] == "no_pin_id" and above["choice"]["chosen"] == "base"
+    assert above["choice"]["paired"] == c["paired"] and above["best_val_recall@100"] == c["val_recall@100"]["base"]
+    train(tiny_ws, RunConfig.load(None, {**CFG, **NO_CHOICE}), run="margin-plain", progress=False)
+    for ck in ("best.pt", "refit.pt"):
+        x = torch.load(tiny_ws.run_dir("margin-plain") / "checkpoints" / ck, weights_only=True)["model"]
+        y = torch.load(tiny_ws.run_dir("margin-above") / "checkpoints" / ck, weights_only=True)["model"]
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), ck

@@ -3,6 +3,7 @@ recall; the refit repeats the decays made before the selected step."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def _lr(path) -> float:
 
 def _scripted(monkeypatch):
     script = iter(SCRIPT)
-    monkeypatch.setattr(loop, "validation_recall", lambda *a, **k: next(script))
+    monkeypatch.setattr(loop, "validation_recalls", lambda *a, **k: np.array([next(script)]))
 
 
 def test_rate_decays_after_an_epoch_without_improvement_and_the_refit_repeats_earlier_decays(tmp_path, monkeypatch):
@@ -55,7 +56,7 @@ def test_a_resumed_run_keeps_its_decays(tmp_path, monkeypatch):
     _scripted(monkeypatch)
     crash_at(ws, RunConfig.load(None, OVER), "cut", 2 * pe + 2, monkeypatch)
     script = iter(SCRIPT[2:])  # the resumed run validates from epoch 3 on
-    monkeypatch.setattr(loop, "validation_recall", lambda *a, **k: next(script))
+    monkeypatch.setattr(loop, "validation_recalls", lambda *a, **k: np.array([next(script)]))
     cut = loop.train(ws, RunConfig.load(None, OVER), run="cut", resume=True, progress=False)
     assert cut["lr_drops"] == full["lr_drops"] and cut["refit"]["lr_drops"] == full["refit"]["lr_drops"] == [2 * pe]
     assert _lr(ws.run_dir("cut") / "checkpoints" / "refit_last.pt") == pytest.approx(1e-3 * 0.5)
@@ -67,7 +68,7 @@ def test_no_decay_before_stop_after_steps(tmp_path, monkeypatch):
     trains every epoch at the starting rate. Catches the guard dropped from the decay."""
     ws = _adjacency(tmp_path)
     script = iter(SCRIPT + [0.45])
-    monkeypatch.setattr(loop, "validation_recall", lambda *a, **k: next(script))
+    monkeypatch.setattr(loop, "validation_recalls", lambda *a, **k: np.array([next(script)]))
     s = loop.train(ws, RunConfig.load(None, {**OVER, "train.stop_after_steps": 10**6, "train.refit": False}),
                    run="guarded", progress=False)
     assert s["epochs"] == 6 and "lr_drops" not in s

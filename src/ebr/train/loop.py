@@ -185,10 +185,11 @@ def index_vectors(model: TwoTower, d: TrainData, pin_emb: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
+def validation_recalls(model: TwoTower, d: TrainData, L: int) -> np.ndarray:
+    """Each validation user's recall@VAL_K (their mean: the validation recall)."""
     spec = d.val
     if len(spec.users) == 0:
-        return float("nan")
+        return np.zeros(0)
     model.eval()
     P = index_vectors(model, d, model.encode_all_pins(d.pins.fields(), d.all_stats())[1])
     allowed = torch.from_numpy(d.candidates)  # pins that exist before the validation window
@@ -200,7 +201,7 @@ def validation_recall(model: TwoTower, d: TrainData, L: int) -> float:
         s = max_over_embeddings(u[0], u[1], P) if isinstance(u, tuple) else u @ P.T
         tops.append(topk_masked(s, VAL_K, spec.exclude[lo : lo + 512], allowed)[1].numpy())
     model.train()
-    return metrics_at_k(np.concatenate(tops), spec.targets, [VAL_K])[f"recall@{VAL_K}"]
+    return metrics_at_k(np.concatenate(tops), spec.targets, [VAL_K], per_user=True)[f"recall@{VAL_K}"]
 
 
 def epoch_order(ex: Examples, batch: int, seed: int, epoch: int, time_local: bool) -> np.ndarray:
@@ -267,6 +268,7 @@ class TrainState:
     step: int = 0
     best: float = -1.0
     best_step: int = 0  # the step of the best validation recall (the refit trains that many)
+    best_users: np.ndarray | None = None  # each validation user's recall at best_step (train.choose_margin)
     bad_epochs: int = 0
     done: bool = False
     lr_drops: list[int] = field(default_factory=list)  # steps after which the rate was decayed
@@ -366,6 +368,8 @@ class TrainState:
         for k in ("epoch", "pos_in_epoch", "step", "best", "bad_epochs", "done"):
             setattr(self, k, state[k])
         self.best_step = state.get("best_step", 0)
+        saved_users = state.get("best_users")  # (a checkpoint saved before train.choose_margin has none)
+        self.best_users = None if saved_users is None else saved_users.numpy()
         self.lr_drops = list(state.get("lr_drops", []))
 
     def save(self, path: Path, cfg: RunConfig, d: TrainData, full: bool = False, extra: dict | None = None) -> None:
@@ -384,7 +388,8 @@ class TrainState:
         return {**base, "optimizer": self.opt.state_dict(), "estimator": self.est.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "pos_in_epoch": self.pos_in_epoch, "bad_epochs": self.bad_epochs, "done": self.done,
-                "best_step": self.best_step, "lr_drops": self.lr_drops}
+                "best_step": self.best_step, "lr_drops": self.lr_drops,
+                **({} if self.best_users is None else {"best_users": torch.from_numpy(self.best_users)})}
 
     def decay_lr(self, factor: float) -> None:
         """Multiply every parameter group's learning rate by `factor` and record the step."""
@@ -604,11 +609,12 @@ def fit(s: TrainState, d: TrainData, cfg: RunConfig, rdir: Path, progress: bool 
 
     def check(rec: dict, epoch_end: bool) -> bool:
         """Validation recall into rec; best, best_step and (at an epoch's end) patience updated."""
-        recall = validation_recall(s.model, d, cfg.features.history_len)
+        users = validation_recalls(s.model, d, cfg.features.history_len)
+        recall = float(users.mean()) if len(users) else float("nan")
         improved = recall > s.best
         bad = epoch_end and not improved and s.epoch > 0  # the first epoch is never a bad one
         if improved:
-            s.best, s.bad_epochs, s.best_step = recall, 0, s.step
+            s.best, s.bad_epochs, s.best_step, s.best_users = recall, 0, s.step, users
         elif bad:
             s.bad_epochs += 1
         rec[f"val_recall@{VAL_K}"] = recall
@@ -739,8 +745,8 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     choice = None
     alternatives = _alternatives(cfg, d.sizes, d.timed)
     if alternatives:  # train.choose_*: the same selection with other settings, the best one kept
-        scores, rng_after = {BASE: s.best}, {BASE: torch.get_rng_state()}
-        win, win_cfg, win_dir = s, cfg, None
+        scores, rng_after, paired = {BASE: s.best}, {BASE: torch.get_rng_state()}, {}
+        win, win_cfg, win_dir, base = s, cfg, None, s
         for name, alt in alternatives:
             torch.manual_seed(cfg.train.seed)
             adir = rdir / "alternatives" / name
@@ -757,10 +763,12 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                 log.info("selection with %s (%s)", name, _overrides(cfg, alt))
             seconds += fit(a, da, alt, adir, progress, phase=f"select-{name}")
             scores[name], rng_after[name] = a.best, torch.get_rng_state()
-            if a.best > win.best:
+            paired[name] = paired_gain(a.best_users, base.best_users)
+            if paired[name]["diff"] > cfg.train.choose_margin * paired[name]["se"] and a.best > win.best:
                 win, win_cfg, win_dir = a, alt, adir
         chosen = BASE if win_dir is None else win_dir.name
-        choice = {f"val_recall@{VAL_K}": scores, "chosen": chosen, "settings": _overrides(cfg, win_cfg)}
+        choice = {f"val_recall@{VAL_K}": scores, "chosen": chosen, "settings": _overrides(cfg, win_cfg),
+                  "paired": paired, "margin": cfg.train.choose_margin}
         if progress:
             log.info("validation recall@%d: %s; %s kept", VAL_K,
                      ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), chosen)
@@ -804,6 +812,17 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
 
 
 BASE = "base"  # the run's own settings, among train.choose_*'s alternatives
+
+
+def paired_gain(alt: np.ndarray | None, base: np.ndarray | None) -> dict[str, float]:
+    """An alternative's validation gain over the run's own settings, user by user: the mean of the
+    per-user recall differences and its standard error (sample std, ddof 1, over sqrt(n))."""
+    if alt is None or base is None:
+        raise EbrError("a selection of this run has no per-user validation record (a checkpoint saved "
+                       "before train.choose_margin, or no validation user): start the run again without --resume")
+    diff = alt - base
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    return {"diff": float(diff.mean()), "se": se}
 
 
 def _alternatives(cfg: RunConfig, sizes: dict, timed: bool) -> list[tuple[str, RunConfig]]:
