@@ -71,8 +71,9 @@ def ids_only_ml100k(folder: Path, test_share: float = 0.2, random_split: bool = 
 
 def nested_ml100k(base: Workspace, folder: Path) -> tuple[dt.datetime, dt.datetime]:
     """The validation-only copy of the temporal ML-100K benchmark: ML-100K's files with every
-    rating at or after the temporal split's cut dropped (u.data filtered, the other files as they
-    are), so that its test window is never read; returns (cut, val_cut). Split at val_cut, the copy's
+    rating at or after the temporal split's cut dropped (u.data filtered; u.item, u.user, u.genre and
+    u.occupation as they are; none of the download's u1-u5/ua/ub split files, which hold test-window
+    ratings), so that its test window is never read; returns (cut, val_cut). Split at val_cut, the copy's
     test is the benchmark's validation window and its validation a window carved from before: the
     whole pipeline (choice, selection, refit, evaluation against the peers) can be compared between
     settings without the test numbers the quality table reports."""
@@ -81,9 +82,9 @@ def nested_ml100k(base: Workspace, folder: Path) -> tuple[dt.datetime, dt.dateti
     m = load_split(base).manifest
     cut, val_cut = dt.datetime.fromisoformat(m["cut"]), dt.datetime.fromisoformat(m["val_cut"])
     folder.mkdir(parents=True, exist_ok=True)
-    for f in ML100K.iterdir():
-        if f.name != "u.data" and f.is_file():
-            (folder / f.name).write_bytes(f.read_bytes())
+    for name in ("u.item", "u.user", "u.genre", "u.occupation"):
+        if (ML100K / name).is_file():
+            (folder / name).write_bytes((ML100K / name).read_bytes())
     kept = [ln for ln in (ML100K / "u.data").read_text().splitlines()
             if ln.strip() and int(ln.split("\t")[3]) < cut.timestamp()]
     (folder / "u.data").write_text("\n".join(kept) + "\n")

@@ -100,3 +100,5 @@ def test_demo_passes_no_choose_no_refit_and_set_to_training(tmp_path, monkeypatc
     for key, value in NO_CHOICE.items():
         section, name = key.split(".")
         assert getattr(getattr(seen["cfg"], section), name) == value, key
+    # the demo bundles and evaluates its own temporal split: another split is refused, not ignored
+    assert cli.main(["demo", "--workspace", str(tmp_path / "ws"), "--preset", "tiny", "--set", "data.split=other"]) == 2

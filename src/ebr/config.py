@@ -264,10 +264,11 @@ class TrainConfig(_Section):
     # "Settings chosen per dataset"); before, with file-order prefixes, its test fell
     choose_regularised: bool = True
     # an alternative is kept only where its validation recall beats the run's own settings by more
-    # than this many standard errors of the per-user paired difference (the one-standard-error
-    # rule): a choice needs evidence, not a lucky draw of a small validation window (temporal
-    # ML-100K: 96 users, a standard error near 0.03; README "Settings chosen per dataset"). The
-    # best alternative that passes is kept; 0 = the best validation recall, whatever the margin
+    # than this many standard errors of the per-user paired difference (after the one-standard-error
+    # rule, the run's own settings as the default): a choice needs evidence, not a lucky draw of a
+    # small validation window (temporal ML-100K: 96 users, a standard error near 0.03; README "A
+    # choice needs evidence"). The best alternative that passes is kept; 0 = the best validation
+    # recall, whatever the margin
     choose_margin: float = Field(1.0, ge=0.0)
     # after selection, retrain on training + validation for the selected number of steps; bundles
     # serve that model (checkpoints/refit.pt); best.pt, the selected one, is kept

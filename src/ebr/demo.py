@@ -33,7 +33,13 @@ def cmd_demo(a) -> int:
              f"{s['users']:,} users, {s['interests']} interests; split temporal: "
              + ", ".join(f"{k} {v:,}" for k, v in split.manifest["counts"].items()))
     step(2, "train the two-tower model (runs/main)")
-    cfg = RunConfig.load(a.config, _overrides(a))
+    over = _overrides(a)
+    if "data.split" in over:
+        from ebr.errors import EbrError
+
+        raise EbrError("ebr demo trains, bundles and evaluates its own temporal split: leave data.split unset "
+                       "(ebr train --split NAME for another)")
+    cfg = RunConfig.load(a.config, over)
     summary = train(ws, cfg, run="main")
     step(3, "bundle of the best checkpoint as of the split's cut (for evaluation)")
     bundle = build_bundle(ws, "main", split.name)

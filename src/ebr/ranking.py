@@ -44,7 +44,9 @@ def max_over_embeddings(queries: torch.Tensor, active: torch.Tensor, items: torc
 def metrics_at_k(topk: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int],
                  pin_interests: Sequence[Sequence[int]] | None = None, per_user: bool = False) -> dict:
     """topk (U, Kmax) ranked candidate ids (-1 = empty slot); targets[i] = ids of user i's targets.
-    Each metric averaged over users; per_user: each user's value instead, an array per metric."""
+    Each metric averaged over users; per_user: each user's value instead, an array per metric
+    (recall, hr and ndcg hold one value per row of topk; coverage and diversity skip rows where
+    they are undefined)."""
     out: dict[str, list[float]] = {}
     discounts = 1.0 / np.log2(np.arange(2, topk.shape[1] + 2))
     for row, tgt in zip(topk, targets):

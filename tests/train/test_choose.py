@@ -194,10 +194,28 @@ def test_paired_gain_is_the_mean_difference_and_its_standard_error():
     """By hand: per-user differences [1, 0, 0, 0]: mean 0.25, sample std 0.5 (ddof 1), standard
     error 0.5 / sqrt(4) = 0.25. Mutations caught: ddof 0 (0.2165), the std itself as the error (no
     sqrt(n)), base minus alternative (a negative gain)."""
-    from ebr.train.loop import paired_gain
+    from ebr.train.loop import beats, paired_gain
 
-    g = paired_gain(np.array([1.0, 0.5, 0.2, 0.0]), np.array([0.0, 0.5, 0.2, 0.0]))
+    g = paired_gain(np.array([1.0, 0.5, 0.2, 0.0]), np.array([0.0, 0.5, 0.2, 0.0]), 4)
     assert g["diff"] == pytest.approx(0.25) and g["se"] == pytest.approx(0.25)
+    assert beats(g, 0.99) and not beats(g, 1.0) and beats(g, 0.0)
+
+
+def test_choice_rule_without_an_error_or_without_validation_users():
+    """One validation user: no standard error, so only margin 0 (the best recall) can choose; no
+    validation user: no gain and no choice, and no crash (the record is missing because nothing was
+    measured, not because a checkpoint predates it). A run resumed from a checkpoint without the
+    per-user record is refused. Mutations caught: se = inf with 0 * inf = nan comparisons (margin 0
+    never choosing), the empty case raising."""
+    from ebr.errors import EbrError
+    from ebr.train.loop import beats, paired_gain
+
+    one = paired_gain(np.array([1.0]), np.array([0.0]), 1)
+    assert one == {"diff": 1.0, "se": None} and beats(one, 0.0) and not beats(one, 1.0)
+    none = paired_gain(None, None, 0)
+    assert none == {"diff": None, "se": None} and not beats(none, 0.0)
+    with pytest.raises(EbrError, match="without --resume"):
+        paired_gain(np.array([0.5, 0.5]), None, 2)
 
 
 def test_choose_margin_keeps_the_run_unless_the_alternative_wins_by_the_margin(tiny_ws, single_thread):

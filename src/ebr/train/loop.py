@@ -763,8 +763,8 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                 log.info("selection with %s (%s)", name, _overrides(cfg, alt))
             seconds += fit(a, da, alt, adir, progress, phase=f"select-{name}")
             scores[name], rng_after[name] = a.best, torch.get_rng_state()
-            paired[name] = paired_gain(a.best_users, base.best_users)
-            if paired[name]["diff"] > cfg.train.choose_margin * paired[name]["se"] and a.best > win.best:
+            paired[name] = paired_gain(a.best_users, base.best_users, len(d.val.users))
+            if beats(paired[name], cfg.train.choose_margin) and a.best > win.best:
                 win, win_cfg, win_dir = a, alt, adir
         chosen = BASE if win_dir is None else win_dir.name
         choice = {f"val_recall@{VAL_K}": scores, "chosen": chosen, "settings": _overrides(cfg, win_cfg),
@@ -814,15 +814,27 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
 BASE = "base"  # the run's own settings, among train.choose_*'s alternatives
 
 
-def paired_gain(alt: np.ndarray | None, base: np.ndarray | None) -> dict[str, float]:
+def paired_gain(alt: np.ndarray | None, base: np.ndarray | None, n_val: int) -> dict[str, float | None]:
     """An alternative's validation gain over the run's own settings, user by user: the mean of the
-    per-user recall differences and its standard error (sample std, ddof 1, over sqrt(n))."""
+    per-user recall differences and its standard error (sample std, ddof 1, over sqrt(n)); None
+    for what cannot be measured (no validation user: no gain; one: no error)."""
+    if n_val == 0:
+        return {"diff": None, "se": None}
     if alt is None or base is None:
-        raise EbrError("a selection of this run has no per-user validation record (a checkpoint saved "
-                       "before train.choose_margin, or no validation user): start the run again without --resume")
+        raise EbrError("a selection of this run has no per-user validation record (a checkpoint saved before "
+                       "train.choose_margin): start the run again without --resume")
     diff = alt - base
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
-    return {"diff": float(diff.mean()), "se": se}
+    return {"diff": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None}
+
+
+def beats(gain: dict[str, float | None], margin: float) -> bool:
+    """Whether a paired gain passes train.choose_margin: above margin standard errors; margin 0:
+    any gain; without an error (one validation user) only margin 0 can pass."""
+    if gain["diff"] is None:
+        return False
+    if margin == 0:
+        return gain["diff"] > 0
+    return gain["se"] is not None and gain["diff"] > margin * gain["se"]
 
 
 def _alternatives(cfg: RunConfig, sizes: dict, timed: bool) -> list[tuple[str, RunConfig]]:
