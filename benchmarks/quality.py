@@ -113,7 +113,8 @@ def prepare(name: str, root: Path, adjacency: dict[str, tuple[str, str]]) -> Wor
         cut, val_cut = nested_ml100k(prepare("ml100k", root, adjacency), root / f"{name}_files")
         import_movielens(ws, root / f"{name}_files")
         make_temporal(ws, "temporal", cut=val_cut)
-        assert dt.datetime.fromisoformat(load_split(ws).manifest["data_range"][1]) < cut  # no test row read
+        if dt.datetime.fromisoformat(load_split(ws).manifest["data_range"][1]) >= cut:  # (not an assert: -O)
+            raise SystemExit(f"{name}: a rating at or after the test cut {cut} was imported")
     elif name in ("ml100k_ids", "ml100k_ids_random"):
         from ebr.data.importers import import_adjacency
 

@@ -59,6 +59,7 @@ def _npy(data: bytes) -> np.ndarray:
 def _codes_below(x: np.ndarray, n: int) -> bool:
     return x.size == 0 or (int(x.min()) >= 0 and int(x.max()) < n)
 
+
 JUST_NOW = int(age_buckets(np.zeros(1), np.zeros(1))[0])  # features.user_gap's bucket of a zero gap
 
 

@@ -746,7 +746,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
     alternatives = _alternatives(cfg, d.sizes, d.timed)
     if alternatives:  # train.choose_*: the same selection with other settings, the best one kept
         scores, rng_after, paired = {BASE: s.best}, {BASE: torch.get_rng_state()}, {}
-        win, win_cfg, win_dir, base = s, cfg, None, s
+        win, win_cfg, win_dir = s, cfg, None
         for name, alt in alternatives:
             torch.manual_seed(cfg.train.seed)
             adir = rdir / "alternatives" / name
@@ -763,7 +763,7 @@ def _train(ws: Workspace, cfg: RunConfig, run: str, resume: bool, progress: bool
                 log.info("selection with %s (%s)", name, _overrides(cfg, alt))
             seconds += fit(a, da, alt, adir, progress, phase=f"select-{name}")
             scores[name], rng_after[name] = a.best, torch.get_rng_state()
-            paired[name] = paired_gain(a.best_users, base.best_users, len(d.val.users))
+            paired[name] = paired_gain(a.best_users, s.best_users, len(d.val.users))  # s: the run's own settings
             if beats(paired[name], cfg.train.choose_margin) and a.best > win.best:
                 win, win_cfg, win_dir = a, alt, adir
         chosen = BASE if win_dir is None else win_dir.name
